@@ -1,0 +1,1 @@
+"""The lmkube Kubernetes operator (LocalModel resources)."""
