@@ -1,1 +1,0 @@
-"""The lmkube Kubernetes operator (LocalModel resources)."""

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Creates .venv at the repository root with lmkube (editable) and its dev tools installed.
+#
+# llama-cpp-python is published as source only and takes minutes to compile, so its wheel is built
+# once and cached outside the repository, keyed by version, Python, CPU features and CMAKE_ARGS
+# (the CPU build targets this machine's instruction set).
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+LLAMA_CPP_PYTHON_VERSION=0.3.36
+cache=${LMKUBE_CACHE:-$HOME/.cache/lmkube}
+python=${PYTHON:-python3}
+
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "lmkube needs Python >= 3.11 (set PYTHON=...)" >&2
+  exit 1
+fi
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip --disable-pip-version-check)
+"${pip[@]}" install --quiet --upgrade pip
+
+cpu_flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m)
+key=$(printf '%s|%s|%s|%s' "$LLAMA_CPP_PYTHON_VERSION" "$(.venv/bin/python -c 'import sys; print(sys.version_info[:2])')" \
+  "$cpu_flags" "${CMAKE_ARGS:-}" | sha256sum | cut -c1-16)
+wheel_dir="$cache/wheels/llama-cpp-python-$key"
+if ! compgen -G "$wheel_dir/llama_cpp_python-*.whl" >/dev/null; then
+  echo "Building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION once (cached in $wheel_dir) ..."
+  rm -rf "$wheel_dir.tmp"
+  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+    "${pip[@]}" wheel --quiet --no-deps "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -w "$wheel_dir.tmp"
+  mv "$wheel_dir.tmp" "$wheel_dir"
+fi
+"${pip[@]}" install --quiet "$wheel_dir"/llama_cpp_python-*.whl
+# Strict mode links the files into an lmkube/ tree: the operator/ folder has no __init__.py (see
+# operator/README.md), which the default editable finder cannot map. New modules need a re-run.
+"${pip[@]}" install --quiet -e ".[dev]" --config-settings editable_mode=strict

@@ -1,0 +1,372 @@
+"""Continuous batching over one llama_context.
+
+One engine thread owns the context. Every step it builds a single batch holding the next token of
+each generating request plus prompt chunks of requests still prefilling, decodes it once, samples
+every request that produced logits and pushes the text to the requests' event loops. Requests beyond
+the free slots wait in FIFO order. A slot keeps its KV cache after its request ends so a later
+request sharing a prefix (multi-turn chat, a common system prompt) skips recomputing it; idle caches
+are the first thing dropped when the KV cache runs out of room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from . import llama_lib as lib
+from .events import Event, EventStream, Finish, FinishReason, TextDelta
+from .sampling import SamplingParams, build_sampler_chain
+from .text_stream import TextStream
+
+log = logging.getLogger(__name__)
+
+EngineStatus = Literal["idle", "processingPrompt", "generating"]
+
+
+class GenerationRequest:
+    """A prompt and its sampling parameters, as seen by both the engine thread and its event loop."""
+
+    __slots__ = ("_engine", "cancelled", "events", "params", "prompt", "submitted_at")
+
+    def __init__(self, engine: GenerationEngine, prompt: list[int], params: SamplingParams) -> None:
+        self._engine = engine
+        self.prompt = prompt
+        self.params = params
+        self.events = EventStream(asyncio.get_running_loop())
+        self.cancelled = False
+        self.submitted_at = time.perf_counter()
+
+    def cancel(self) -> None:
+        """Frees the request's slot at the next step; harmless after the request has finished."""
+        if not self.cancelled:
+            self.cancelled = True
+            self._engine._wake()
+
+    def __aiter__(self) -> EventStream:
+        return self.events
+
+
+@dataclass(eq=False, slots=True)
+class _Slot:
+    seq: int
+    request: GenerationRequest | None = None
+    cached: list[int] | None = None  # tokens whose KV this sequence holds, in order
+    last_used: float = 0.0
+    prompt_pos: int = 0
+    pending: int = -1  # sampled token not yet decoded
+    batch_index: int = -1  # where this slot's logits sit in the current batch, -1 if none
+    chunk_end: int = -1  # prompt position the current batch prefills up to, -1 if none
+    chain: lib.SamplerChain | None = None
+    text: TextStream | None = None
+    generated: int = 0
+    cached_at_start: int = 0
+    first_token_at: float = 0.0
+
+    @property
+    def n_past(self) -> int:
+        return len(self.cached) if self.cached else 0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.request is not None and self.pending < 0
+
+
+class GenerationEngine:
+    def __init__(self, model: lib.LlamaModel, context: lib.LlamaContext, *, name: str = "model") -> None:
+        self.model = model
+        self.context = context
+        self.n_ctx = context.n_ctx
+        self.n_parallel = context.config.n_seq_max
+        self._slots = [_Slot(seq=i, cached=[]) for i in range(self.n_parallel)]
+        self._waiting: deque[GenerationRequest] = deque()
+        self._inbox: deque[GenerationRequest] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[EventStream, list[Event]]]] = {}
+        self._thread = threading.Thread(target=self._run, name=f"engine:{name}", daemon=True)
+        self._thread.start()
+
+    # -- called from event loops ------------------------------------------------------------------
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams) -> GenerationRequest:
+        request = GenerationRequest(self, list(prompt), params)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("engine is closed")
+            self._inbox.append(request)
+            self._cond.notify()
+        return request
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting) + len(self._inbox)
+
+    @property
+    def active(self) -> int:
+        return sum(1 for s in self._slots if s.request is not None)
+
+    def status(self) -> EngineStatus:
+        busy = [s for s in self._slots if s.request is not None]
+        if not busy:
+            return "idle"
+        return "generating" if any(not s.prefilling for s in busy) else "processingPrompt"
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        self.context.close()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # -- engine thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closed and not self._inbox and not self._has_work():
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                    self._waiting.extend(self._inbox)
+                    self._inbox.clear()
+                self._drop_cancelled()
+                self._assign_slots()
+                if any(s.request is not None for s in self._slots):
+                    self._step()
+                self._flush()
+        except Exception:  # a bug here must not leave clients hanging forever
+            log.exception("engine thread crashed")
+            self._fail_everything("internal engine error")
+        else:
+            self._fail_everything("model unloaded")
+        finally:
+            self._flush()
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting) or any(s.request is not None for s in self._slots)
+
+    def _drop_cancelled(self) -> None:
+        if any(r.cancelled for r in self._waiting):
+            for request in [r for r in self._waiting if r.cancelled]:
+                self._waiting.remove(request)
+                self._emit(request, Finish("cancelled", len(request.prompt), 0))
+        for slot in self._slots:
+            if slot.request is not None and slot.request.cancelled:
+                self._finish(slot, "cancelled")
+
+    def _assign_slots(self) -> None:
+        while self._waiting:
+            free = [s for s in self._slots if s.request is None]
+            if not free:
+                return
+            request = self._waiting.popleft()
+            if len(request.prompt) >= self.n_ctx:
+                self._emit(request, Finish("error", len(request.prompt), 0, error=(
+                    f"prompt of {len(request.prompt)} tokens does not fit the context of {self.n_ctx}")))
+                continue
+            self._start(self._best_slot(free, request.prompt), request)
+
+    def _best_slot(self, free: list[_Slot], prompt: list[int]) -> _Slot:
+        def reuse(slot: _Slot) -> tuple[int, float]:
+            return (_common_prefix(slot.cached or [], prompt), -slot.last_used)
+
+        return max(free, key=reuse)
+
+    def _start(self, slot: _Slot, request: GenerationRequest) -> None:
+        cached = slot.cached or []
+        keep = min(_common_prefix(cached, request.prompt), len(request.prompt) - 1)
+        if keep < len(cached) and not self.context.seq_remove(slot.seq, keep, -1):
+            # Recurrent and sliding-window caches cannot drop a suffix; start the sequence over.
+            self.context.seq_remove(slot.seq)
+            keep = 0
+        try:
+            chain = build_sampler_chain(self.model, request.params, request.prompt)
+        except ValueError as exc:
+            self._emit(request, Finish("error", len(request.prompt), 0, error=str(exc)))
+            return
+        slot.request = request
+        slot.cached = cached[:keep]
+        slot.cached_at_start = keep
+        slot.prompt_pos = keep
+        slot.pending = -1
+        slot.generated = 0
+        slot.chain = chain
+        slot.text = TextStream(request.params.stop)
+        slot.first_token_at = 0.0
+
+    def _step(self) -> None:
+        allow_prefill = True
+        while True:
+            self._fill_batch(allow_prefill)
+            if self.context.batch.n_tokens == 0:
+                return
+            result = self.context.decode()
+            if result == 0:
+                break
+            if result != 1:
+                log.error("llama_decode failed with %d", result)
+                for slot in self._slots:
+                    if slot.request is not None:
+                        self._finish(slot, "error", error=f"llama_decode failed ({result})")
+                        self._forget_cache(slot)
+                return
+            # No room left in the KV cache: drop idle caches first, then hold back prompt chunks so
+            # generating requests can finish, and only then end the longest request early.
+            if self._drop_idle_caches():
+                continue
+            if allow_prefill and any(s.request is not None and not s.prefilling for s in self._slots):
+                allow_prefill = False
+                continue
+            victim = max((s for s in self._slots if s.request is not None), key=lambda s: s.n_past)
+            self._finish(victim, "length")
+            self._forget_cache(victim)
+        self._advance()
+
+    def _fill_batch(self, allow_prefill: bool) -> None:
+        batch = self.context.batch
+        batch.clear()
+        for slot in self._slots:
+            slot.batch_index = slot.chunk_end = -1
+            if slot.request is not None and slot.pending >= 0:
+                slot.batch_index = batch.add(slot.pending, slot.n_past, slot.seq, True)
+        if not allow_prefill:
+            return
+        for slot in self._slots:
+            if slot.request is None or not slot.prefilling or batch.free == 0:
+                continue
+            prompt = slot.request.prompt
+            last = len(prompt) - 1
+            slot.chunk_end = min(len(prompt), slot.prompt_pos + batch.free)
+            for pos in range(slot.prompt_pos, slot.chunk_end):
+                index = batch.add(prompt[pos], pos, slot.seq, pos == last)
+            if slot.chunk_end == len(prompt):
+                slot.batch_index = index
+
+    def _advance(self) -> None:
+        now = time.perf_counter()
+        for slot in self._slots:
+            request = slot.request
+            if request is None:
+                continue
+            assert slot.cached is not None
+            if slot.chunk_end >= 0:
+                slot.cached.extend(request.prompt[slot.prompt_pos : slot.chunk_end])
+                slot.prompt_pos = slot.chunk_end
+            elif slot.pending >= 0:
+                slot.cached.append(slot.pending)
+            if slot.batch_index >= 0:
+                self._sample(slot, request, now)
+
+    def _sample(self, slot: _Slot, request: GenerationRequest, now: float) -> None:
+        assert slot.chain is not None and slot.text is not None and slot.cached is not None
+        token = slot.chain.sample(self.context, slot.batch_index)
+        if slot.generated == 0:
+            slot.first_token_at = now
+        params = request.params
+        if not params.ignore_eos and self.model.is_eog(token):
+            self._finish(slot, "stop")
+            return
+        slot.generated += 1
+        text = slot.text.push(self.model.token_bytes(token, special=params.render_special))
+        if text:
+            self._emit(request, TextDelta(text))
+        if slot.text.stopped_by is not None:
+            self._finish(slot, "stop")
+        elif params.max_tokens is not None and slot.generated >= params.max_tokens:
+            self._finish(slot, "length")
+        elif len(slot.cached) + 1 >= self.n_ctx:
+            self._finish(slot, "length")
+        else:
+            slot.pending = token
+
+    def _finish(self, slot: _Slot, reason: FinishReason, *, error: str | None = None) -> None:
+        request = slot.request
+        assert request is not None
+        tail = slot.text.finish() if slot.text is not None and reason != "cancelled" else ""
+        if tail:
+            self._emit(request, TextDelta(tail))
+        now = time.perf_counter()
+        started = slot.first_token_at
+        self._emit(request, Finish(
+            reason,
+            prompt_tokens=len(request.prompt),
+            completion_tokens=slot.generated,
+            cached_tokens=slot.cached_at_start,
+            stop_sequence=slot.text.stopped_by if slot.text is not None else None,
+            time_to_first_token=(started - request.submitted_at) if started else None,
+            generation_seconds=(now - started) if started else 0.0,
+            error=error,
+        ))
+        if slot.chain is not None:
+            slot.chain.close()
+        slot.request = None
+        slot.chain = None
+        slot.text = None
+        slot.pending = -1
+        slot.last_used = now
+
+    def _forget_cache(self, slot: _Slot) -> None:
+        self.context.seq_remove(slot.seq)
+        slot.cached = []
+
+    def _drop_idle_caches(self) -> bool:
+        dropped = False
+        for slot in self._slots:
+            if slot.request is None and slot.cached:
+                self._forget_cache(slot)
+                dropped = True
+        return dropped
+
+    def _emit(self, request: GenerationRequest, event: Event) -> None:
+        stream = request.events
+        pending = self._outbox.setdefault(stream.loop, [])
+        if pending and pending[-1][0] is stream:
+            pending[-1][1].append(event)
+        else:
+            pending.append((stream, [event]))
+
+    def _flush(self) -> None:
+        """Hands this step's events to each event loop in one thread-safe call per loop."""
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver_all, items)
+            except RuntimeError:  # that loop has closed; nobody is listening
+                pass
+
+    def _fail_everything(self, message: str) -> None:
+        for slot in self._slots:
+            if slot.request is not None:
+                self._finish(slot, "error", error=message)
+        with self._cond:
+            self._waiting.extend(self._inbox)
+            self._inbox.clear()
+        while self._waiting:
+            request = self._waiting.popleft()
+            self._emit(request, Finish("error", len(request.prompt), 0, error=message))
+
+
+def _deliver_all(items: list[tuple[EventStream, list[Event]]]) -> None:
+    for stream, events in items:
+        stream.deliver(events)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
