@@ -173,11 +173,15 @@ def write_llama_model(
     extra_special_tokens: Sequence[str] = ("<|im_start|>", "<|im_end|>"),
     file_type_override: int | None = None,
     logit_std: float = 4.0,
+    emit_bytes: bool = False,
+    emit_eos: bool = False,
 ) -> Path:
     """Write a random-weight ``llama`` GGUF with a byte-fallback SentencePiece vocab; returns ``path``.
 
-    Greedy decoding never picks a control or byte token (their output rows are zero while the other
-    logits have std ``logit_std``), so generations run to ``max_tokens`` and decode to clean text.
+    By default greedy decoding never picks a control or byte token (their output rows are zero while the
+    other logits have std ``logit_std``), so generations run to ``max_tokens`` and decode to clean text.
+    ``emit_bytes`` lets byte tokens through (raw, often invalid UTF-8, as real random models emit);
+    ``emit_eos`` lets ``</s>`` through so generations also end on their own.
     """
     s = shape
     head_dim, rem = divmod(s.n_embd, s.n_head)
@@ -234,7 +238,10 @@ def write_llama_model(
     def make_output() -> _Array:
         # Untied head: with a tied one the residual stream mostly predicts the current token again.
         out = output.make()
-        out[:n_fixed] = 0
+        silent = np.ones(n_fixed, dtype=bool)
+        silent[3:259] = not emit_bytes
+        silent[2] = not emit_eos
+        out[:n_fixed][silent] = 0
         return out
 
     tensors = [
@@ -251,11 +258,15 @@ def write_llama_model(
         "ffn_up": (s.n_ff, s.n_embd),
         "ffn_down": (s.n_embd, s.n_ff),
     }
+    # At std 1/sqrt(fan_in) some seeds fell into one-token greedy loops; 2.5x lets attention mix in enough
+    # context that 48 greedy tokens stayed varied for every seed/prompt/shape tried (24 seeds x 5 prompts).
+    gain = 2.5
     for i in range(s.n_layer):
         tensors += [_fill(f"blk.{i}.attn_norm.weight", (s.n_embd,), 1.0)]
         tensors += [_fill(f"blk.{i}.ffn_norm.weight", (s.n_embd,), 1.0)]
-        # Std 1/sqrt(fan_in) so each layer mixes in real context instead of being a near-identity.
-        tensors += [_rand(rng, f"blk.{i}.{n}.weight", shp, shp[1] ** -0.5, wt) for n, shp in linear.items()]
+        tensors += [
+            _rand(rng, f"blk.{i}.{n}.weight", shp, gain * shp[1] ** -0.5, wt) for n, shp in linear.items()
+        ]
     return _write_atomically(path, "llama", add_kv, tensors)
 
 

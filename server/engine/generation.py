@@ -11,6 +11,7 @@ are the first thing dropped when the KV cache runs out of room.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -281,11 +282,10 @@ class GenerationEngine:
         text = slot.text.push(self.model.token_bytes(token, special=params.render_special))
         if text:
             self._emit(request, TextDelta(text))
+        out_of_budget = params.max_tokens is not None and slot.generated >= params.max_tokens
         if slot.text.stopped_by is not None:
             self._finish(slot, "stop")
-        elif params.max_tokens is not None and slot.generated >= params.max_tokens:
-            self._finish(slot, "length")
-        elif len(slot.cached) + 1 >= self.n_ctx:
+        elif out_of_budget or len(slot.cached) + 1 >= self.n_ctx:  # or the next token would not fit
             self._finish(slot, "length")
         else:
             slot.pending = token
@@ -342,10 +342,8 @@ class GenerationEngine:
             return
         outbox, self._outbox = self._outbox, {}
         for loop, items in outbox.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # a closed loop has nobody left listening
                 loop.call_soon_threadsafe(_deliver_all, items)
-            except RuntimeError:  # that loop has closed; nobody is listening
-                pass
 
     def _fail_everything(self, message: str) -> None:
         for slot in self._slots:

@@ -166,7 +166,7 @@ def _check_data_size(header: GGUFHeader, path: Path) -> None:
         return  # an unknown tensor type: cannot know the size, so do not guess
     needed = header.data_offset + max(ends)
     if needed > header.file_size:
-        raise GGUFFormatError(f"{path}: truncated: tensor data needs {needed} bytes, file has {header.file_size}")
+        raise GGUFFormatError(f"{path}: truncated: tensor data needs {needed} bytes, has {header.file_size}")
 
 
 class _Reader:

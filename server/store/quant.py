@@ -27,13 +27,14 @@ FILE_TYPES: dict[int, str] = {
 }
 _FTYPE_GUESSED = 1024  # llama.h ORs this in when the type was inferred rather than stored
 
-# Whole-model bits per weight. K- and I-quants: the bits/weight column of llama.cpp's quantize README
-# (Llama-3.1-8B, so embeddings and output tensors included); ternary, MXFP4, NVFP4, Q1_0: the figure
-# llama-quantize prints or the block size; legacy Q4_0..Q5_1: block size plus the output tensor.
+# Whole-model bits per weight (embeddings and output tensors included), all for one model so that they
+# compare: the bits/weight column of llama.cpp's tools/quantize/README.md (Llama-3.1-8B); for the types
+# that table omits (Q3_K_M, Q4_0..Q5_1), the sizes llama-quantize prints for Llama-3-8B scaled by that
+# table's Q4_K_M ratio; for ternary/FP4/Q1_0 types, the bpw llama-quantize prints or their block layout.
 BITS_PER_WEIGHT: dict[str, float] = {
-    "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.50, "Q6_K": 6.56, "Q5_1": 6.0, "Q5_K_M": 5.69,
-    "Q5_K_S": 5.57, "Q5_0": 5.52, "Q4_1": 5.0, "Q4_K_M": 4.89, "IQ4_NL": 4.68, "Q4_K_S": 4.67,
-    "Q4_0": 4.55, "NVFP4": 4.5, "IQ4_XS": 4.46, "Q3_K_L": 4.30, "MXFP4": 4.25, "Q3_K_M": 3.91,
+    "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.50, "Q6_K": 6.56, "Q5_1": 6.04, "Q5_K_M": 5.70,
+    "Q5_K_S": 5.57, "Q5_0": 5.57, "Q4_1": 5.11, "Q4_K_M": 4.89, "IQ4_NL": 4.68, "Q4_K_S": 4.67,
+    "Q4_0": 4.64, "NVFP4": 4.5, "IQ4_XS": 4.46, "Q3_K_L": 4.30, "MXFP4": 4.25, "Q3_K_M": 4.00,
     "IQ3_M": 3.76, "IQ3_S": 3.66, "Q3_K_S": 3.64, "IQ3_XS": 3.50, "IQ3_XXS": 3.25, "Q2_K": 3.16,
     "Q2_K_S": 2.97, "IQ2_M": 2.93, "IQ2_S": 2.74, "IQ2_XS": 2.59, "IQ2_XXS": 2.38, "IQ1_M": 2.15,
     "TQ2_0": 2.06, "IQ1_S": 2.00, "TQ1_0": 1.69, "Q1_0": 1.125,

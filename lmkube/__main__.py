@@ -1,0 +1,5 @@
+import sys
+
+from lmkube.cli import main
+
+sys.exit(main())

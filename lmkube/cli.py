@@ -1,0 +1,117 @@
+"""The `lmkube` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lmkube import __version__
+
+SERVE_EXAMPLES = """examples:
+  lmkube serve --demo                      offline demo model, http://127.0.0.1:1234
+  lmkube serve --models-dir ~/models --parallel 8 --api-token "$(lmkube token new)"
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmkube", description="LM Studio-compatible local model server.")
+    parser.add_argument("--version", action="version", version=f"lmkube {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", help="run the model server", epilog=SERVE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=1234, help="port (default 1234)")
+    serve.add_argument("--models-dir", type=Path, help="model store (default $LMKUBE_HOME/models)")
+    serve.add_argument("--parallel", type=_positive_int, default=4,
+                       help="concurrent requests per model instance (default 4)")
+    serve.add_argument("--ctx-size", type=_positive_int, default=4096,
+                       help="default context length, capped at the model's trained context (default 4096)")
+    serve.add_argument("--ttl", type=float, default=3600.0,
+                       help="idle seconds before a JIT-loaded model unloads (default 3600)")
+    serve.add_argument("--no-jit", action="store_true", help="do not load models on first request")
+    serve.add_argument("--no-auto-evict", action="store_true",
+                       help="keep earlier JIT-loaded models when JIT-loading another")
+    serve.add_argument("--api-token", action="append", default=[], metavar="TOKEN",
+                       help="require this API token (repeatable; also LMKUBE_API_TOKENS)")
+    serve.add_argument("--api-token-file", action="append", default=[], type=Path, metavar="FILE",
+                       help="file with one API token per line (repeatable)")
+    serve.add_argument("--threads", type=int, default=0, help="CPU threads per model (default: all cores)")
+    serve.add_argument("--cors", action="store_true", help="allow cross-origin requests from browsers")
+    serve.add_argument("--demo", action="store_true",
+                       help="add the offline demo model lmkube/demo (random weights, gibberish output)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    token = commands.add_parser("token", help="API tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    token_commands.add_parser("new", help="print a fresh sk-lm-... token")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lmkube.server.app import create_app
+    from lmkube.server.config import ServerConfig, collect_api_tokens
+    from lmkube.server.demo import ensure_demo_model
+    from lmkube.server.runtime.manager import RuntimeSettings
+    from lmkube.server.store.paths import default_models_dir
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    models_dir = (args.models_dir or default_models_dir()).expanduser()
+    models_dir.mkdir(parents=True, exist_ok=True)
+    if args.demo:
+        ensure_demo_model(models_dir)
+    try:
+        tokens = collect_api_tokens(args.api_token, args.api_token_file)
+    except OSError as exc:
+        print(f"lmkube: cannot read API token file: {exc}", file=sys.stderr)
+        return 2
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        models_dir=models_dir,
+        runtime=RuntimeSettings(
+            default_context_length=args.ctx_size,
+            parallel=args.parallel,
+            jit=not args.no_jit,
+            auto_evict=not args.no_auto_evict,
+            jit_ttl=args.ttl if args.ttl > 0 else None,
+            n_threads=args.threads,
+        ),
+        api_tokens=tokens,
+        cors=args.cors,
+    )
+    print(f"lmkube {__version__} serving {models_dir} on http://{args.host}:{args.port}"
+          + (f" ({len(tokens)} API token(s) required)" if tokens else ""), flush=True)
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    if args.command == "token":
+        from lmkube.server.auth import new_token
+
+        print(new_token())
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

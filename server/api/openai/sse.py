@@ -1,0 +1,20 @@
+"""Server-sent-event frames shared by the OpenAI-compatible streaming endpoints."""
+
+from __future__ import annotations
+
+import orjson
+
+from ...engine.events import Finish
+from .. import inference
+
+DONE = b"data: [DONE]\n\n"
+
+
+def error_event(message: str, *, type: str = "server_error") -> bytes:
+    return b"data: " + orjson.dumps({"error": {"message": message, "type": type, "param": None,
+                                               "code": None}}) + b"\n\n"
+
+
+def usage_chunk(head: bytes, finish: Finish) -> bytes:
+    """OpenAI's final usage chunk: no choices, just usage (stream_options.include_usage)."""
+    return b"data: " + head + b',"choices":[],"usage":' + orjson.dumps(inference.usage(finish)) + b"}\n\n"

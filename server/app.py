@@ -1,0 +1,51 @@
+"""The FastAPI application: routers per API family over one model manager and one model store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.responses import Response
+
+from .api import openai, system
+from .auth import require_api_token
+from .config import ServerConfig
+from .errors import install_error_handlers
+from .runtime.manager import ModelManager
+from .store.model_store import ModelStore
+from .streaming import ClientDisconnected
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    store = ModelStore(config.models_dir)
+    manager = ModelManager(store, config.runtime)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        manager.start()
+        try:
+            yield
+        finally:
+            await manager.close()
+
+    app = FastAPI(title="lmkube", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.config = config
+    app.state.store = store
+    app.state.manager = manager
+    app.state.api_tokens = tuple(t.encode() for t in config.api_tokens)
+
+    install_error_handlers(app)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_request: Request, _exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    app.include_router(system.router)
+    app.include_router(openai.router, dependencies=[Depends(require_api_token)])
+    if config.cors:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"], expose_headers=["*"]
+        )
+    return app

@@ -1,0 +1,35 @@
+"""Server settings, gathered from the CLI, the environment and token files."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .runtime.manager import RuntimeSettings
+from .store.paths import default_models_dir
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 1234
+    models_dir: Path = field(default_factory=default_models_dir)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    api_tokens: tuple[str, ...] = ()
+    cors: bool = False
+
+
+def collect_api_tokens(flags: Iterable[str], files: Iterable[Path], env: str | None = None) -> tuple[str, ...]:
+    """Tokens from --api-token flags, --api-token-file files (one per line, # comments) and
+    LMKUBE_API_TOKENS (comma or whitespace separated)."""
+    tokens: list[str] = [t.strip() for t in flags if t.strip()]
+    for path in files:
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                tokens.append(line)
+    raw_env = os.environ.get("LMKUBE_API_TOKENS", "") if env is None else env
+    tokens.extend(t for t in raw_env.replace(",", " ").split() if t)
+    return tuple(dict.fromkeys(tokens))

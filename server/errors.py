@@ -1,0 +1,121 @@
+"""One error type for the whole server, rendered in the shape of the API family that was called.
+
+OpenAI `/v1/*`:  {"error": {"message", "type", "param", "code"}}
+Anthropic `/v1/messages`: {"type": "error", "error": {"type", "message"}}
+LM Studio `/api/*`: {"error": {"type", "message", "code", "param"}}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+}
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+
+
+def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def family(path: str) -> str:
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    if path.startswith("/api/"):
+        return "lmstudio"
+    return "openai"
+
+
+def error_body(path: str, error: APIError) -> dict[str, Any]:
+    match family(path):
+        case "anthropic":
+            kind = ANTHROPIC_TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
+            return {"type": "error", "error": {"type": kind, "message": error.message}}
+        case "lmstudio":
+            body: dict[str, Any] = {"type": error.type, "message": error.message}
+            if error.code:
+                body["code"] = error.code
+            if error.param:
+                body["param"] = error.param
+            return {"error": body}
+        case _:
+            return {"error": {"message": error.message, "type": error.type, "param": error.param,
+                              "code": error.code}}
+
+
+def error_response(request: Request, error: APIError, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(error_body(request.url.path, error)),
+        status_code=error.status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return bad_request(f"Request body is not valid JSON: {first.get('msg', 'parse error')}")
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "missing":
+        message = f"Missing required parameter: '{param}'."
+    elif param:
+        message = f"Invalid value for '{param}': {message}"
+    return bad_request(message, param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return error_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(request, _validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            message = f"Unexpected endpoint or method. ({request.method} {request.url.path})"
+            return error_response(request, APIError(404, message, code="not_found"))
+        if exc.status_code == 405:
+            message = f"Method {request.method} is not allowed on {request.url.path}."
+            return error_response(request, APIError(405, message, code="method_not_allowed"))
+        return error_response(request, APIError(exc.status_code, str(exc.detail)), headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        return error_response(request, APIError(500, f"Internal server error: {exc}", type="server_error"))

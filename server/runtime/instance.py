@@ -1,0 +1,122 @@
+"""A loaded model: weights, its engine, its chat template and its idle clock."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+from ..chat.template import ChatTemplate
+from ..engine import llama_lib as lib
+from ..engine.embedding import EmbeddingEngine
+from ..engine.generation import GenerationEngine
+from ..store.model_store import ModelVariant
+
+# GPU offload: "max" puts every layer on the GPU, "off" none, a fraction that share of the layers.
+GpuOffload = Literal["max", "off"] | float
+ALL_LAYERS = 999  # llama.cpp clamps to the model's layer count
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    context_length: int | None = None  # None: the server default, capped at the trained context
+    parallel: int = 4
+    eval_batch_size: int = 512
+    flash_attention: bool | None = None
+    offload_kv_cache_to_gpu: bool = True
+    gpu: GpuOffload = "max"
+    ttl: float | None = None  # idle seconds before unloading; None: never
+    identifier: str | None = None
+
+
+def gpu_layers(offload: GpuOffload, n_layers: int) -> int:
+    if not lib.gpu_offload_supported() or offload == "off":
+        return 0
+    if offload == "max":
+        return ALL_LAYERS
+    return round(float(offload) * (n_layers + 1))  # +1: the output layer counts as one in llama.cpp
+
+
+class ModelInstance:
+    def __init__(
+        self,
+        instance_id: str,
+        variant: ModelVariant,
+        config: LoadConfig,
+        *,
+        default_context: int,
+        n_threads: int,
+        jit: bool,
+    ) -> None:
+        self.id = instance_id
+        self.variant = variant
+        self.jit = jit
+        self.ttl = config.ttl
+        started = time.perf_counter()
+        n_gpu_layers = gpu_layers(config.gpu, variant.block_count or 0)
+        self.model = lib.LlamaModel(variant.path, n_gpu_layers=n_gpu_layers)
+        try:
+            trained = self.model.n_ctx_train or default_context
+            n_ctx = min(config.context_length or default_context, trained)
+            settings = dict(
+                n_threads=n_threads,
+                flash_attention=config.flash_attention,
+                offload_kv_cache=config.offload_kv_cache_to_gpu,
+                n_seq_max=config.parallel,
+            )
+            self.engine: GenerationEngine | EmbeddingEngine
+            if variant.is_embedding:
+                # Non-causal models need each input inside one ubatch, so the batch spans the context.
+                n_ctx = min(config.context_length or trained, trained)
+                context = lib.LlamaContext(
+                    self.model, lib.ContextConfig(n_ctx=n_ctx, n_batch=n_ctx, embeddings=True, **settings)
+                )
+                self.engine = EmbeddingEngine(self.model, context, name=instance_id)
+            else:
+                context = lib.LlamaContext(
+                    self.model, lib.ContextConfig(n_ctx=n_ctx, n_batch=config.eval_batch_size, **settings)
+                )
+                self.engine = GenerationEngine(self.model, context, name=instance_id)
+        except BaseException:
+            self.model.close()
+            raise
+        self.context_length = n_ctx
+        self.config = config
+        self.load_seconds = time.perf_counter() - started
+        self.loaded_at = time.time()
+        self.last_used = time.monotonic()
+        self.in_flight = 0
+        self.template = ChatTemplate(
+            variant.chat_template,
+            bos_token=self._special_text(self.model.bos_id),
+            eos_token=self._special_text(self.model.eos_id),
+        )
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.model.token_bytes(token, special=True).decode("utf-8", "replace")
+
+    @property
+    def type(self) -> Literal["llm", "embedding"]:
+        return "embedding" if isinstance(self.engine, EmbeddingEngine) else "llm"
+
+    @contextmanager
+    def in_use(self) -> Iterator[ModelInstance]:
+        """Marks the instance busy for the duration; the idle TTL counts from the end of the last use."""
+        self.in_flight += 1
+        self.last_used = time.monotonic()
+        try:
+            yield self
+        finally:
+            self.in_flight -= 1
+            self.last_used = time.monotonic()
+
+    def idle_expired(self, now: float) -> bool:
+        return self.ttl is not None and self.in_flight == 0 and now - self.last_used >= self.ttl
+
+    def close(self) -> None:
+        self.engine.close()
+        self.model.close()

@@ -1,0 +1,177 @@
+"""Which models are loaded: explicit loads, JIT loads, idle TTL and auto-evict (LM Studio semantics).
+
+- A request for a downloaded but unloaded model loads it (JIT) with the request's `ttl`, or the
+  server's JIT default; concurrent first requests share one load.
+- With auto-evict, JIT-loading a model first unloads the other JIT-loaded instances; explicitly
+  loaded instances are never evicted.
+- An instance whose TTL passes with no request in flight is unloaded by the reaper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+from ..store.model_store import ModelNotFound, ModelStore, ModelVariant
+from .instance import LoadConfig, ModelInstance
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    default_context_length: int = 4096
+    parallel: int = 4
+    jit: bool = True
+    auto_evict: bool = True
+    jit_ttl: float | None = 3600.0  # idle seconds before a JIT-loaded instance unloads
+    n_threads: int = 0  # 0: one per available core
+    reap_interval: float = 1.0
+
+
+class ModelManager:
+    def __init__(self, store: ModelStore, settings: RuntimeSettings) -> None:
+        self.store = store
+        self.settings = settings
+        self.instances: dict[str, ModelInstance] = {}
+        self._loading: dict[str, asyncio.Task[ModelInstance]] = {}
+        self._lock = asyncio.Lock()  # serialises loads and unloads, never held across inference
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_forever(), name="ttl-reaper")
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for instance_id in list(self.instances):
+            await self.unload(instance_id)
+
+    # -- lookups -----------------------------------------------------------------------------------
+
+    def find_loaded(self, name: str) -> ModelInstance | None:
+        """An instance by identifier, else the first instance of that model or variant key."""
+        wanted = name.strip().lower()
+        if (instance := self.instances.get(wanted)) is not None:
+            return instance
+        for instance in self.instances.values():
+            if instance.id.lower() == wanted:
+                return instance
+        for instance in self.instances.values():
+            variant = instance.variant
+            if wanted in (variant.model_key, variant.key):
+                return instance
+        return None
+
+    def listed_model_ids(self) -> list[str]:
+        """What /v1/models shows: downloaded model keys under JIT, else only loaded instances."""
+        loaded = [i.id for i in self.instances.values()]
+        if not self.settings.jit:
+            return loaded
+        downloaded = [entry.key for entry in self.store.scan() if entry.default_variant is not None]
+        return downloaded + [i for i in loaded if i not in downloaded]
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    async def acquire(self, name: str, *, ttl: float | None = None) -> ModelInstance:
+        """The instance serving `name`, JIT-loading it when allowed. Raises ModelNotFound."""
+        if (instance := self.find_loaded(name)) is not None:
+            instance.last_used = time.monotonic()
+            return instance
+        if not self.settings.jit:
+            raise ModelNotFound(name, self.listed_model_ids())
+        variant = self.store.resolve(name)
+        task = self._loading.get(variant.key)
+        if task is None:
+            task = asyncio.create_task(self._jit_load(variant, ttl))
+            self._loading[variant.key] = task
+            task.add_done_callback(lambda _t, key=variant.key: self._loading.pop(key, None))
+        # A cancelled client must not cancel the load other requests are waiting on.
+        return await asyncio.shield(task)
+
+    async def _jit_load(self, variant: ModelVariant, ttl: float | None) -> ModelInstance:
+        async with self._lock:
+            if (instance := self.find_loaded(variant.key)) is not None:
+                return instance
+            if self.settings.auto_evict:
+                for old in [i for i in self.instances.values() if i.jit]:
+                    log.info("auto-evicting JIT-loaded %s to load %s", old.id, variant.key)
+                    await self._unload_locked(old.id)
+            config = LoadConfig(
+                parallel=self.settings.parallel, ttl=ttl if ttl is not None else self.settings.jit_ttl
+            )
+            return await self._load_locked(variant, config, jit=True)
+
+    async def load(self, name: str, config: LoadConfig) -> ModelInstance:
+        """An explicit load (API or CLI): always a new instance, never auto-evicted."""
+        variant = self.store.resolve(name)
+        async with self._lock:
+            return await self._load_locked(variant, config, jit=False)
+
+    async def _load_locked(self, variant: ModelVariant, config: LoadConfig, *, jit: bool) -> ModelInstance:
+        instance_id = self._new_instance_id(config.identifier or variant.model_key)
+        if config.parallel < 1:
+            config = replace(config, parallel=self.settings.parallel)
+        log.info("loading %s as %s", variant.key, instance_id)
+        instance = await asyncio.to_thread(
+            ModelInstance,
+            instance_id,
+            variant,
+            config,
+            default_context=self.settings.default_context_length,
+            n_threads=self.settings.n_threads,
+            jit=jit,
+        )
+        self.instances[instance_id] = instance
+        log.info("loaded %s in %.2fs (context %d)", instance_id, instance.load_seconds, instance.context_length)
+        return instance
+
+    def _new_instance_id(self, base: str) -> str:
+        taken = {i.lower() for i in self.instances}
+        if base.lower() not in taken:
+            return base
+        n = 2
+        while f"{base}:{n}".lower() in taken:
+            n += 1
+        return f"{base}:{n}"
+
+    async def unload(self, instance_id: str) -> ModelInstance:
+        async with self._lock:
+            return await self._unload_locked(instance_id)
+
+    async def _unload_locked(self, instance_id: str) -> ModelInstance:
+        instance = self.find_loaded(instance_id)
+        if instance is None or instance.id.lower() != instance_id.strip().lower():
+            raise ModelNotFound(instance_id, list(self.instances), reason="is not loaded")
+        del self.instances[instance.id]
+        await asyncio.to_thread(instance.close)
+        log.info("unloaded %s", instance.id)
+        return instance
+
+    # -- idle TTL ----------------------------------------------------------------------------------
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reap_interval)
+            await self.reap_idle()
+
+    async def reap_idle(self) -> list[str]:
+        if not any(i.idle_expired(time.monotonic()) for i in self.instances.values()):
+            return []
+        async with self._lock:  # re-checked under the lock: a request may have arrived meanwhile
+            expired = [i.id for i in self.instances.values() if i.idle_expired(time.monotonic())]
+            for instance_id in expired:
+                log.info("unloading %s: idle TTL passed", instance_id)
+                await self._unload_locked(instance_id)
+        return expired
+
+    def loaded(self) -> Iterable[ModelInstance]:
+        return self.instances.values()
