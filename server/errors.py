@@ -90,7 +90,9 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         return bad_request(f"Request body is not valid JSON: {first.get('msg', 'parse error')}")
     param = ".".join(loc) or None
     message = first.get("msg", "invalid request")
-    if first.get("type") == "missing":
+    if first.get("type") == "extra_forbidden":
+        message = f"Unrecognized key '{param}' in request body."
+    elif first.get("type") == "missing":
         message = f"Missing required parameter: '{param}'."
     elif param:
         message = f"Invalid value for '{param}': {message}"

@@ -1,0 +1,37 @@
+"""GET /api/v1/instances: what `lmkube ps` shows (an lmkube extension; LM Studio's lms uses its SDK socket)."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+
+from ...runtime.manager import ModelManager
+from ..deps import get_manager
+
+router = APIRouter(prefix="/api/v1")
+
+
+@router.get("/instances")
+async def list_instances(manager: Annotated[ModelManager, Depends(get_manager)]) -> dict[str, Any]:
+    now_wall, now = time.time(), time.monotonic()
+    instances = []
+    for instance in manager.loaded():
+        engine = instance.engine
+        instances.append({
+            "id": instance.id,
+            "model_key": instance.variant.model_key,
+            "variant": instance.variant.key,
+            "type": instance.type,
+            "context_length": instance.context_length,
+            "parallel": engine.n_parallel,
+            "ttl": instance.ttl,
+            "jit": instance.jit,
+            "last_used": datetime.fromtimestamp(now_wall - (now - instance.last_used), UTC).isoformat(),
+            "status": engine.status(),
+            "active": engine.active,
+            "queued": engine.queued,
+        })
+    return {"instances": instances}

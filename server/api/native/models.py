@@ -1,0 +1,122 @@
+"""GET /api/v1/models, POST /api/v1/models/load and /api/v1/models/unload."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+
+from ...errors import APIError
+from ...runtime.instance import LoadConfig, ModelInstance
+from ...runtime.manager import ModelManager
+from ...store.model_store import ModelEntry, ModelNotFound
+from ..deps import get_manager
+from ..inference import model_not_found
+from .schemas import LoadRequest, UnloadRequest
+
+router = APIRouter(prefix="/api/v1")
+
+
+def instance_config(instance: ModelInstance) -> dict[str, Any]:
+    if instance.type == "embedding":
+        return {"context_length": instance.context_length}
+    config = instance.config
+    return {
+        "context_length": instance.context_length,
+        "eval_batch_size": config.eval_batch_size,
+        "parallel": config.parallel,
+        "flash_attention": config.flash_attention is not False,
+        "offload_kv_cache_to_gpu": config.offload_kv_cache_to_gpu,
+    }
+
+
+def model_info(entry: ModelEntry, instances: list[ModelInstance]) -> dict[str, Any]:
+    selected = entry.default_variant
+    assert selected is not None
+    info: dict[str, Any] = {
+        "type": entry.type,
+        "publisher": entry.publisher,
+        "key": entry.key,
+        "display_name": entry.display_name,
+    }
+    if entry.type == "llm":
+        info["architecture"] = selected.architecture
+    info |= {
+        "quantization": {"name": selected.quant, "bits_per_weight": selected.bits_per_weight},
+        "size_bytes": selected.size_bytes,
+        "params_string": selected.params_string,
+        "loaded_instances": [{"id": i.id, "config": instance_config(i)} for i in instances],
+        "max_context_length": selected.context_length,
+        "format": "gguf",
+    }
+    if entry.type == "llm":
+        info["capabilities"] = {
+            "vision": selected.mmproj_path is not None,
+            "trained_for_tool_use": selected.trained_for_tool_use,
+        }
+        info["description"] = None
+    info["variants"] = [v.key for v in entry.variants]
+    info["selected_variant"] = selected.key
+    return info
+
+
+@router.get("/models")
+async def list_models(manager: Annotated[ModelManager, Depends(get_manager)]) -> dict[str, Any]:
+    models = []
+    for entry in manager.store.scan():
+        if entry.default_variant is None:
+            continue
+        instances = [i for i in manager.loaded() if i.variant.model_key == entry.key]
+        models.append(model_info(entry, instances))
+    return {"models": models}
+
+
+@router.post("/models/load")
+async def load_model(
+    body: LoadRequest, manager: Annotated[ModelManager, Depends(get_manager)]
+) -> dict[str, Any]:
+    defaults = LoadConfig(parallel=manager.settings.parallel)
+    config = LoadConfig(
+        context_length=body.context_length,
+        parallel=body.parallel or defaults.parallel,
+        eval_batch_size=body.eval_batch_size or defaults.eval_batch_size,
+        flash_attention=body.flash_attention,
+        offload_kv_cache_to_gpu=(
+            defaults.offload_kv_cache_to_gpu if body.offload_kv_cache_to_gpu is None else body.offload_kv_cache_to_gpu
+        ),
+        gpu=defaults.gpu if body.gpu is None else body.gpu,
+        ttl=body.ttl,
+        identifier=body.identifier,
+    )
+    if isinstance(config.gpu, float) and not 0.0 <= config.gpu <= 1.0:
+        raise APIError(400, "'gpu' must be \"max\", \"off\" or a fraction between 0 and 1", param="gpu")
+    if body.identifier and manager.find_loaded(body.identifier) is not None:
+        raise APIError(409, f"An instance with identifier \"{body.identifier}\" is already loaded.",
+                       param="identifier", code="identifier_in_use")
+    try:
+        instance = await manager.load(body.model, config)
+    except ModelNotFound as exc:
+        raise model_not_found(exc) from None
+    response: dict[str, Any] = {
+        "type": instance.type,
+        "instance_id": instance.id,
+        "load_time_seconds": round(instance.load_seconds, 3),
+        "status": "loaded",
+    }
+    if body.echo_load_config:
+        response["load_config"] = instance_config(instance)
+    return response
+
+
+@router.post("/models/unload")
+async def unload_model(
+    body: UnloadRequest, manager: Annotated[ModelManager, Depends(get_manager)]
+) -> dict[str, str]:
+    try:
+        instance = await manager.unload(body.instance_id)
+    except ModelNotFound as exc:
+        raise APIError(404, f"No loaded instance \"{body.instance_id}\". Loaded: {', '.join(exc.available) or 'none'}",
+                       param="instance_id", code="model_not_found") from None
+    return {"instance_id": instance.id}
+
+

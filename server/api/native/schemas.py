@@ -1,0 +1,30 @@
+"""Wire schemas of LM Studio's native /api/v1 endpoints."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LoadRequest(BaseModel):
+    # LM Studio rejects unrecognised keys on load; so do we, so typos do not pass silently.
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    context_length: int | None = Field(default=None, ge=1)
+    eval_batch_size: int | None = Field(default=None, ge=1)
+    flash_attention: bool | None = None
+    offload_kv_cache_to_gpu: bool | None = None
+    num_experts: int | None = Field(default=None, ge=1)
+    parallel: int | None = Field(default=None, ge=1, le=256)
+    ttl: float | None = Field(default=None, gt=0)
+    identifier: str | None = Field(default=None, min_length=1, max_length=200)
+    echo_load_config: bool = False
+    gpu: Literal["max", "off"] | float | None = None
+
+
+class UnloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    instance_id: str = Field(min_length=1)

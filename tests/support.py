@@ -1,0 +1,82 @@
+"""Test support shared by the test modules: generated models and a handle on a running server."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from lmkube.synthetic_gguf import LlamaShape, write_bert_embedding_model, write_llama_model
+
+CHAT_MODEL = "acme/tiny-chat"
+OTHER_CHAT_MODEL = "acme/other-chat"
+BYTES_MODEL = "acme/byte-chat"
+EMBED_MODEL = "acme/tiny-embed"
+LMKUBE = str(Path(sys.executable).with_name("lmkube"))
+
+
+def write_test_models(models_dir: Path) -> None:
+    """The store every server test starts from (a few hundred KB of random weights)."""
+    chat = models_dir / "acme" / "tiny-chat"
+    write_llama_model(chat / "tiny-chat-F16.gguf", dtype="f16", seed=1, name="Tiny Chat")
+    write_llama_model(chat / "tiny-chat-F32.gguf", dtype="f32", seed=1, name="Tiny Chat")
+    write_llama_model(models_dir / "acme" / "other-chat" / "other-chat-F16.gguf", seed=2, name="Other Chat")
+    write_llama_model(models_dir / "acme" / "byte-chat" / "byte-chat-F16.gguf", seed=3, name="Byte Chat",
+                      emit_bytes=True, emit_eos=True, shape=LlamaShape(n_vocab=600))
+    write_bert_embedding_model(models_dir / "acme" / "tiny-embed" / "tiny-embed-F32.gguf", name="Tiny Embed")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    token: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, headers=self.headers, timeout=60, **kwargs)  # type: ignore[arg-type]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"lmkube serve exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"lmkube serve did not become healthy:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
