@@ -72,6 +72,7 @@ class LlamaModel:
         self.eos_id: int = C.llama_vocab_eos(self.vocab)
         self.add_bos: bool = bool(C.llama_vocab_get_add_bos(self.vocab))
         self._eog_ids: frozenset[int] | None = None
+        self._pieces: dict[int, bytes] = {}  # the vocabulary never changes: render each piece once
 
     def close(self) -> None:
         if self.ptr:
@@ -99,6 +100,13 @@ class LlamaModel:
         return list(buf[:n])
 
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        key = token if special else ~token
+        piece = self._pieces.get(key)
+        if piece is None:
+            piece = self._pieces[key] = self._render_piece(token, special)
+        return piece
+
+    def _render_piece(self, token: int, special: bool) -> bytes:
         buf = ctypes.create_string_buffer(64)
         n = C.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
         if n < 0:

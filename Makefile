@@ -1,0 +1,19 @@
+# The two commands a fresh machine needs (see README): `make demo` and `make test`.
+.PHONY: setup demo test lint bench
+
+setup:
+	bash scripts/setup-venv.sh
+
+demo: setup
+	.venv/bin/lmkube serve --demo
+
+# The whole suite, as CI runs it (.ci/run calls this).
+test: setup
+	.venv/bin/ruff check .
+	.venv/bin/pytest
+
+lint: setup
+	.venv/bin/ruff check .
+
+bench: setup
+	.venv/bin/python bench/serve_throughput.py
