@@ -28,11 +28,14 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFac
 
     def start(models: Path, *args: str, token: str | None = None, env: dict[str, str] | None = None) -> ServerProcess:
         port = free_port()
-        log_path = tmp_path_factory.mktemp("server") / "server.log"
+        home = tmp_path_factory.mktemp("server")
+        log_path = home / "server.log"
+        # Each server gets its own LMKUBE_HOME so nothing reads or writes the user's ~/.lmkube.
+        env = {"LMKUBE_HOME": str(home), **(env or {})}
         command = [LMKUBE, "serve", "--models-dir", str(models), "--port", str(port), "--threads", "2", *args]
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
             )
         server = ServerProcess(process, port, log_path, token)
         started.append(server)

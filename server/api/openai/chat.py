@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions."""
+"""POST /v1/chat/completions over the shared chat layer (templates, tools, reasoning, grammars, presets)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Request
 
-from ...chat.prompt import prompt_tokens, render_chat
+from ...chat.deltas import ChatDelta, ChatResult, ToolCallDelta
+from ...chat.presets import apply_preset, load_preset
+from ...chat.session import ChatOutput, ChatSpec, PreparedChat, prepare_chat
 from ...engine.events import Finish, TextDelta
 from ...engine.generation import GenerationRequest
 from ...runtime.instance import ModelInstance
@@ -23,22 +25,48 @@ from .sse import DONE, error_event, usage_chunk
 router = APIRouter()
 
 
+def with_preset(body: ChatCompletionRequest) -> ChatCompletionRequest:
+    """The request with its preset's defaults filled in; the request's own fields win."""
+    if not body.preset:
+        return body
+    fields = apply_preset(load_preset(body.preset), body.model_dump(exclude_unset=True))
+    return ChatCompletionRequest.model_validate(fields)
+
+
+def chat_spec(body: ChatCompletionRequest) -> ChatSpec:
+    return ChatSpec(
+        messages=[m.model_dump(exclude_none=True) for m in body.messages],
+        tools=body.tools,
+        tool_choice=body.tool_choice,
+        parallel_tool_calls=body.parallel_tool_calls,
+        response_format=body.response_format,
+        reasoning_effort=body.reasoning_effort,
+        template_kwargs=dict(body.chat_template_kwargs or {}),
+    )
+
+
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
 ) -> dict[str, Any] | EventStreamResponse:
+    body = with_preset(body)
     instance = await inference.acquire(manager, body.model, ttl=body.ttl, kind="llm")
     with instance.in_use():
-        text = render_chat(instance, [m.model_dump() for m in body.messages], tools=body.tools)
-        tokens = prompt_tokens(instance, text)
+        prepared = prepare_chat(instance, chat_spec(body))
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = body.sampling(instance.model.n_vocab, max_tokens=max_tokens)
-        generation = inference.submit(instance, tokens, params)
+        params.grammar = prepared.grammar
+        params.render_special = prepared.render_special
+        generation = inference.submit(instance, prepared.prompt, params)
     completion_id = inference.random_id("chatcmpl-")
     if body.stream:
-        return EventStreamResponse(_stream(instance, generation, completion_id, body.include_usage))
+        return EventStreamResponse(_stream(instance, prepared, generation, completion_id, body.include_usage))
     with instance.in_use():
-        content, finish = await unless_disconnected(request, inference.collect(generation))
+        output = prepared.new_output()
+        text, finish = await unless_disconnected(request, inference.collect(generation))
+        output.feed(text)
+        output.finish()
+    result = output.result
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -47,43 +75,99 @@ async def chat_completions(
         "choices": [{
             "index": 0,
             "logprobs": None,
-            "finish_reason": inference.finish_reason(finish),
-            "message": {"role": "assistant", "content": content},
+            "finish_reason": _finish_reason(finish, result),
+            "message": _message(result),
         }],
-        "usage": inference.usage(finish),
+        "usage": _usage(instance, finish, result),
         "system_fingerprint": instance.id,
     }
 
 
+def _message(result: ChatResult) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": result.content}
+    if result.reasoning:
+        message["reasoning_content"] = message["reasoning"] = result.reasoning
+    if result.tool_calls:
+        message["content"] = result.content or None
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in result.tool_calls
+        ]
+    return message
+
+
+def _finish_reason(finish: Finish, result: ChatResult) -> str:
+    return "tool_calls" if result.tool_calls else inference.finish_reason(finish)
+
+
+def _usage(instance: ModelInstance, finish: Finish, result: ChatResult) -> dict[str, Any]:
+    usage = inference.usage(finish)
+    reasoning_tokens = (
+        len(instance.model.tokenize(result.reasoning, add_special=False, parse_special=False))
+        if result.reasoning else 0
+    )
+    usage["completion_tokens_details"] = {"reasoning_tokens": min(reasoning_tokens, finish.completion_tokens)}
+    return usage
+
+
+def _tool_call_delta(piece: ToolCallDelta) -> dict[str, Any]:
+    if piece.id is not None:
+        return {"index": piece.index, "id": piece.id, "type": "function",
+                "function": {"name": piece.name, "arguments": piece.arguments}}
+    return {"index": piece.index, "function": {"arguments": piece.arguments}}
+
+
 async def _stream(
-    instance: ModelInstance, generation: GenerationRequest, completion_id: str, include_usage: bool
+    instance: ModelInstance,
+    prepared: PreparedChat,
+    generation: GenerationRequest,
+    completion_id: str,
+    include_usage: bool,
 ) -> AsyncIterator[bytes]:
-    created = int(time.time())
-    head = orjson.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+    head = orjson.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
                          "model": instance.id, "system_fingerprint": instance.id})[:-1]
-    # The per-token chunk is a fixed frame around the JSON-encoded text: one orjson call per token.
-    delta_open = b"data: " + head + b',"choices":[{"index":0,"delta":{"role":"assistant","content":'
-    delta_close = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+    # Plain content is the hot path: a fixed frame around the JSON-encoded text, one orjson call per token.
+    content_open = b"data: " + head + b',"choices":[{"index":0,"delta":{"role":"assistant","content":'
+    frame_close = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+    delta_open = b"data: " + head + b',"choices":[{"index":0,"delta":'
+
+    def encode(delta: ChatDelta) -> bytes:
+        if not delta.reasoning and not delta.tool_calls:
+            return content_open + orjson.dumps(delta.content) + frame_close if delta.content else b""
+        out = b""
+        if delta.reasoning:
+            out += delta_open + orjson.dumps({"role": "assistant", "reasoning_content": delta.reasoning,
+                                              "reasoning": delta.reasoning}) + frame_close[1:]
+        if delta.content:
+            out += content_open + orjson.dumps(delta.content) + frame_close
+        if delta.tool_calls:
+            calls = [_tool_call_delta(p) for p in delta.tool_calls]
+            out += delta_open + orjson.dumps({"role": "assistant", "tool_calls": calls}) + frame_close[1:]
+        return out
+
+    output: ChatOutput = prepared.new_output()
     with instance.in_use():
         try:
             async for events in generation:
                 out = bytearray()
                 for event in events:
                     if isinstance(event, TextDelta):
-                        out += delta_open + orjson.dumps(event.text) + delta_close
+                        out += encode(output.feed(event.text))
+                    elif event.reason == "error":
+                        out += error_event(f"Generation failed: {event.error}") + DONE
                     else:
-                        out += _closing(head, event, include_usage)
-                yield bytes(out)
+                        out += encode(output.finish())
+                        out += _closing(head, instance, event, output.result, include_usage)
+                if out:
+                    yield bytes(out)
         finally:
             generation.cancel()
 
 
-def _closing(head: bytes, finish: Finish, include_usage: bool) -> bytes:
-    if finish.reason == "error":
-        return error_event(f"Generation failed: {finish.error}") + DONE
-    reason = inference.finish_reason(finish).encode()
+def _closing(head: bytes, instance: ModelInstance, finish: Finish, result: ChatResult, include_usage: bool) -> bytes:
+    reason = _finish_reason(finish, result).encode()
     out = (b"data: " + head + b',"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"'
            + reason + b'"}]}\n\n')
     if include_usage:
-        out += usage_chunk(head, finish)
+        out += usage_chunk(head, _usage(instance, finish, result))
     return out + DONE

@@ -43,7 +43,7 @@ async def completions(
     instance = await inference.acquire(manager, body.model, ttl=body.ttl, kind="llm")
     with instance.in_use():
         tokens = _prompt_tokens(instance, body.prompt)
-        generation = inference.submit(instance, tokens, body.sampling(instance.model.n_vocab))
+        generation = inference.submit(instance, tokens, body.sampling(instance.model.n_vocab), param="prompt")
     completion_id = inference.random_id("cmpl-")
     echo = body.prompt if body.echo and isinstance(body.prompt, str) else ""
     if body.stream:
@@ -85,7 +85,7 @@ async def _stream(
                         out += (b"data: " + head + b',"choices":[{"index":0,"text":"","logprobs":null,'
                                 b'"finish_reason":"' + reason + b'"}]}\n\n')
                         if include_usage:
-                            out += usage_chunk(head, event)
+                            out += usage_chunk(head, inference.usage(event))
                         out += DONE
                 yield bytes(out)
         finally:

@@ -100,7 +100,10 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     reasoning_effort: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # llama-server's extension, e.g. enable_thinking
+    preset: str | None = None
 
 
 class CompletionRequest(SamplingFields):

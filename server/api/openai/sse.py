@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import orjson
+from typing import Any
 
-from ...engine.events import Finish
-from .. import inference
+import orjson
 
 DONE = b"data: [DONE]\n\n"
 
@@ -15,6 +14,6 @@ def error_event(message: str, *, type: str = "server_error") -> bytes:
                                                "code": None}}) + b"\n\n"
 
 
-def usage_chunk(head: bytes, finish: Finish) -> bytes:
+def usage_chunk(head: bytes, usage: dict[str, Any]) -> bytes:
     """OpenAI's final usage chunk: no choices, just usage (stream_options.include_usage)."""
-    return b"data: " + head + b',"choices":[],"usage":' + orjson.dumps(inference.usage(finish)) + b"}\n\n"
+    return b"data: " + head + b',"choices":[],"usage":' + orjson.dumps(usage) + b"}\n\n"

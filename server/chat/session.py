@@ -1,0 +1,156 @@
+"""The chat layer every chat-shaped API calls: messages in, prompt tokens and a grammar out, and
+an output pipeline that splits generated text into content, reasoning and tool calls.
+
+    prepared = prepare_chat(instance, ChatSpec(messages=..., tools=..., tool_choice=...))
+    params.grammar = prepared.grammar
+    output = prepared.new_output()
+    for each generated text piece: delta = output.feed(text)   # ChatDelta
+    delta = output.finish(); result = output.result
+
+OpenAI's `/v1/chat/completions` and `/v1/responses`, Anthropic's `/v1/messages` and LM Studio's
+`/api/v1/chat` differ only in how they spell requests and responses; they all go through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import APIError
+from ..runtime.instance import ModelInstance
+from .deltas import ChatDelta, ChatResult
+from .prompt import normalize_messages, prompt_tokens, render_chat
+from .reasoning import (
+    ReasoningSplitter,
+    ReasoningStyle,
+    detect_reasoning_style,
+    prompt_opens_reasoning,
+    template_kwargs_for_effort,
+)
+from .structured import response_format_grammar
+from .tool_parsers import ToolCallParser
+from .tools import ToolFormat, ToolRegistry, detect_tool_format, rewrite_history_tool_names, tool_call_grammar
+
+ToolChoice = str | Mapping[str, Any] | None
+
+
+@dataclass
+class ChatSpec:
+    """A chat request in family-neutral terms: OpenAI-format messages and function tools."""
+
+    messages: Sequence[Mapping[str, Any]]
+    tools: Sequence[Mapping[str, Any]] | None = None
+    tool_choice: ToolChoice = None  # "auto" | "none" | "required" | {"type": "function", "function": {"name"}}
+    parallel_tool_calls: bool = True
+    response_format: Mapping[str, Any] | None = None
+    reasoning_effort: str | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PreparedChat:
+    prompt: list[int]
+    prompt_text: str
+    grammar: str | None
+    render_special: bool
+    reasoning_style: ReasoningStyle | None
+    starts_in_reasoning: bool
+    tool_format: ToolFormat | None
+    registry: ToolRegistry | None
+
+    def new_output(self) -> ChatOutput:
+        return ChatOutput(self)
+
+
+class ChatOutput:
+    """Generated text → content, reasoning and tool calls, streaming-safe."""
+
+    def __init__(self, prepared: PreparedChat) -> None:
+        self._reasoning = ReasoningSplitter(prepared.reasoning_style, starts_in_reasoning=prepared.starts_in_reasoning)
+        self._tools = (
+            ToolCallParser(prepared.tool_format, prepared.registry)
+            if prepared.registry is not None and prepared.tool_format is not None
+            else None
+        )
+        self.result = ChatResult()
+
+    def feed(self, text: str) -> ChatDelta:
+        return self._route(self._reasoning.feed(text), final=False)
+
+    def finish(self) -> ChatDelta:
+        return self._route(self._reasoning.finish(), final=True)
+
+    def _route(self, split: ChatDelta, *, final: bool) -> ChatDelta:
+        delta = ChatDelta(reasoning=split.reasoning)
+        if self._tools is None:
+            delta.content = split.content
+        else:
+            parsed = self._tools.feed(split.content) if split.content else ChatDelta()
+            if final:
+                tail = self._tools.finish()
+                parsed.content += tail.content
+                parsed.tool_calls.extend(tail.tool_calls)
+            delta.content = parsed.content
+            delta.tool_calls = parsed.tool_calls
+        self.result.content += delta.content
+        self.result.reasoning += delta.reasoning
+        if final and self._tools is not None:
+            self.result.tool_calls = list(self._tools.calls)
+        return delta
+
+
+def _named_tool(choice: ToolChoice) -> str | None:
+    if isinstance(choice, Mapping):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if choice.get("type") != "function" or not isinstance(name, str) or not name:
+            raise APIError(400, "tool_choice must be \"auto\", \"none\", \"required\" or "
+                           "{\"type\": \"function\", \"function\": {\"name\": ...}}", param="tool_choice")
+        return name
+    if choice not in (None, "auto", "none", "required"):
+        raise APIError(400, f"Invalid tool_choice {choice!r}: expected \"auto\", \"none\", \"required\" or a "
+                       "named function", param="tool_choice")
+    return None
+
+
+def prepare_chat(instance: ModelInstance, spec: ChatSpec) -> PreparedChat:
+    template_source = instance.template.source
+    named = _named_tool(spec.tool_choice)
+    registry: ToolRegistry | None = None
+    if spec.tools and spec.tool_choice != "none":
+        try:
+            registry = ToolRegistry([dict(t) for t in spec.tools])
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="tools") from None
+        if named is not None and registry.resolve(named) is None:
+            raise APIError(400, f"tool_choice names {named!r}, which is not among the tools", param="tool_choice")
+    elif named is not None or spec.tool_choice == "required":
+        raise APIError(400, "tool_choice requires tools", param="tool_choice")
+    tool_format = detect_tool_format(template_source) if registry is not None else None
+
+    messages = normalize_messages(spec.messages)
+    if registry is not None:
+        messages = rewrite_history_tool_names(messages, registry, fmt=tool_format)
+    kwargs = {**template_kwargs_for_effort(spec.reasoning_effort), **spec.template_kwargs}
+    text = render_chat(instance, messages, tools=registry.for_template() if registry else None, **kwargs)
+
+    grammar: str | None = None
+    if registry is not None and tool_format is not None and (named is not None or spec.tool_choice == "required"):
+        grammar = tool_call_grammar(tool_format, registry, only=named, parallel=spec.parallel_tool_calls)
+    elif spec.response_format is not None:
+        grammar = response_format_grammar(dict(spec.response_format), model=instance.model)
+
+    style = detect_reasoning_style(template_source)
+    return PreparedChat(
+        prompt=prompt_tokens(instance, text),
+        prompt_text=text,
+        grammar=grammar,
+        # Tool-call and channel markers are control tokens in real GGUFs; the parsers need their text.
+        render_special=registry is not None or style is ReasoningStyle.HARMONY,
+        reasoning_style=style,
+        # A forced tool call starts at once, even where the template opened a think block.
+        starts_in_reasoning=grammar is None and prompt_opens_reasoning(text, style),
+        tool_format=tool_format,
+        registry=registry,
+    )
