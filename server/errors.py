@@ -7,6 +7,7 @@ LM Studio `/api/*`: {"error": {"type", "message", "code", "param"}}
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -25,6 +26,10 @@ ANTHROPIC_TYPES = {
     500: "api_error",
     503: "overloaded_error",
 }
+
+
+# LM Studio's native error types (its /api/v1 `error.type` enum) for the OpenAI names used in this code.
+NATIVE_TYPES = {"invalid_request_error": "invalid_request", "server_error": "internal_error"}
 
 
 class APIError(Exception):
@@ -63,7 +68,10 @@ def error_body(path: str, error: APIError) -> dict[str, Any]:
             kind = ANTHROPIC_TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
             return {"type": "error", "error": {"type": kind, "message": error.message}}
         case "lmstudio":
-            body: dict[str, Any] = {"type": error.type, "message": error.message}
+            kind = NATIVE_TYPES.get(error.type, error.type)
+            if error.code in ("model_not_found", "job_not_found"):  # their own types in the native enum
+                kind = error.code
+            body: dict[str, Any] = {"type": kind, "message": error.message}
             if error.code:
                 body["code"] = error.code
             if error.param:
@@ -83,9 +91,15 @@ def error_response(request: Request, error: APIError, headers: dict[str, str] | 
     )
 
 
+# Pydantic names the union member that failed in `loc` ("str", "list[int]", "literal['max','off']"); a
+# client's `param` is the field path without those.
+_UNION_MEMBER = re.compile(r"str|int|float|bool|bytes|none|dict|list|.*[\[\](),'\"].*")
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
     first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    loc = [str(part) for part in first.get("loc", ())
+           if part != "body" and not (isinstance(part, str) and _UNION_MEMBER.fullmatch(part))]
     if first.get("type") == "json_invalid":
         return bad_request(f"Request body is not valid JSON: {first.get('msg', 'parse error')}")
     param = ".".join(loc) or None
@@ -99,6 +113,24 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     return bad_request(message, param=param)
 
 
+async def _unauthorized(request: Request) -> APIError | None:
+    """The auth error for a request whose body failed to parse, unless it went to a public probe.
+
+    FastAPI parses a JSON body before it runs the route's dependencies (the token check among
+    them), so without this a malformed body would get a 400, not a 401, from a server that
+    requires a token."""
+    from .api import system  # the unauthenticated routes
+    from .auth import require_api_token  # auth imports this module
+
+    if request.url.path in {getattr(route, "path", None) for route in system.router.routes}:
+        return None
+    try:
+        await require_api_token(request)
+    except APIError as exc:
+        return exc
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
@@ -106,7 +138,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(request, _validation_error(exc))
+        return error_response(request, await _unauthorized(request) or _validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -116,6 +148,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             message = f"Method {request.method} is not allowed on {request.url.path}."
             return error_response(request, APIError(405, message, code="method_not_allowed"))
+        if (denied := await _unauthorized(request)) is not None:  # e.g. a body that could not be read
+            return error_response(request, denied)
         return error_response(request, APIError(exc.status_code, str(exc.detail)), headers=exc.headers)
 
     @app.exception_handler(Exception)

@@ -31,19 +31,28 @@ def model_not_found(exc: ModelNotFound) -> APIError:
     )
 
 
+def _check_kind(name: str, actual: str, kind: str) -> None:
+    if actual != kind:
+        what = "an embedding model" if actual == "embedding" else "not an embedding model"
+        raise APIError(400, f"Model \"{name}\" is {what}; it cannot serve this endpoint.", param="model",
+                       code="model_not_supported")
+
+
 async def acquire(manager: ModelManager, name: str, *, ttl: float | None, kind: str) -> ModelInstance:
     try:
+        if manager.settings.jit and manager.find_loaded(name) is None:
+            # Refuse before JIT-loading: a request that cannot be served must not evict other models.
+            _check_kind(name, manager.store.resolve(name).type, kind)
         instance = await manager.acquire(name, ttl=ttl)
     except ModelNotFound as exc:
         raise model_not_found(exc) from None
-    if instance.type != kind:
-        what = "an embedding model" if instance.type == "embedding" else "not an embedding model"
-        raise APIError(400, f"Model \"{name}\" is {what}; it cannot serve this endpoint.", param="model",
-                       code="model_not_supported")
+    _check_kind(name, instance.type, kind)
     return instance
 
 
-def submit(instance: ModelInstance, prompt: Sequence[int], params: SamplingParams) -> GenerationRequest:
+def submit(
+    instance: ModelInstance, prompt: Sequence[int], params: SamplingParams, *, param: str = "messages"
+) -> GenerationRequest:
     engine = instance.engine
     assert isinstance(engine, GenerationEngine)
     if len(prompt) >= engine.n_ctx:
@@ -51,7 +60,7 @@ def submit(instance: ModelInstance, prompt: Sequence[int], params: SamplingParam
             400,
             f"This model's maximum context length is {engine.n_ctx} tokens. However, your request has "
             f"{len(prompt)} prompt tokens. Shorten the prompt or load the model with a larger context_length.",
-            param="messages",
+            param=param,
             code="context_length_exceeded",
         )
     return engine.submit(prompt, params)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
-from ..chat.template import ChatTemplate
+from ..chat.template import ChatTemplate, ChatTemplateError
 from ..engine import llama_lib as lib
 from ..engine.embedding import EmbeddingEngine
 from ..engine.generation import GenerationEngine
@@ -17,6 +19,8 @@ from ..store.model_store import ModelVariant
 # GPU offload: "max" puts every layer on the GPU, "off" none, a fraction that share of the layers.
 GpuOffload = Literal["max", "off"] | float
 ALL_LAYERS = 999  # llama.cpp clamps to the model's layer count
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,10 +79,11 @@ class ModelInstance:
                 )
                 self.engine = EmbeddingEngine(self.model, context, name=instance_id)
             else:
-                context = lib.LlamaContext(
-                    self.model, lib.ContextConfig(n_ctx=n_ctx, n_batch=config.eval_batch_size, **settings)
-                )
+                # A batch larger than the context only wastes memory (and past 2**32 wraps to nonsense).
+                n_batch = min(config.eval_batch_size, n_ctx)
+                context = lib.LlamaContext(self.model, lib.ContextConfig(n_ctx=n_ctx, n_batch=n_batch, **settings))
                 self.engine = GenerationEngine(self.model, context, name=instance_id)
+                n_ctx = context.n_ctx  # llama.cpp rounds the context up (to 256); report what it really holds
         except BaseException:
             self.model.close()
             raise
@@ -88,11 +93,16 @@ class ModelInstance:
         self.loaded_at = time.time()
         self.last_used = time.monotonic()
         self.in_flight = 0
-        self.template = ChatTemplate(
-            variant.chat_template,
-            bos_token=self._special_text(self.model.bos_id),
-            eos_token=self._special_text(self.model.eos_id),
-        )
+        self.claims = 0  # requests a JIT load handed this instance that have not started using it yet
+        self.closing = False  # set when the unload starts; a request must not start on it after that
+        special = {"bos_token": self._special_text(self.model.bos_id),
+                   "eos_token": self._special_text(self.model.eos_id)}
+        try:
+            self.template = ChatTemplate(variant.chat_template, **special)
+        except ChatTemplateError as exc:
+            # Still load (completions and embeddings need no template); chat requests get this error as a 400.
+            log.warning("%s: %s", instance_id, exc)
+            self.template = ChatTemplate(f"{{{{ raise_exception({json.dumps(str(exc))}) }}}}", **special)
 
     def _special_text(self, token: int) -> str:
         if token < 0:
@@ -114,8 +124,13 @@ class ModelInstance:
             self.in_flight -= 1
             self.last_used = time.monotonic()
 
+    @property
+    def busy(self) -> bool:
+        """Serving, queued or promised to a request: unloading now would fail or crash that request."""
+        return self.in_flight > 0 or self.claims > 0 or self.engine.active > 0 or self.engine.queued > 0
+
     def idle_expired(self, now: float) -> bool:
-        return self.ttl is not None and self.in_flight == 0 and now - self.last_used >= self.ttl
+        return self.ttl is not None and not self.busy and now - self.last_used >= self.ttl
 
     def close(self) -> None:
         self.engine.close()

@@ -5,6 +5,9 @@
 - With auto-evict, JIT-loading a model first unloads the other JIT-loaded instances; explicitly
   loaded instances are never evicted.
 - An instance whose TTL passes with no request in flight is unloaded by the reaper.
+- Nothing is unloaded under a request that is using it: auto-evict waits for the evicted
+  instance's requests to finish (and for the requests its JIT load was handed to, to start), and
+  a request never starts on an instance whose unload has begun.
 """
 
 from __future__ import annotations
@@ -31,6 +34,17 @@ class RuntimeSettings:
     jit_ttl: float | None = 3600.0  # idle seconds before a JIT-loaded instance unloads
     n_threads: int = 0  # 0: one per available core
     reap_interval: float = 1.0
+    evict_drain_timeout: float = 120.0  # longest auto-evict waits for the evicted instance's requests
+
+
+@dataclass(eq=False)
+class _JitLoad:
+    """A JIT load in flight. `waiters` counts the requests awaiting it until it finishes; from then
+    on they are counted in the loaded instance's `claims`, so eviction cannot pull it from under them."""
+
+    task: asyncio.Task[ModelInstance] | None = None
+    waiters: int = 0
+    instance: ModelInstance | None = None
 
 
 class ModelManager:
@@ -38,7 +52,7 @@ class ModelManager:
         self.store = store
         self.settings = settings
         self.instances: dict[str, ModelInstance] = {}
-        self._loading: dict[str, asyncio.Task[ModelInstance]] = {}
+        self._loading: dict[str, _JitLoad] = {}
         self._lock = asyncio.Lock()  # serialises loads and unloads, never held across inference
         self._reaper: asyncio.Task[None] | None = None
 
@@ -82,33 +96,61 @@ class ModelManager:
     # -- loading -----------------------------------------------------------------------------------
 
     async def acquire(self, name: str, *, ttl: float | None = None) -> ModelInstance:
-        """The instance serving `name`, JIT-loading it when allowed. Raises ModelNotFound."""
-        if (instance := self.find_loaded(name)) is not None:
-            instance.last_used = time.monotonic()
-            return instance
-        if not self.settings.jit:
-            raise ModelNotFound(name, self.listed_model_ids())
-        variant = self.store.resolve(name)
-        task = self._loading.get(variant.key)
-        if task is None:
-            task = asyncio.create_task(self._jit_load(variant, ttl))
-            self._loading[variant.key] = task
-            task.add_done_callback(lambda _t, key=variant.key: self._loading.pop(key, None))
-        # A cancelled client must not cancel the load other requests are waiting on.
-        return await asyncio.shield(task)
+        """The instance serving `name`, JIT-loading it when allowed. Raises ModelNotFound.
 
-    async def _jit_load(self, variant: ModelVariant, ttl: float | None) -> ModelInstance:
-        async with self._lock:
-            if (instance := self.find_loaded(variant.key)) is not None:
+        The caller must start using the instance (`in_use`) before its next await."""
+        while True:
+            if (instance := self.find_loaded(name)) is not None:
+                instance.last_used = time.monotonic()
                 return instance
-            if self.settings.auto_evict:
-                for old in [i for i in self.instances.values() if i.jit]:
-                    log.info("auto-evicting JIT-loaded %s to load %s", old.id, variant.key)
-                    await self._unload_locked(old.id)
-            config = LoadConfig(
-                parallel=self.settings.parallel, ttl=ttl if ttl is not None else self.settings.jit_ttl
-            )
-            return await self._load_locked(variant, config, jit=True)
+            if not self.settings.jit:
+                raise ModelNotFound(name, self.listed_model_ids())
+            variant = self.store.resolve(name)
+            load = self._loading.get(variant.key)
+            if load is None:
+                load = _JitLoad()
+                load.task = asyncio.create_task(self._jit_load(variant, ttl, load))
+                self._loading[variant.key] = load
+                load.task.add_done_callback(lambda _t, key=variant.key, load=load: self._forget_load(key, load))
+            assert load.task is not None
+            if load.instance is not None:
+                load.instance.claims += 1
+            else:
+                load.waiters += 1
+            try:
+                # A cancelled client must not cancel the load other requests are waiting on.
+                instance = await asyncio.shield(load.task)
+            finally:
+                if load.instance is not None:
+                    load.instance.claims -= 1
+                else:
+                    load.waiters -= 1
+            if not instance.closing:
+                instance.last_used = time.monotonic()
+                return instance
+            # Unloaded (by hand, or past its drain timeout) before this request could start: load it again.
+
+    def _forget_load(self, key: str, load: _JitLoad) -> None:
+        if self._loading.get(key) is load:
+            del self._loading[key]
+
+    async def _jit_load(self, variant: ModelVariant, ttl: float | None, load: _JitLoad) -> ModelInstance:
+        async with self._lock:
+            instance = self.find_loaded(variant.key)
+            if instance is None:
+                if self.settings.auto_evict:
+                    for old in [i for i in self.instances.values() if i.jit]:
+                        log.info("auto-evicting JIT-loaded %s to load %s", old.id, variant.key)
+                        await self._unload_locked(old.id, drain=True)
+                config = LoadConfig(
+                    parallel=self.settings.parallel, ttl=ttl if ttl is not None else self.settings.jit_ttl
+                )
+                instance = await self._load_locked(variant, config, jit=True)
+            # Hand the instance to the waiting requests before the lock goes to the next load.
+            instance.claims += load.waiters
+            load.waiters = 0
+            load.instance = instance
+            return instance
 
     async def load(self, name: str, config: LoadConfig) -> ModelInstance:
         """An explicit load (API or CLI): always a new instance, never auto-evicted."""
@@ -147,11 +189,19 @@ class ModelManager:
         async with self._lock:
             return await self._unload_locked(instance_id)
 
-    async def _unload_locked(self, instance_id: str) -> ModelInstance:
+    async def _unload_locked(self, instance_id: str, *, drain: bool = False) -> ModelInstance:
+        """Unloads at once (requests still running on it fail), or with `drain` once they are done."""
         instance = self.find_loaded(instance_id)
         if instance is None or instance.id.lower() != instance_id.strip().lower():
             raise ModelNotFound(instance_id, list(self.instances), reason="is not loaded")
-        del self.instances[instance.id]
+        del self.instances[instance.id]  # new requests no longer find it
+        if drain:
+            deadline = time.monotonic() + self.settings.evict_drain_timeout
+            while instance.busy and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if instance.busy:
+                log.warning("unloading %s with requests still running on it (drain timed out)", instance.id)
+        instance.closing = True  # set before the first await of the close: no request starts on it after
         await asyncio.to_thread(instance.close)
         log.info("unloaded %s", instance.id)
         return instance
