@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from lmkube.server.chat.template import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError
 
 TEMPLATES = Path(__file__).parent / "templates"

@@ -106,7 +106,8 @@ class GenerationEngine:
 
     @property
     def queued(self) -> int:
-        return len(self._waiting) + len(self._inbox)
+        with self._cond:  # the engine thread moves requests from _inbox to _waiting under this lock
+            return len(self._waiting) + len(self._inbox)
 
     @property
     def active(self) -> int:
@@ -185,17 +186,19 @@ class GenerationEngine:
         return max(free, key=reuse)
 
     def _start(self, slot: _Slot, request: GenerationRequest) -> None:
+        # Build the chain before touching the KV cache: a rejected request must leave the slot's
+        # cache and `slot.cached` in agreement.
+        try:
+            chain = build_sampler_chain(self.model, request.params, request.prompt)
+        except ValueError as exc:
+            self._emit(request, Finish("error", len(request.prompt), 0, error=str(exc)))
+            return
         cached = slot.cached or []
         keep = min(_common_prefix(cached, request.prompt), len(request.prompt) - 1)
         if keep < len(cached) and not self.context.seq_remove(slot.seq, keep, -1):
             # Recurrent and sliding-window caches cannot drop a suffix; start the sequence over.
             self.context.seq_remove(slot.seq)
             keep = 0
-        try:
-            chain = build_sampler_chain(self.model, request.params, request.prompt)
-        except ValueError as exc:
-            self._emit(request, Finish("error", len(request.prompt), 0, error=str(exc)))
-            return
         slot.request = request
         slot.cached = cached[:keep]
         slot.cached_at_start = keep

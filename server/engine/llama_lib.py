@@ -145,8 +145,8 @@ class LlamaContext:
     def __init__(self, model: LlamaModel, config: ContextConfig) -> None:
         params = C.llama_context_default_params()
         params.n_ctx = config.n_ctx
-        params.n_batch = config.n_batch
-        params.n_ubatch = config.n_batch
+        # Every step decodes one token per generating sequence: the batch must hold at least that many.
+        params.n_batch = params.n_ubatch = max(config.n_batch, config.n_seq_max)
         params.n_seq_max = config.n_seq_max
         threads = config.n_threads or default_thread_count()
         params.n_threads = threads
@@ -170,7 +170,9 @@ class LlamaContext:
         self.config = config
         self.n_ctx: int = C.llama_n_ctx(ptr)
         self.memory = C.llama_get_memory(ptr)
-        self.batch = TokenBatch(config.n_batch)
+        # llama.cpp caps n_batch at the requested n_ctx; a fuller batch aborts the process (GGML_ASSERT).
+        self.n_batch: int = C.llama_n_batch(ptr)
+        self.batch = TokenBatch(self.n_batch)
 
     def close(self) -> None:
         if self.ptr:

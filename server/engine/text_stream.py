@@ -26,6 +26,8 @@ class TextStream:
 
     def push(self, piece: bytes) -> str:
         """Adds a token's bytes; returns the text now safe to emit (possibly empty)."""
+        if self.stopped_by is not None:  # nothing after a stop string is ever emitted
+            return ""
         text = self._decoder.decode(piece)
         if not self._stops:
             return text
