@@ -16,4 +16,5 @@ lint: setup
 	.venv/bin/ruff check .
 
 bench: setup
+	.venv/bin/python -m pip install --quiet -e ".[bench]" --config-settings editable_mode=strict
 	.venv/bin/python bench/serve_throughput.py
