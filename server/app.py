@@ -9,7 +9,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from .api import native, openai, system
+from .api import legacy, native, openai, system
 from .auth import require_api_token
 from .config import ServerConfig
 from .errors import install_error_handlers
@@ -43,7 +43,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
     app.include_router(system.router)
-    for family in (openai.router, native.router):
+    for family in (openai.router, native.router, legacy.router):
         app.include_router(family, dependencies=[Depends(require_api_token)])
     if config.cors:
         app.add_middleware(

@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from . import instances, models
+from . import chat, download, instances, models
 
 router = APIRouter()
-for module in (models, instances):
+for module in (models, download, chat, instances):
     router.include_router(module.router)
