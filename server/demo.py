@@ -19,5 +19,5 @@ def ensure_demo_model(models_dir: Path) -> Path:
     path = models_dir / DEMO_FILE
     if not path.exists():
         write_llama_model(path, DEMO_SHAPE, dtype="f16", name="lmkube demo (random weights)", seed=1234,
-                          emit_eos=True)
+                          emit_eos=True, eos_gain=2.0)
     return path
