@@ -12,6 +12,8 @@ from starlette.responses import Response
 from .api import legacy, native, openai, system
 from .auth import require_api_token
 from .config import ServerConfig
+from .conversations import ConversationStore
+from .downloads.manager import DownloadManager
 from .errors import install_error_handlers
 from .runtime.manager import ModelManager
 from .store.model_store import ModelStore
@@ -21,6 +23,7 @@ from .streaming import ClientDisconnected
 def create_app(config: ServerConfig) -> FastAPI:
     store = ModelStore(config.models_dir)
     manager = ModelManager(store, config.runtime)
+    downloads = DownloadManager(store, config.home / "downloads.json")
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -28,12 +31,15 @@ def create_app(config: ServerConfig) -> FastAPI:
         try:
             yield
         finally:
+            downloads.close()  # partial files stay and resume as paused jobs
             await manager.close()
 
     app = FastAPI(title="lmkube", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.config = config
     app.state.store = store
     app.state.manager = manager
+    app.state.downloads = downloads
+    app.state.conversations = ConversationStore(config.home / "conversations")
     app.state.api_tokens = tuple(t.encode() for t in config.api_tokens)
 
     install_error_handlers(app)

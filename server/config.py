@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .runtime.manager import RuntimeSettings
-from .store.paths import default_models_dir
+from .store.paths import default_models_dir, lmkube_home
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 1234
     models_dir: Path = field(default_factory=default_models_dir)
+    home: Path = field(default_factory=lmkube_home)  # stored chats, the download job table, presets
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     api_tokens: tuple[str, ...] = ()
     cors: bool = False

@@ -95,8 +95,12 @@ class ModelManager:
 
     # -- loading -----------------------------------------------------------------------------------
 
-    async def acquire(self, name: str, *, ttl: float | None = None) -> ModelInstance:
+    async def acquire(
+        self, name: str, *, ttl: float | None = None, context_length: int | None = None
+    ) -> ModelInstance:
         """The instance serving `name`, JIT-loading it when allowed. Raises ModelNotFound.
+
+        `ttl` and `context_length` apply only if this call starts the JIT load.
 
         The caller must start using the instance (`in_use`) before its next await."""
         while True:
@@ -109,7 +113,7 @@ class ModelManager:
             load = self._loading.get(variant.key)
             if load is None:
                 load = _JitLoad()
-                load.task = asyncio.create_task(self._jit_load(variant, ttl, load))
+                load.task = asyncio.create_task(self._jit_load(variant, ttl, load, context_length))
                 self._loading[variant.key] = load
                 load.task.add_done_callback(lambda _t, key=variant.key, load=load: self._forget_load(key, load))
             assert load.task is not None
@@ -134,7 +138,9 @@ class ModelManager:
         if self._loading.get(key) is load:
             del self._loading[key]
 
-    async def _jit_load(self, variant: ModelVariant, ttl: float | None, load: _JitLoad) -> ModelInstance:
+    async def _jit_load(
+        self, variant: ModelVariant, ttl: float | None, load: _JitLoad, context_length: int | None = None
+    ) -> ModelInstance:
         async with self._lock:
             instance = self.find_loaded(variant.key)
             if instance is None:
@@ -143,7 +149,8 @@ class ModelManager:
                         log.info("auto-evicting JIT-loaded %s to load %s", old.id, variant.key)
                         await self._unload_locked(old.id, drain=True)
                 config = LoadConfig(
-                    parallel=self.settings.parallel, ttl=ttl if ttl is not None else self.settings.jit_ttl
+                    parallel=self.settings.parallel, ttl=ttl if ttl is not None else self.settings.jit_ttl,
+                    context_length=context_length,
                 )
                 instance = await self._load_locked(variant, config, jit=True)
             # Hand the instance to the waiting requests before the lock goes to the next load.

@@ -1,7 +1,295 @@
-"""LM Studio's native /api/v1 chat endpoints."""
+"""LM Studio's native /api/v1 chat endpoint: `POST /api/v1/chat`, stateful and streaming.
+
+One async generator (`NativeChat.events`) drives a request from the model load to the last token and
+yields LM Studio's named events; streaming writes them as SSE, non-streaming drains it and returns
+the `chat.end` result. Templates, reasoning splitting and sampling are the shared chat layer's.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from ...chat.session import ChatOutput, ChatSpec, prepare_chat
+from ...conversations import ConversationStore
+from ...engine.events import Finish, TextDelta
+from ...engine.sampling import SamplingParams
+from ...errors import APIError, error_body
+from ...runtime.instance import ModelInstance
+from ...runtime.manager import ModelManager
+from ...store.model_store import ModelNotFound, ModelVariant
+from ...streaming import EventStreamResponse, unless_disconnected
+from .. import inference
+from ..deps import get_conversations, get_manager
 
 router = APIRouter(prefix="/api/v1")
+
+Event = tuple[str, dict[str, Any]]
+
+
+class NativeChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    input: str | list[Any]
+    system_prompt: str | None = None
+    integrations: list[str | dict[str, Any]] | None = None
+    stream: bool = False
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repeat_penalty: float | None = Field(default=None, gt=0.0)
+    # Not in LM Studio's documented schema; accepted as llama.cpp extensions.
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    seed: int | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    reasoning: Literal["off", "low", "medium", "high", "on"] | None = None
+    context_length: int | None = Field(default=None, ge=1)
+    store: bool = True
+    previous_response_id: str | None = None
+    ttl: float | None = Field(default=None, gt=0, description="idle seconds for a model this request JIT-loads")
+
+    def sampling(self) -> SamplingParams:
+        params = SamplingParams(max_tokens=self.max_output_tokens)
+        for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
+                     "frequency_penalty", "seed"):
+            if (value := getattr(self, name)) is not None:
+                setattr(params, name, value)
+        return params
+
+
+def _invalid_input(message: str) -> APIError:
+    return APIError(400, message, param="input", code="invalid_union")
+
+
+def _parse_input(value: str | list[Any]) -> tuple[str, bool]:
+    """The user's text, and whether the input had images."""
+    if isinstance(value, str):
+        return value, False
+    if not value:
+        raise _invalid_input("'input' must be a string or a non-empty array of items.")
+    texts: list[str] = []
+    images = False
+    for index, item in enumerate(value):
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind in ("text", "message"):  # the docs' table says "message", the real server "text": take both
+            content = item.get("content")
+            if not isinstance(content, str):
+                raise _invalid_input(f"input[{index}].content must be a string.")
+            texts.append(content)
+        elif kind == "image":
+            if not isinstance(item.get("data_url"), str):
+                raise _invalid_input(f"input[{index}].data_url must be a string (a data: URL).")
+            images = True
+        else:
+            raise _invalid_input(f"Invalid discriminator value at input[{index}]. Expected 'text' | 'image'")
+    return "\n".join(texts), images
+
+
+def _check_model(manager: ModelManager, name: str) -> tuple[ModelInstance | None, ModelVariant | None]:
+    """The loaded instance for `name`, else the variant a JIT load would load (404 for unknown models,
+    400 for embedding models, both before anything is loaded or evicted)."""
+    loaded = manager.find_loaded(name)
+    if loaded is not None:
+        return loaded, None
+    try:
+        if not manager.settings.jit:
+            raise ModelNotFound(name, manager.listed_model_ids())
+        variant = manager.store.resolve(name)
+    except ModelNotFound as exc:
+        raise inference.model_not_found(exc) from None
+    return None, variant
+
+
+def _conversation(history: list[dict[str, Any]], turn: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """History plus this turn; the latest system prompt is the conversation's, and it goes first."""
+    messages = [*history, *turn]
+    systems = [m for m in messages if m.get("role") == "system"]
+    rest = [m for m in messages if m.get("role") != "system"]
+    return [systems[-1], *rest] if systems else rest
+
+
+class NativeChat:
+    """One /api/v1/chat request after validation: `events()` runs it, `result()` is the response body."""
+
+    def __init__(self, manager: ModelManager, store: ConversationStore, body: NativeChatRequest,
+                 history: list[dict[str, Any]], turn: list[dict[str, Any]], instance_id: str) -> None:
+        self.manager = manager
+        self.store = store
+        self.body = body
+        self.history = history
+        self.turn = turn  # the messages this request adds: system prompt (if any) and the user input
+        self.instance_id = instance_id
+        self.output: list[dict[str, Any]] = []
+        self.stats: dict[str, Any] = {"input_tokens": 0, "total_output_tokens": 0, "reasoning_output_tokens": 0,
+                                      "tokens_per_second": 0.0, "time_to_first_token_seconds": 0.0}
+        self.response_id: str | None = None
+        self._open: str | None = None  # the output item being written: "reasoning" | "message"
+
+    def result(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"model_instance_id": self.instance_id, "output": self.output, "stats": self.stats}
+        if self.response_id is not None:
+            body["response_id"] = self.response_id
+        return body
+
+    async def _acquire(self) -> ModelInstance:
+        body = self.body
+        if body.context_length is None:
+            return await inference.acquire(self.manager, body.model, ttl=body.ttl, kind="llm")
+        try:  # the kind was checked before the stream started (_check_model)
+            return await self.manager.acquire(body.model, ttl=body.ttl, context_length=body.context_length)
+        except ModelNotFound as exc:
+            raise inference.model_not_found(exc) from None
+
+    def _append(self, kind: str, text: str, events: list[Event]) -> None:
+        if not text:
+            return
+        if self._open != kind:
+            self._close(events)
+            events.append((f"{kind}.start", {}))
+            self.output.append({"type": kind, "content": ""})
+            self._open = kind
+        self.output[-1]["content"] += text
+        events.append((f"{kind}.delta", {"content": text}))
+
+    def _close(self, events: list[Event]) -> None:
+        if self._open is not None:
+            events.append((f"{self._open}.end", {}))
+            self._open = None
+
+    async def events(self) -> AsyncIterator[list[Event]]:
+        """LM Studio's events for this request, a batch at a time; raises APIError on failure."""
+        body = self.body
+        yield [("chat.start", {"model_instance_id": self.instance_id})]
+        loads = self.manager.find_loaded(body.model) is None
+        if loads:
+            yield [("model_load.start", {"model_instance_id": self.instance_id})]
+        instance = await self._acquire()
+        with instance.in_use():  # entered before any other await: nothing can unload it under us
+            self.instance_id = instance.id
+            if loads:
+                self.stats["model_load_time_seconds"] = round(instance.load_seconds, 3)
+                yield [("model_load.progress", {"model_instance_id": instance.id, "progress": 1.0}),
+                       ("model_load.end", {"model_instance_id": instance.id,
+                                           "load_time_seconds": round(instance.load_seconds, 3)})]
+            spec = ChatSpec(messages=_conversation(self.history, self.turn), reasoning_effort=body.reasoning)
+            prepared = prepare_chat(instance, spec)
+            params = body.sampling()
+            params.grammar = prepared.grammar
+            params.render_special = prepared.render_special
+            generation = inference.submit(instance, prepared.prompt, params, param="input")
+            self.stats["input_tokens"] = len(prepared.prompt)
+            yield [("prompt_processing.start", {})]
+            output: ChatOutput = prepared.new_output()
+            first = True
+            try:
+                async for batch in generation:
+                    events: list[Event] = []
+                    if first:
+                        events += [("prompt_processing.progress", {"progress": 1.0}), ("prompt_processing.end", {})]
+                        first = False
+                    for event in batch:
+                        if isinstance(event, TextDelta):
+                            delta = output.feed(event.text)
+                        elif event.reason == "error":
+                            raise APIError(500, f"Generation failed: {event.error}", type="server_error")
+                        else:
+                            delta = output.finish()
+                        self._append("reasoning", delta.reasoning, events)
+                        self._append("message", delta.content, events)
+                        if isinstance(event, Finish):
+                            self._close(events)
+                            self._finish(instance, event, output)
+                    if events:
+                        yield events
+            finally:
+                generation.cancel()
+
+    def _finish(self, instance: ModelInstance, finish: Finish, output: ChatOutput) -> None:
+        result = output.result
+        reasoning_tokens = (
+            len(instance.model.tokenize(result.reasoning, add_special=False, parse_special=False))
+            if result.reasoning else 0
+        )
+        self.stats.update(
+            input_tokens=finish.prompt_tokens,
+            total_output_tokens=finish.completion_tokens,
+            reasoning_output_tokens=min(reasoning_tokens, finish.completion_tokens),
+            tokens_per_second=finish.tokens_per_second,
+            time_to_first_token_seconds=finish.time_to_first_token or 0.0,
+        )
+        if self.body.store:
+            reply: dict[str, Any] = {"role": "assistant", "content": result.content}
+            if result.reasoning:
+                reply["reasoning_content"] = result.reasoning
+            node = self.store.add(parent_id=self.body.previous_response_id, model=instance.id,
+                                  messages=[*self.turn, reply])
+            self.response_id = node.id
+
+
+def _frame(name: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, **data}) + b"\n\n"
+
+
+async def _stream(chat: NativeChat) -> AsyncIterator[bytes]:
+    try:
+        async for events in chat.events():
+            yield b"".join(_frame(name, data) for name, data in events)
+    except APIError as exc:
+        yield _frame("error", {"error": error_body(router.prefix + "/chat", exc)["error"]})
+    except Exception as exc:  # the stream has started: report it in-band, then still end it
+        yield _frame("error", {"error": {"type": "internal_error", "message": f"Internal server error: {exc}"}})
+    yield _frame("chat.end", {"result": chat.result()})
+
+
+async def _drain(chat: NativeChat) -> dict[str, Any]:
+    async for _ in chat.events():
+        pass
+    return chat.result()
+
+
+@router.post("/chat", response_model=None)
+async def chat(
+    body: NativeChatRequest,
+    request: Request,
+    manager: Annotated[ModelManager, Depends(get_manager)],
+    store: Annotated[ConversationStore, Depends(get_conversations)],
+) -> dict[str, Any] | EventStreamResponse:
+    if body.integrations:
+        raise APIError(400, "MCP integrations are not supported yet.", type="not_implemented",
+                       param="integrations", code="integrations_not_supported")
+    text, images = _parse_input(body.input)
+    loaded, variant = _check_model(manager, body.model)
+    if variant is not None and variant.type != "llm":
+        raise APIError(400, f"Model \"{body.model}\" is an embedding model; it cannot serve this endpoint.",
+                       param="model", code="model_not_supported")
+    if images:
+        target = loaded.variant if loaded is not None else variant
+        has_projector = target is not None and target.mmproj_path is not None
+        message = ("Image input is not supported by this server yet." if has_projector
+                   else f"Model \"{body.model}\" does not support image input (it has no vision projector).")
+        raise APIError(400, message, param="input", code="model_not_vision_capable")
+    history: list[dict[str, Any]] = []
+    if body.previous_response_id is not None:
+        if not body.previous_response_id.startswith("resp_"):
+            raise APIError(400, "'previous_response_id' must start with 'resp_'.", param="previous_response_id")
+        found = store.history(body.previous_response_id)
+        if found is None:
+            raise APIError(404, f"Response with id '{body.previous_response_id}' not found.",
+                           param="previous_response_id", code="previous_response_not_found")
+        history = found
+    turn: list[dict[str, Any]] = []
+    if body.system_prompt is not None:
+        turn.append({"role": "system", "content": body.system_prompt})
+    turn.append({"role": "user", "content": text})
+    instance_id = loaded.id if loaded is not None else variant.model_key if variant is not None else body.model
+    native = NativeChat(manager, store, body, history, turn, instance_id)
+    if body.stream:
+        return EventStreamResponse(_stream(native))
+    return await unless_disconnected(request, _drain(native))

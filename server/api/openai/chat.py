@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import orjson
@@ -14,6 +15,7 @@ from ...chat.presets import apply_preset, load_preset
 from ...chat.session import ChatOutput, ChatSpec, PreparedChat, prepare_chat
 from ...engine.events import Finish, TextDelta
 from ...engine.generation import GenerationRequest
+from ...engine.sampling import SamplingParams
 from ...runtime.instance import ModelInstance
 from ...runtime.manager import ModelManager
 from ...streaming import EventStreamResponse, unless_disconnected
@@ -45,10 +47,22 @@ def chat_spec(body: ChatCompletionRequest) -> ChatSpec:
     )
 
 
-@router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(
-    body: ChatCompletionRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
-) -> dict[str, Any] | EventStreamResponse:
+@dataclass(slots=True)
+class ChatCall:
+    """A chat request submitted to its instance: what the response (plain or streamed) is built from."""
+
+    body: ChatCompletionRequest  # with its preset applied
+    instance: ModelInstance
+    prepared: PreparedChat
+    params: SamplingParams
+    generation: GenerationRequest
+    completion_id: str
+
+
+async def start_chat(body: ChatCompletionRequest, manager: ModelManager) -> ChatCall:
+    """Applies the preset, finds (or JIT-loads) the model, renders the prompt and submits it.
+
+    The caller must start `complete_chat` or `stream_chat` before its next await."""
     body = with_preset(body)
     instance = await inference.acquire(manager, body.model, ttl=body.ttl, kind="llm")
     with instance.in_use():
@@ -58,17 +72,20 @@ async def chat_completions(
         params.grammar = prepared.grammar
         params.render_special = prepared.render_special
         generation = inference.submit(instance, prepared.prompt, params)
-    completion_id = inference.random_id("chatcmpl-")
-    if body.stream:
-        return EventStreamResponse(_stream(instance, prepared, generation, completion_id, body.include_usage))
+    return ChatCall(body, instance, prepared, params, generation, inference.random_id("chatcmpl-"))
+
+
+async def complete_chat(call: ChatCall, request: Request) -> tuple[dict[str, Any], Finish, ChatResult]:
+    """Runs a non-streaming chat to the end: the chat.completion body, the engine's finish and the parsed result."""
+    instance = call.instance
     with instance.in_use():
-        output = prepared.new_output()
-        text, finish = await unless_disconnected(request, inference.collect(generation))
+        output = call.prepared.new_output()
+        text, finish = await unless_disconnected(request, inference.collect(call.generation))
         output.feed(text)
         output.finish()
     result = output.result
-    return {
-        "id": completion_id,
+    body = {
+        "id": call.completion_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": instance.id,
@@ -81,6 +98,24 @@ async def chat_completions(
         "usage": _usage(instance, finish, result),
         "system_fingerprint": instance.id,
     }
+    return body, finish, result
+
+
+def stream_chat(call: ChatCall) -> EventStreamResponse:
+    return EventStreamResponse(
+        _stream(call.instance, call.prepared, call.generation, call.completion_id, call.body.include_usage)
+    )
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
+) -> dict[str, Any] | EventStreamResponse:
+    call = await start_chat(body, manager)
+    if call.body.stream:
+        return stream_chat(call)
+    response, _, _ = await complete_chat(call, request)
+    return response
 
 
 def _message(result: ChatResult) -> dict[str, Any]:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
 
-from ...engine.events import TextDelta
+from ...engine.events import Finish, TextDelta
 from ...engine.generation import GenerationRequest
+from ...engine.sampling import SamplingParams
 from ...errors import bad_request
 from ...runtime.instance import ModelInstance
 from ...runtime.manager import ModelManager
@@ -36,30 +38,64 @@ def _prompt_tokens(instance: ModelInstance, prompt: Any) -> list[int]:
     raise bad_request("only one prompt per request is supported", param="prompt")
 
 
-@router.post("/v1/completions", response_model=None)
-async def completions(
-    body: CompletionRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
-) -> dict[str, Any] | EventStreamResponse:
+@dataclass(slots=True)
+class CompletionCall:
+    """A text completion submitted to its instance."""
+
+    body: CompletionRequest
+    instance: ModelInstance
+    params: SamplingParams
+    generation: GenerationRequest
+    completion_id: str
+    echo: str
+
+
+async def start_completion(body: CompletionRequest, manager: ModelManager) -> CompletionCall:
+    """Finds (or JIT-loads) the model, tokenizes the prompt and submits it.
+
+    The caller must start `complete_completion` or `stream_completion` before its next await."""
     instance = await inference.acquire(manager, body.model, ttl=body.ttl, kind="llm")
     with instance.in_use():
         tokens = _prompt_tokens(instance, body.prompt)
-        generation = inference.submit(instance, tokens, body.sampling(instance.model.n_vocab), param="prompt")
-    completion_id = inference.random_id("cmpl-")
+        params = body.sampling(instance.model.n_vocab)
+        generation = inference.submit(instance, tokens, params, param="prompt")
     echo = body.prompt if body.echo and isinstance(body.prompt, str) else ""
-    if body.stream:
-        return EventStreamResponse(_stream(instance, generation, completion_id, body.include_usage, echo))
+    return CompletionCall(body, instance, params, generation, inference.random_id("cmpl-"), echo)
+
+
+async def complete_completion(call: CompletionCall, request: Request) -> tuple[dict[str, Any], Finish]:
+    """Runs a non-streaming completion to the end: the text_completion body and the engine's finish."""
+    instance = call.instance
     with instance.in_use():
-        text, finish = await unless_disconnected(request, inference.collect(generation))
-    return {
-        "id": completion_id,
+        text, finish = await unless_disconnected(request, inference.collect(call.generation))
+    body = {
+        "id": call.completion_id,
         "object": "text_completion",
         "created": int(time.time()),
         "model": instance.id,
-        "choices": [{"index": 0, "text": echo + text, "logprobs": None,
+        "choices": [{"index": 0, "text": call.echo + text, "logprobs": None,
                      "finish_reason": inference.finish_reason(finish)}],
         "usage": inference.usage(finish),
         "system_fingerprint": instance.id,
     }
+    return body, finish
+
+
+def stream_completion(call: CompletionCall) -> EventStreamResponse:
+    return EventStreamResponse(
+        _stream(call.instance, call.generation, call.completion_id, call.body.include_usage, call.echo)
+    )
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(
+    body: CompletionRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
+) -> dict[str, Any] | EventStreamResponse:
+    call = await start_completion(body, manager)
+    if body.stream:
+        return stream_completion(call)
+    response, _ = await complete_completion(call, request)
+    return response
 
 
 async def _stream(

@@ -44,10 +44,10 @@ def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
     return vector
 
 
-@router.post("/v1/embeddings")
-async def embeddings(
-    body: EmbeddingRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
-) -> dict[str, Any]:
+async def create_embeddings(
+    body: EmbeddingRequest, request: Request, manager: ModelManager
+) -> tuple[dict[str, Any], ModelInstance]:
+    """The embeddings list body and the instance that computed it."""
     instance = await inference.acquire(manager, body.model, ttl=body.ttl, kind="embedding")
     engine = instance.engine
     assert isinstance(engine, EmbeddingEngine)
@@ -60,7 +60,7 @@ async def embeddings(
     if body.dimensions is not None:
         vectors = [v[: body.dimensions] for v in vectors]
     n_tokens = sum(len(t) for t in inputs)
-    return {
+    response = {
         "object": "list",
         "data": [
             {"object": "embedding", "embedding": _encode(v, body.encoding_format), "index": i}
@@ -69,3 +69,12 @@ async def embeddings(
         "model": instance.id,
         "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
     }
+    return response, instance
+
+
+@router.post("/v1/embeddings")
+async def embeddings(
+    body: EmbeddingRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
+) -> dict[str, Any]:
+    response, _ = await create_embeddings(body, request, manager)
+    return response
