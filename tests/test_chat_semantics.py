@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -238,3 +239,11 @@ def test_preset_fills_defaults_and_request_fields_win(client: openai.OpenAI) -> 
     jsonschema.validate(json.loads(structured.choices[0].message.content), SCHEMA)
     with pytest.raises(openai.BadRequestError, match="json-bot"):  # lists the presets that exist
         client.chat.completions.create(model="acme/qwen-tools", messages=MESSAGES, extra_body={"preset": "nope"})
+
+
+def test_native_model_list_reports_reasoning_capability(chat_server: ServerProcess) -> None:
+    models = {m["key"]: m for m in httpx.get(f"{chat_server.base_url}/api/v1/models").json()["models"]}
+    assert models[REASONING_MODEL]["capabilities"]["reasoning"] == {"allowed_options": ["off", "on"],
+                                                                     "default": "on"}
+    assert "reasoning" not in models["acme/qwen-tools"]["capabilities"]
+    assert models["acme/qwen-tools"]["capabilities"]["trained_for_tool_use"] is True

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 
+from ...chat.reasoning import ReasoningStyle, detect_reasoning_style
 from ...errors import APIError
 from ...runtime.instance import LoadConfig, ModelInstance
 from ...runtime.manager import ModelManager
@@ -28,6 +29,17 @@ def instance_config(instance: ModelInstance) -> dict[str, Any]:
         "flash_attention": config.flash_attention is not False,
         "offload_kv_cache_to_gpu": config.offload_kv_cache_to_gpu,
     }
+
+
+def reasoning_capability(template: str | None) -> dict[str, Any] | None:
+    """LM Studio's `capabilities.reasoning`: which `reasoning` settings the model's template honours."""
+    style = detect_reasoning_style(template)
+    if style is ReasoningStyle.HARMONY:
+        return {"allowed_options": ["low", "medium", "high"], "default": "medium"}
+    if style is ReasoningStyle.THINK_TAGS:
+        options = ["off", "on"] if template and "enable_thinking" in template else ["on"]
+        return {"allowed_options": options, "default": "on"}
+    return None
 
 
 def model_info(entry: ModelEntry, instances: list[ModelInstance]) -> dict[str, Any]:
@@ -54,6 +66,8 @@ def model_info(entry: ModelEntry, instances: list[ModelInstance]) -> dict[str, A
             "vision": selected.mmproj_path is not None,
             "trained_for_tool_use": selected.trained_for_tool_use,
         }
+        if (reasoning := reasoning_capability(selected.chat_template)) is not None:
+            info["capabilities"]["reasoning"] = reasoning
         info["description"] = None
     info["variants"] = [v.key for v in entry.variants]
     info["selected_variant"] = selected.key
