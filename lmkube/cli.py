@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="file with one API token per line (repeatable)")
     serve.add_argument("--threads", type=int, default=0, help="CPU threads per model (default: all cores)")
     serve.add_argument("--cors", action="store_true", help="allow cross-origin requests from browsers")
+    serve.add_argument("--allow-remote-mcp", action="store_true",
+                       help="allow per-request MCP servers (ephemeral_mcp integrations on /api/v1/chat)")
     serve.add_argument("--demo", action="store_true",
                        help="add the offline demo model lmkube/demo (random weights, gibberish output)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -93,6 +95,7 @@ def serve(args: argparse.Namespace) -> int:
         ),
         api_tokens=tokens,
         cors=args.cors,
+        allow_remote_mcp=args.allow_remote_mcp,
     )
     print(f"lmkube {__version__} serving {models_dir} on http://{args.host}:{args.port}"
           + (f" ({len(tokens)} API token(s) required)" if tokens else ""), flush=True)

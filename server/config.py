@@ -20,6 +20,7 @@ class ServerConfig:
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     api_tokens: tuple[str, ...] = ()
     cors: bool = False
+    allow_remote_mcp: bool = False  # per-request MCP servers (`ephemeral_mcp` integrations on /api/v1/chat)
 
 
 def collect_api_tokens(flags: Iterable[str], files: Iterable[Path], env: str | None = None) -> tuple[str, ...]:

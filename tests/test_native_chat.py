@@ -330,12 +330,14 @@ def test_bad_json_is_a_400(http: httpx.Client) -> None:
     assert_native_error(response, 400)
 
 
-def test_integrations_are_not_supported_yet(http: httpx.Client) -> None:
+def test_integrations_need_permission(http: httpx.Client) -> None:
     response = http.post("/api/v1/chat", json={"model": CHAT_MODEL, "input": "Hi", "integrations": ["mcp/playwright"]})
-    error = assert_native_error(response, 400)
-    assert "MCP integrations are not supported yet" in error["message"] and error["param"] == "integrations"
-    # An empty list asks for nothing.
-    assert chat(http, input="Hi", integrations=[], store=False)["output"]
+    error = assert_native_error(response, 403, "mcp_json_requires_auth")
+    assert "--api-token" in error["message"] and error["param"] == "integrations"
+    response = http.post("/api/v1/chat", json={"model": CHAT_MODEL, "input": "Hi", "integrations": [
+        {"type": "ephemeral_mcp", "server_label": "x", "server_url": "http://127.0.0.1:9/mcp"}]})
+    assert "--allow-remote-mcp" in assert_native_error(response, 403, "remote_mcp_disabled")["message"]
+    assert chat(http, input="Hi", integrations=[], store=False)["output"]  # an empty list asks for nothing
 
 
 def test_unknown_and_embedding_models(http: httpx.Client) -> None:

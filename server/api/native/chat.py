@@ -3,10 +3,19 @@
 One async generator (`NativeChat.events`) drives a request from the model load to the last token and
 yields LM Studio's named events; streaming writes them as SSE, non-streaming drains it and returns
 the `chat.end` result. Templates, reasoning splitting and sampling are the shared chat layer's.
+
+With MCP `integrations` the server runs the tool loop itself: the servers' tools go to the model as
+function tools, each call the model makes is sent to its MCP server and the result goes back into the
+context, until the model answers without calling a tool (at most `MAX_TOOL_ROUNDS` rounds with tools;
+one more round without tools then has to answer). lmkube extension: a `tool_choice` field
+("auto" | "none" | "required" | {"type": "function", "function": {"name": ...}}) applies to the first
+round only; later rounds run with "auto".
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -19,12 +28,15 @@ from ...conversations import ConversationStore
 from ...engine.events import Finish, TextDelta
 from ...engine.sampling import SamplingParams
 from ...errors import APIError, error_body
+from ...mcp import MAX_TOOL_ROUNDS, McpToolbox, open_toolbox, parse_integrations
 from ...runtime.instance import ModelInstance
 from ...runtime.manager import ModelManager
 from ...store.model_store import ModelNotFound, ModelVariant
 from ...streaming import EventStreamResponse, unless_disconnected
 from .. import inference
 from ..deps import get_conversations, get_manager
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/v1")
 
@@ -54,6 +66,8 @@ class NativeChatRequest(BaseModel):
     store: bool = True
     previous_response_id: str | None = None
     ttl: float | None = Field(default=None, gt=0, description="idle seconds for a model this request JIT-loads")
+    # lmkube extension: tool_choice for the first round of the MCP tool loop (later rounds: "auto").
+    tool_choice: str | dict[str, Any] | None = None
 
     def sampling(self) -> SamplingParams:
         params = SamplingParams(max_tokens=self.max_output_tokens)
@@ -119,7 +133,8 @@ class NativeChat:
     """One /api/v1/chat request after validation: `events()` runs it, `result()` is the response body."""
 
     def __init__(self, manager: ModelManager, store: ConversationStore, body: NativeChatRequest,
-                 history: list[dict[str, Any]], turn: list[dict[str, Any]], instance_id: str) -> None:
+                 history: list[dict[str, Any]], turn: list[dict[str, Any]], instance_id: str,
+                 toolbox: McpToolbox | None = None) -> None:
         self.manager = manager
         self.store = store
         self.body = body
@@ -131,6 +146,9 @@ class NativeChat:
                                       "tokens_per_second": 0.0, "time_to_first_token_seconds": 0.0}
         self.response_id: str | None = None
         self._open: str | None = None  # the output item being written: "reasoning" | "message"
+        self.toolbox = toolbox
+        self.added: list[dict[str, Any]] = []  # assistant tool-call and tool messages of this request's loop
+        self._first_finish = True
 
     def result(self) -> dict[str, Any]:
         body: dict[str, Any] = {"model_instance_id": self.instance_id, "output": self.output, "stats": self.stats}
@@ -178,59 +196,141 @@ class NativeChat:
                 yield [("model_load.progress", {"model_instance_id": instance.id, "progress": 1.0}),
                        ("model_load.end", {"model_instance_id": instance.id,
                                            "load_time_seconds": round(instance.load_seconds, 3)})]
-            spec = ChatSpec(messages=_conversation(self.history, self.turn), reasoning_effort=body.reasoning)
-            prepared = prepare_chat(instance, spec)
-            params = body.sampling()
-            params.grammar = prepared.grammar
-            params.render_special = prepared.render_special
-            generation = inference.submit(instance, prepared.prompt, params, param="input")
-            self.stats["input_tokens"] = len(prepared.prompt)
-            yield [("prompt_processing.start", {})]
-            output: ChatOutput = prepared.new_output()
-            first = True
-            try:
-                async for batch in generation:
-                    events: list[Event] = []
-                    if first:
-                        events += [("prompt_processing.progress", {"progress": 1.0}), ("prompt_processing.end", {})]
-                        first = False
-                    for event in batch:
-                        if isinstance(event, TextDelta):
-                            delta = output.feed(event.text)
-                        elif event.reason == "error":
-                            raise APIError(500, f"Generation failed: {event.error}", type="server_error")
-                        else:
-                            delta = output.finish()
-                        self._append("reasoning", delta.reasoning, events)
-                        self._append("message", delta.content, events)
-                        if isinstance(event, Finish):
-                            self._close(events)
-                            self._finish(instance, event, output)
-                    if events:
+            messages = _conversation(self.history, self.turn)
+            tools = self.toolbox.openai_tools() if self.toolbox is not None and self.toolbox.tools else None
+            for round_index in range(MAX_TOOL_ROUNDS + 1):
+                offered = tools if round_index < MAX_TOOL_ROUNDS else None
+                if tools and offered is None:
+                    log.warning("MCP tool loop: %d rounds called tools; the last round runs without tools",
+                                MAX_TOOL_ROUNDS)
+                choice = (body.tool_choice if round_index == 0 and body.tool_choice is not None else "auto") \
+                    if offered else None
+                spec = ChatSpec(messages=[*messages, *self.added], tools=offered, tool_choice=choice,
+                                reasoning_effort=body.reasoning)
+                output: ChatOutput | None = None
+                async for events in self._generate(instance, spec):
+                    if isinstance(events, list):
                         yield events
-            finally:
-                generation.cancel()
+                    else:
+                        output = events
+                calls = output.result.tool_calls if output is not None and offered else []
+                if not calls:
+                    self._store(instance, output)
+                    return
+                self.added.append({"role": "assistant", "content": output.result.content, "tool_calls": [
+                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in calls]})
+                for call in calls:
+                    async for events in self._run_tool(call):
+                        yield events
 
-    def _finish(self, instance: ModelInstance, finish: Finish, output: ChatOutput) -> None:
+    async def _generate(self, instance: ModelInstance, spec: ChatSpec) -> AsyncIterator[list[Event] | ChatOutput]:
+        """One model round: its events, then (last) its ChatOutput."""
+        prepared = prepare_chat(instance, spec)
+        params = self.body.sampling()
+        params.grammar = prepared.grammar
+        params.render_special = prepared.render_special
+        generation = inference.submit(instance, prepared.prompt, params, param="input")
+        yield [("prompt_processing.start", {})]
+        output: ChatOutput = prepared.new_output()
+        first = True
+        started: set[int] = set()
+        try:
+            async for batch in generation:
+                events: list[Event] = []
+                if first:
+                    events += [("prompt_processing.progress", {"progress": 1.0}), ("prompt_processing.end", {})]
+                    first = False
+                for event in batch:
+                    if isinstance(event, TextDelta):
+                        delta = output.feed(event.text)
+                    elif event.reason == "error":
+                        raise APIError(500, f"Generation failed: {event.error}", type="server_error")
+                    else:
+                        delta = output.finish()
+                    self._append("reasoning", delta.reasoning, events)
+                    self._append("message", delta.content, events)
+                    for piece in delta.tool_calls:
+                        tool = self.toolbox.tools.get(piece.name) if self.toolbox and piece.name else None
+                        if tool is not None and piece.index not in started:
+                            started.add(piece.index)
+                            self._close(events)
+                            events.append(("tool_call.start", {"tool": tool.tool, "provider_info": tool.provider_info}))
+                    if isinstance(event, Finish):
+                        self._close(events)
+                        self._account(instance, event, output)
+                if events:
+                    yield events
+        finally:
+            generation.cancel()
+        yield output
+
+    async def _run_tool(self, call: Any) -> AsyncIterator[list[Event]]:
+        """Runs one of the model's tool calls on its MCP server; records the item and the tool message."""
+        tool = self.toolbox.tools.get(call.name) if self.toolbox is not None else None
+        failure: dict[str, Any] | None = None
+        if tool is None:
+            reason = f"Cannot find tool with name {call.name}."
+            failure = {"reason": reason, "metadata": {"type": "invalid_name", "tool_name": call.name}}
+            content = reason
+        else:
+            try:
+                arguments = json.loads(call.arguments or "{}")
+            except ValueError:
+                arguments = None
+            if not isinstance(arguments, dict):
+                reason = f"Invalid arguments for tool {tool.tool}: expected a JSON object, got {call.arguments!r}."
+                failure = {"reason": reason, "metadata": {"type": "invalid_arguments", "tool_name": tool.tool,
+                                                          "arguments": call.arguments,
+                                                          "provider_info": tool.provider_info}}
+                content = reason
+            else:
+                info = {"tool": tool.tool, "arguments": arguments, "provider_info": tool.provider_info}
+                yield [("tool_call.arguments", info)]
+                run = await self.toolbox.call(tool, arguments)
+                content = run.output
+                if run.error is not None:
+                    failure = {"reason": run.error, "metadata": {"type": "invalid_arguments", "tool_name": tool.tool,
+                                                                 "arguments": arguments,
+                                                                 "provider_info": tool.provider_info}}
+                else:
+                    item = {"type": "tool_call", "tool": tool.tool, "arguments": arguments, "output": run.output,
+                            "provider_info": tool.provider_info}
+                    self.output.append(item)
+                    yield [("tool_call.success", {k: v for k, v in item.items() if k != "type"})]
+        if failure is not None:
+            self.output.append({"type": "invalid_tool_call", **failure})
+            yield [("tool_call.failure", failure)]
+        self.added.append({"role": "tool", "tool_call_id": call.id, "content": content})
+
+    def _account(self, instance: ModelInstance, finish: Finish, output: ChatOutput) -> None:
+        """Adds one round's token counts to the stats (prompt and output tokens summed over the rounds)."""
         result = output.result
         reasoning_tokens = (
             len(instance.model.tokenize(result.reasoning, add_special=False, parse_special=False))
             if result.reasoning else 0
         )
-        self.stats.update(
-            input_tokens=finish.prompt_tokens,
-            total_output_tokens=finish.completion_tokens,
-            reasoning_output_tokens=min(reasoning_tokens, finish.completion_tokens),
-            tokens_per_second=finish.tokens_per_second,
-            time_to_first_token_seconds=finish.time_to_first_token or 0.0,
-        )
-        if self.body.store:
-            reply: dict[str, Any] = {"role": "assistant", "content": result.content}
-            if result.reasoning:
-                reply["reasoning_content"] = result.reasoning
-            node = self.store.add(parent_id=self.body.previous_response_id, model=instance.id,
-                                  messages=[*self.turn, reply])
-            self.response_id = node.id
+        stats = self.stats
+        first = self._first_finish
+        self._first_finish = False
+        stats["input_tokens"] = (0 if first else stats["input_tokens"]) + finish.prompt_tokens
+        stats["total_output_tokens"] = (0 if first else stats["total_output_tokens"]) + finish.completion_tokens
+        stats["reasoning_output_tokens"] = (0 if first else stats["reasoning_output_tokens"]) + min(
+            reasoning_tokens, finish.completion_tokens)
+        stats["tokens_per_second"] = finish.tokens_per_second
+        if first:
+            stats["time_to_first_token_seconds"] = finish.time_to_first_token or 0.0
+
+    def _store(self, instance: ModelInstance, output: ChatOutput | None) -> None:
+        if not self.body.store or output is None:
+            return
+        result = output.result
+        reply: dict[str, Any] = {"role": "assistant", "content": result.content}
+        if result.reasoning:
+            reply["reasoning_content"] = result.reasoning
+        node = self.store.add(parent_id=self.body.previous_response_id, model=instance.id,
+                              messages=[*self.turn, *self.added, reply])
+        self.response_id = node.id
 
 
 def _frame(name: str, data: dict[str, Any]) -> bytes:
@@ -245,12 +345,19 @@ async def _stream(chat: NativeChat) -> AsyncIterator[bytes]:
         yield _frame("error", {"error": error_body(router.prefix + "/chat", exc)["error"]})
     except Exception as exc:  # the stream has started: report it in-band, then still end it
         yield _frame("error", {"error": {"type": "internal_error", "message": f"Internal server error: {exc}"}})
+    finally:
+        if chat.toolbox is not None:
+            await chat.toolbox.close()
     yield _frame("chat.end", {"result": chat.result()})
 
 
 async def _drain(chat: NativeChat) -> dict[str, Any]:
-    async for _ in chat.events():
-        pass
+    try:
+        async for _ in chat.events():
+            pass
+    finally:
+        if chat.toolbox is not None:
+            await chat.toolbox.close()
     return chat.result()
 
 
@@ -261,9 +368,13 @@ async def chat(
     manager: Annotated[ModelManager, Depends(get_manager)],
     store: Annotated[ConversationStore, Depends(get_conversations)],
 ) -> dict[str, Any] | EventStreamResponse:
-    if body.integrations:
-        raise APIError(400, "MCP integrations are not supported yet.", type="not_implemented",
-                       param="integrations", code="integrations_not_supported")
+    config = request.app.state.config
+    integrations = parse_integrations(
+        body.integrations or [], home=config.home, allow_remote=getattr(config, "allow_remote_mcp", False),
+        has_tokens=bool(getattr(request.app.state, "api_tokens", ())),
+    )
+    if body.tool_choice not in (None, "auto", "none") and not integrations:
+        raise APIError(400, "tool_choice requires MCP integrations (the tools come from them).", param="tool_choice")
     text, images = _parse_input(body.input)
     loaded, variant = _check_model(manager, body.model)
     if variant is not None and variant.type != "llm":
@@ -289,7 +400,12 @@ async def chat(
         turn.append({"role": "system", "content": body.system_prompt})
     turn.append({"role": "user", "content": text})
     instance_id = loaded.id if loaded is not None else variant.model_key if variant is not None else body.model
-    native = NativeChat(manager, store, body, history, turn, instance_id)
+    toolbox = await open_toolbox(integrations) if integrations else None
+    if toolbox is not None and not toolbox.tools and body.tool_choice not in (None, "auto", "none"):
+        await toolbox.close()
+        raise APIError(400, "tool_choice requires tools, but the integrations offer none (check allowed_tools).",
+                       param="tool_choice")
+    native = NativeChat(manager, store, body, history, turn, instance_id, toolbox)
     if body.stream:
         return EventStreamResponse(_stream(native))
     return await unless_disconnected(request, _drain(native))
