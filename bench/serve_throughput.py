@@ -12,313 +12,39 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
 import os
 import platform
 import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
-import orjson
-
-from lmkube.synthetic_gguf import SMOLLM_135M, write_llama_model
-
-MODEL_KEY = "bench/smollm-135m"
-MODELS_DIR = Path("~/.cache/lmkube/bench-models").expanduser()
-MODEL_FILE = MODELS_DIR / "bench" / "smollm-135m" / "smollm-135m-F16.gguf"
-THREADS = 2
-CTX = 8192
-PARALLEL = 16
-EOS_TOKEN = 2  # `</s>` in lmkube.synthetic_gguf's vocabulary
-# ~32 tokens with the synthetic SentencePiece vocab (common English words are single pieces); the exact count is
-# read back from lmkube's usage and printed with the results.
-PROMPT = (
-    "the people said that you and your new model will make a good test of how many words they can use "
-    "when the time has come to see what it is like"
+from oai_load import EOS_TOKEN, Stream, burst, percentile
+from servers import (
+    CTX,
+    PARALLEL,
+    SERVER_DEPS_INSTALL,
+    THREADS,
+    Server,
+    ensure_model,
+    llama_cpp_server,
+    lmkube_server,
+    prepare_llama_cpp,
+    prepare_lmkube,
+    running,
+    server_deps_missing,
 )
-SERVER_DEPS_INSTALL = ".venv/bin/pip install 'sse-starlette' 'starlette-context>=0.3.6,<0.4' 'pydantic-settings'"
-READY_TIMEOUT_S = 180.0
-REQUEST_TIMEOUT_S = 600.0
+
+from lmkube.synthetic_gguf import SMOLLM_135M
+
 DISTURBED_CORES = 0.25  # CPU used by everything but server and client during a run above which it is flagged
-BIN = Path(sys.executable).parent
-
-
-# ----------------------------------------------------------------------------------------------- prerequisites
-
-
-def server_deps_missing() -> str | None:
-    """Why llama-cpp-python's server cannot start, or None.
-
-    `import llama_cpp.server` alone succeeds without the [server] extra (its __init__ is empty), so import the
-    app module, which pulls in sse_starlette, starlette_context and pydantic_settings.
-    """
-    try:
-        import llama_cpp.server.app  # noqa: F401
-    except ImportError as exc:
-        return str(exc)
-    return None
-
-
-def ensure_model() -> Path:
-    """The random-weight SmolLM2-135M-shaped F16 model, generated once (deterministic, ~330 MB, a few seconds)."""
-    if not MODEL_FILE.exists():
-        print(f"generating {MODEL_FILE} (once) ...", flush=True)
-        write_llama_model(MODEL_FILE, SMOLLM_135M, dtype="f16", name="bench smollm-135m")
-    return MODEL_FILE
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-# ----------------------------------------------------------------------------------------------------- servers
-
-
-@dataclass
-class Server:
-    name: str
-    command: list[str]
-    port: int
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-    model: str = ""  # the `model` field completions requests carry
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log_tail(self, lines: int = 30) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-@contextlib.contextmanager
-def running(server: Server) -> Iterator[Server]:
-    """Starts the server and always stops it again (errors, Ctrl+C and SIGTERM included)."""
-    server.log_path.parent.mkdir(parents=True, exist_ok=True)
-    with server.log_path.open("wb") as log:
-        # Own session: a Ctrl+C in the terminal reaches only this script, which then stops the server in order.
-        server.process = subprocess.Popen(
-            server.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-    try:
-        yield server
-    finally:
-        stop(server.process)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=15)  # uvicorn's graceful shutdown is 5 s in lmkube
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-# Loopback only: never route through an http_proxy from the environment.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
-    """Control-plane calls (readiness, load) are outside the timed part, so plain urllib is fine."""
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with _DIRECT.open(request, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
-def wait_ready(server: Server) -> Any:
-    """Polls GET /v1/models (both servers have it) until it answers; returns its JSON."""
-    assert server.process is not None
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"{server.name} exited with {server.process.returncode}:\n{server.log_tail()}")
-        with contextlib.suppress(OSError, ValueError):
-            return http_json(f"{server.url}/v1/models", timeout=2)
-        time.sleep(0.2)
-    raise TimeoutError(f"{server.name} not ready after {READY_TIMEOUT_S:.0f} s:\n{server.log_tail()}")
-
-
-def lmkube_server(logs: Path) -> Server:
-    port = free_port()
-    command = [str(BIN / "lmkube"), "serve", "--models-dir", str(MODELS_DIR), "--port", str(port),
-               "--parallel", str(PARALLEL), "--threads", str(THREADS), "--ctx-size", str(CTX),
-               "--log-level", "warning"]  # no per-request access log lines in the timed part
-    return Server("lmkube", command, port, logs / "lmkube.log")
-
-
-def llama_cpp_server(model_file: Path, logs: Path) -> Server:
-    port = free_port()
-    command = [str(BIN / "python"), "-m", "llama_cpp.server", "--model", str(model_file), "--host", "127.0.0.1",
-               "--port", str(port), "--n_ctx", str(CTX), "--n_threads", str(THREADS),
-               "--n_threads_batch", str(THREADS),
-               # The default (True) cuts every running stream when a new request arrives (only the newest finishes).
-               "--interrupt_requests", "False"]
-    return Server("llama-cpp-python", command, port, logs / "llama-cpp-python.log")
-
-
-def prepare_lmkube(server: Server) -> None:
-    wait_ready(server)
-    # Load explicitly so the load time stays out of the warm-up and the timed runs.
-    body = {"model": MODEL_KEY, "parallel": PARALLEL, "context_length": CTX}
-    http_json(f"{server.url}/api/v1/models/load", body, timeout=READY_TIMEOUT_S)
-    server.model = MODEL_KEY
-
-
-def prepare_llama_cpp(server: Server) -> None:
-    models = wait_ready(server)  # it loads the model before it starts listening
-    server.model = models["data"][0]["id"]
-
-
-# ----------------------------------------------------------------------------------- raw-socket streaming client
-
-
-@dataclass
-class Stream:
-    """One streaming request as the client saw it (perf_counter seconds)."""
-
-    sent: float = 0.0
-    token_times: list[float] = field(default_factory=list)  # arrival of each event whose text is non-empty
-    empty_chunks: int = 0  # events with choices but empty text (finish chunk and anything odd)
-    usage_tokens: int | None = None  # usage.completion_tokens when the server streams it
-    prompt_tokens: int | None = None
-    finish_reason: str | None = None
-    error: str | None = None
-
-    @property
-    def tokens(self) -> int:
-        return len(self.token_times)
-
-
-def completion_request(server: Server, max_tokens: int) -> bytes:
-    body = orjson.dumps({
-        "model": server.model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-        "logit_bias": {str(EOS_TOKEN): -100}, "stream_options": {"include_usage": True},
-    })
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: application/json\r\n"
-            f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
-    return head.encode() + body
-
-
-async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-    status_line = await reader.readline()
-    parts = status_line.split(b" ", 2)
-    if len(parts) < 2:
-        raise ConnectionError(f"bad status line {status_line!r}")
-    headers: dict[str, str] = {}
-    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-        key, _, value = line.decode("latin-1").partition(":")
-        headers[key.strip().lower()] = value.strip()
-    return int(parts[1]), headers
-
-
-async def body_pieces(reader: asyncio.StreamReader, headers: dict[str, str]) -> Any:
-    """Yields body bytes as they arrive (chunked, Content-Length or until close)."""
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        while (size := int((await reader.readline()).split(b";")[0], 16)) > 0:
-            yield await reader.readexactly(size)
-            await reader.readexactly(2)  # CRLF after each chunk
-    elif "content-length" in headers:
-        yield await reader.readexactly(int(headers["content-length"]))
-    else:
-        while piece := await reader.read(65536):
-            yield piece
-
-
-def on_event(stream: Stream, data: bytes, now: float) -> None:
-    if data == b"[DONE]":
-        return
-    event = orjson.loads(data)
-    if "error" in event:
-        stream.error = str(event["error"])
-        return
-    if usage := event.get("usage"):
-        stream.usage_tokens = usage.get("completion_tokens")
-        stream.prompt_tokens = usage.get("prompt_tokens")
-    for choice in event.get("choices") or ():
-        if choice.get("text"):
-            stream.token_times.append(now)
-        else:
-            stream.empty_chunks += 1
-        stream.finish_reason = choice.get("finish_reason") or stream.finish_reason
-
-
-def feed_sse(stream: Stream, buffer: bytearray, now: float) -> None:
-    """Consumes the complete events in buffer. sse-starlette ends lines with CRLF, lmkube with LF."""
-    while True:
-        lf, crlf = buffer.find(b"\n\n"), buffer.find(b"\r\n\r\n")
-        ends = [(i, n) for i, n in ((lf, 2), (crlf, 4)) if i >= 0]
-        if not ends:
-            return
-        end, sep = min(ends)
-        block, buffer[:] = bytes(buffer[:end]), buffer[end + sep:]
-        for line in block.splitlines():
-            if line.startswith(b"data:"):
-                on_event(stream, line[5:].strip(), now)
-
-
-async def stream_completion(server: Server, request: bytes) -> Stream:
-    """One request on its own connection; every event is stamped when its bytes arrive."""
-    stream = Stream()
-    writer: asyncio.StreamWriter | None = None
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        stream.sent = time.perf_counter()
-        writer.write(request)
-        await writer.drain()
-        status, headers = await read_head(reader)
-        buffer = bytearray()
-        async for piece in body_pieces(reader, headers):
-            buffer += piece
-            if status != 200:
-                continue
-            feed_sse(stream, buffer, time.perf_counter())
-        if status != 200:
-            stream.error = f"HTTP {status}: {buffer[:300].decode(errors='replace')}"
-    except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
-        stream.error = f"{type(exc).__name__}: {exc}"
-    finally:
-        if writer is not None:
-            writer.close()
-    return stream
-
-
-async def burst(server: Server, clients: int, max_tokens: int) -> list[Stream]:
-    request = completion_request(server, max_tokens)
-    tasks = [stream_completion(server, request) for _ in range(clients)]
-    # asyncio.timeout, not wait_for: wait_for leaves a cancelled gather behind on Ctrl+C ("never retrieved").
-    async with asyncio.timeout(REQUEST_TIMEOUT_S):
-        return list(await asyncio.gather(*tasks))
 
 
 # ----------------------------------------------------------------------------------------------------- metrics
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 @dataclass(frozen=True)
