@@ -10,6 +10,7 @@ demo: setup
 # The whole suite, as CI runs it (.ci/run calls this).
 test: setup
 	.venv/bin/ruff check .
+	bash scripts/install-test-cluster.sh > /dev/null
 	.venv/bin/pytest
 
 lint: setup

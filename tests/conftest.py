@@ -1,4 +1,4 @@
-"""Shared fixtures: generated GGUF models and real `lmkube serve` processes on free ports."""
+"""Shared fixtures: generated GGUF models, real `lmkube serve` processes on free ports, a real kube-apiserver."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from kube_cluster import KubeCluster
 from support import LMKUBE, ServerProcess, free_port, write_test_models
 
 
@@ -51,3 +52,13 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFac
 def server(start_server: ServerFactory, models_dir: Path) -> ServerProcess:
     """The shared default server: JIT and auto-evict on, no auth, 4 parallel slots."""
     return start_server(models_dir)
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
+    """A real etcd + kube-apiserver (no controllers, no nodes) for the session; see tests/kube_cluster.py.
+
+    The binaries come from scripts/install-test-cluster.sh, which this runs (instant once they are cached).
+    """
+    with KubeCluster(workdir=tmp_path_factory.mktemp("kube")) as cluster:
+        yield cluster

@@ -1,0 +1,336 @@
+"""Builders for the objects a LocalModel owns: token Secret, cache PVC, Service and Deployment.
+
+Plain functions from a parsed `LocalModelSpec` (see `lmkube.operator.spec`) to Kubernetes JSON
+dicts, plus the request bodies the operator sends to the server. No kopf and no API calls: the
+handlers create-or-update what these return, so every builder is deterministic for a given input.
+
+Choices (see also the docstrings):
+- Deployment strategy is always Recreate: the cache volume is ReadWriteOnce (a surge pod on another
+  node would hang on Multi-Attach), a GPU pod's surge twin needs a second free GPU, and two servers
+  writing the same models dir at once is never wanted. A rollout therefore has a short downtime.
+- `LMKUBE_HOME` is `<models dir>/.lmkube`: downloads.json, presets and stored conversations live on
+  the persistent cache volume (surviving restarts, writable by uid 1000 through fsGroup), the image's
+  home directory need not be writable, and the model scanner skips dot folders.
+- The pod template carries `POD_HASH_ANNOTATION`, a digest of the rendered pod spec (plus an optional
+  `secret_version`). model, variant, contextLength and gpu.offload are not rendered into the pod (the
+  operator (re)loads them through /api/v1/models/load), so changing them leaves the pods alone; image,
+  GPU count, resources, env, parallel, ttl, scheduling knobs... change the pod spec and roll it.
+  Handlers compare the annotation on the live Deployment with the desired one instead of deep-diffing
+  objects the API server has defaulted.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lmkube.operator.spec import LocalModelSpec, OperatorSettings
+
+ANNOTATION_PREFIX = "lmkube.dev"  # the LocalModel API group (operator/crd.py)
+POD_HASH_ANNOTATION = f"{ANNOTATION_PREFIX}/pod-spec-hash"
+TOKEN_KEY = "token"  # key of the operator-generated token Secret
+CONTAINER_NAME = "lmkube"
+VOLUME_NAME = "models"
+PORT_NAME = "http"
+RUN_AS = 1000
+MAX_NAME = 63  # DNS-1123 / DNS-1035 label: Service names and label values
+
+_DEFAULT_SETTINGS = OperatorSettings()
+
+
+@dataclass(frozen=True)
+class Names:
+    deployment: str
+    service: str
+    pvc: str
+    secret: str
+
+
+def _hash(text: str, n: int = 8) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def _label_safe(name: str, prefix: str = "", suffix: str = "") -> str:
+    """`prefix + name + suffix` as a DNS-1123 label (<= 63, [a-z0-9-], alnum ends).
+
+    When `name` had to change (invalid characters such as dots, or too long) a hash of the original
+    name is added so that distinct LocalModels never share a name.
+    """
+    clean = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    candidate = f"{prefix}{clean}{suffix}"
+    if clean == name and len(candidate) <= MAX_NAME:
+        return candidate
+    tag = f"-{_hash(name)}"
+    room = MAX_NAME - len(prefix) - len(suffix) - len(tag)
+    return f"{prefix}{clean[:room].rstrip('-')}{tag}{suffix}"
+
+
+def names(lm_name: str) -> Names:
+    """Names of the owned objects: `lm-<name>` (Deployment, Service), `lm-<name>-models`, `lm-<name>-token`."""
+    base = _label_safe(lm_name, "lm-")
+    return Names(deployment=base, service=base, pvc=_label_safe(lm_name, "lm-", "-models"),
+                 secret=_label_safe(lm_name, "lm-", "-token"))
+
+
+def _label_value(value: str) -> str:
+    if len(value) <= MAX_NAME and re.fullmatch(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]", value):
+        return value
+    return _label_safe(value)
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    """The Deployment's (immutable) selector and the Service's selector."""
+    return {
+        "app.kubernetes.io/name": "lmkube",
+        "app.kubernetes.io/instance": _label_value(name),
+        "app.kubernetes.io/component": "model-server",
+    }
+
+
+def labels(name: str) -> dict[str, str]:
+    return {**selector_labels(name), "app.kubernetes.io/managed-by": "lmkube-operator"}
+
+
+def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
+    """An ownerReference to a LocalModel from its body (apiVersion, kind, metadata.name/uid)."""
+    meta = body["metadata"]
+    return {"apiVersion": body["apiVersion"], "kind": body["kind"], "name": meta["name"], "uid": meta["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(name: str, namespace: str, lm_name: str, owner: Mapping[str, Any] | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels(lm_name)}
+    if owner is not None:
+        meta["ownerReferences"] = [dict(owner)]
+    return meta
+
+
+def token_secret(name: str, namespace: str, token: str, owner: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The operator-generated token Secret (key `token`). Create it once; never overwrite its token."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(names(name).secret, namespace, name, owner),
+        "type": "Opaque",
+        "stringData": {TOKEN_KEY: token},
+    }
+
+
+def token_ref(name: str, spec: LocalModelSpec) -> tuple[str, str]:
+    """(Secret name, key) holding the API token: the user's auth.secretRef, else the operator's Secret."""
+    if spec.auth is not None:
+        return spec.auth.name, spec.auth.key
+    return names(name).secret, TOKEN_KEY
+
+
+def claim_name(name: str, spec: LocalModelSpec) -> str:
+    return spec.storage.existing_claim or names(name).pvc
+
+
+def pvc(name: str, namespace: str, spec: LocalModelSpec,
+        owner: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The ReadWriteOnce cache PVC, or None when spec.storage.existingClaim names one to use instead."""
+    if spec.storage.existing_claim:
+        return None
+    claim_spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": spec.storage.size}},
+    }
+    if spec.storage.storage_class_name is not None:
+        claim_spec["storageClassName"] = spec.storage.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(names(name).pvc, namespace, name, owner),
+        "spec": claim_spec,
+    }
+
+
+def service(name: str, namespace: str, settings: OperatorSettings | None = None,
+            owner: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    settings = settings or _DEFAULT_SETTINGS
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(names(name).service, namespace, name, owner),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(name),
+            "ports": [{"name": PORT_NAME, "port": settings.port, "targetPort": PORT_NAME, "protocol": "TCP"}],
+        },
+    }
+
+
+def endpoint(name: str, namespace: str, settings: OperatorSettings | None = None) -> str:
+    """The in-cluster base URL of a LocalModel's server."""
+    settings = settings or _DEFAULT_SETTINGS
+    return f"http://{names(name).service}.{namespace}.svc:{settings.port}"
+
+
+def image(spec: LocalModelSpec, settings: OperatorSettings | None = None) -> str:
+    """spec.image, else the CUDA image when the pod gets GPUs, else the CPU image."""
+    settings = settings or _DEFAULT_SETTINGS
+    return spec.image or (settings.cuda_image if spec.gpu.count > 0 else settings.cpu_image)
+
+
+def serve_args(spec: LocalModelSpec, settings: OperatorSettings | None = None) -> list[str]:
+    """`lmkube serve` arguments. The token comes from LMKUBE_API_TOKENS; the model from a load request.
+
+    `--ttl` is always passed: spec.ttl, or 0 (never unload) when unset, as the CRD documents. It
+    covers a JIT load (a request arriving before the operator's load request after a restart, or after
+    an idle unload), which would otherwise get the server's own default of 3600 s.
+    """
+    settings = settings or _DEFAULT_SETTINGS
+    return ["serve", "--host", "0.0.0.0", "--port", str(settings.port), "--models-dir", settings.models_dir,
+            "--parallel", str(spec.parallel), "--ttl", str(spec.ttl or 0)]
+
+
+def container_resources(spec: LocalModelSpec) -> dict[str, Any]:
+    """spec.resources with the GPU limit `{gpu.resource: gpu.count}` set when gpu.count > 0.
+
+    Extended resources cannot be overcommitted, so a request for the GPU resource, if the user gave one,
+    is made equal to the limit.
+    """
+    resources = copy.deepcopy(dict(spec.resources))
+    if spec.gpu.count > 0:
+        count = str(spec.gpu.count)
+        resources["limits"] = {**resources.get("limits", {}), spec.gpu.resource: count}
+        if spec.gpu.resource in resources.get("requests", {}):
+            resources["requests"] = {**resources["requests"], spec.gpu.resource: count}
+    return resources
+
+
+def _probe(*, period: int, failures: int, timeout: int = 5) -> dict[str, Any]:
+    return {"httpGet": {"path": "/health", "port": PORT_NAME}, "periodSeconds": period,
+            "timeoutSeconds": timeout, "failureThreshold": failures}
+
+
+def pod_template(name: str, spec: LocalModelSpec, settings: OperatorSettings | None = None,
+                 secret_version: str | None = None) -> dict[str, Any]:
+    """The Deployment's pod template, with the POD_HASH_ANNOTATION over everything else in it."""
+    settings = settings or _DEFAULT_SETTINGS
+    secret_name, secret_key = token_ref(name, spec)
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": image(spec, settings),
+        "command": ["lmkube"],
+        "args": serve_args(spec, settings),
+        "ports": [{"name": PORT_NAME, "containerPort": settings.port, "protocol": "TCP"}],
+        "env": [
+            {"name": "LMKUBE_HOME", "value": f"{settings.models_dir.rstrip('/')}/.lmkube"},
+            {"name": "LMKUBE_API_TOKENS",
+             "valueFrom": {"secretKeyRef": {"name": secret_name, "key": secret_key}}},
+            *copy.deepcopy(list(spec.env)),
+        ],
+        "resources": container_resources(spec),
+        "volumeMounts": [{"name": VOLUME_NAME, "mountPath": settings.models_dir}],
+        # The server answers /health as soon as it listens; models load later, through the API.
+        "startupProbe": _probe(period=5, failures=60),
+        "readinessProbe": _probe(period=10, failures=3),
+        "livenessProbe": _probe(period=20, failures=3),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if settings.image_pull_policy:
+        container["imagePullPolicy"] = settings.image_pull_policy
+    pod: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [{"name": VOLUME_NAME, "persistentVolumeClaim": {"claimName": claim_name(name, spec)}}],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            # A cache of large model files: do not chown it recursively on every start.
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        # The server never talks to the Kubernetes API, and service links would inject LMKUBE_*-like
+        # variables for any Service whose name starts with "lmkube".
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+    }
+    if spec.node_selector:
+        pod["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod["tolerations"] = copy.deepcopy(list(spec.tolerations))
+    if spec.affinity:
+        pod["affinity"] = copy.deepcopy(dict(spec.affinity))
+    if spec.runtime_class_name:
+        pod["runtimeClassName"] = spec.runtime_class_name
+    if spec.priority_class_name:
+        pod["priorityClassName"] = spec.priority_class_name
+    if spec.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s} for s in spec.image_pull_secrets]
+    return {
+        "metadata": {
+            "labels": labels(name),
+            "annotations": {POD_HASH_ANNOTATION: pod_hash(pod, secret_version)},
+        },
+        "spec": pod,
+    }
+
+
+def pod_hash(pod_spec: Mapping[str, Any], secret_version: str | None = None) -> str:
+    """Digest of a rendered pod spec (and the token Secret's version, when given)."""
+    canonical = json.dumps({"pod": pod_spec, "secret": secret_version}, sort_keys=True, separators=(",", ":"))
+    return _hash(canonical, 16)
+
+
+def deployment(name: str, namespace: str, spec: LocalModelSpec, settings: OperatorSettings | None = None,
+               owner: Mapping[str, Any] | None = None, secret_version: str | None = None) -> dict[str, Any]:
+    """The Deployment running `lmkube serve`.
+
+    `secret_version` (e.g. the token Secret's resourceVersion or a digest of its data) goes into the pod
+    hash: the token reaches the pod as an env var, read once at start, so a rotated token must roll it.
+    """
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(names(name).deployment, namespace, name, owner),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector_labels(name)},
+            "strategy": {"type": "Recreate"},
+            "revisionHistoryLimit": 3,
+            "template": pod_template(name, spec, settings, secret_version),
+        },
+    }
+
+
+def load_model_id(spec: LocalModelSpec) -> str:
+    """The `model` of a load request: the server's key (`org/name`, lower-case) and `@variant` if set."""
+    return f"{spec.model_key}@{spec.variant.lower()}" if spec.variant else spec.model_key
+
+
+def load_request(spec: LocalModelSpec) -> dict[str, Any]:
+    """Body of POST /api/v1/models/load. With no GPU in the pod, `gpu` is "off" whatever offload says."""
+    body: dict[str, Any] = {
+        "model": load_model_id(spec),
+        "gpu": spec.gpu.offload if spec.gpu.count > 0 else "off",
+        "parallel": spec.parallel,
+    }
+    if spec.context_length is not None:
+        body["context_length"] = spec.context_length
+    if spec.ttl is not None:
+        body["ttl"] = spec.ttl
+    return body
+
+
+def download_request(spec: LocalModelSpec) -> dict[str, Any]:
+    """Body of POST /api/v1/models/download: spec.model as written (repo id or URL), variant as quantization."""
+    body: dict[str, Any] = {"model": spec.model}
+    if spec.variant:
+        body["quantization"] = spec.variant
+    return body
