@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the binaries the operator/chart tests run against a real control plane: etcd,
-# kube-apiserver, kubectl and helm. Everything is built from Go modules fetched through the Go
-# module proxy (no other network access is needed) into a cache outside the repository:
+# kube-apiserver, kube-controller-manager, kubectl and helm. Everything is built from Go modules
+# fetched through the Go module proxy (no other network access is needed) into a cache outside the
+# repository:
 #
 #   ${LMKUBE_CACHE:-$HOME/.cache/lmkube}/bin/<name>-<version>   (the build, keyed by version)
 #   ${LMKUBE_CACHE:-$HOME/.cache/lmkube}/bin/<name>             (symlink to the selected version)
@@ -91,6 +92,9 @@ for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   k8s_ldflags+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
 done
 build kube-apiserver "$K8S_VERSION" "$k8s_dir" k8s.io/kubernetes/cmd/kube-apiserver "$k8s_ldflags"
+# The real controllers (Deployment -> ReplicaSet -> Pods, garbage collection, ServiceAccounts, ...);
+# tests/kube_cluster.py starts it with only the controllers that suit tests/kubelet_emulator.py.
+build kube-controller-manager "$K8S_VERSION" "$k8s_dir" k8s.io/kubernetes/cmd/kube-controller-manager "$k8s_ldflags"
 if [ "$with_kubectl" = 1 ]; then
   build kubectl "$K8S_VERSION" "$k8s_dir" k8s.io/kubernetes/cmd/kubectl "$k8s_ldflags"
 fi
@@ -114,8 +118,17 @@ fi
 # --- helm
 helm_dir=$cache/go/src/helm-$HELM_VERSION
 make_module "$helm_dir" helm.sh/helm/v3 "$HELM_VERSION"
-build helm "$HELM_VERSION" "$helm_dir" helm.sh/helm/v3/cmd/helm \
-  "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+# As helm's Makefile does: the Kubernetes version `helm template`/`lint` assume without a cluster
+# (.Capabilities.KubeVersion, checked against Chart.yaml's kubeVersion) is that of its client-go
+# (v0.37.x -> 1.37); unset, it would be v1.20. The version is part of the cache key, so a change rebuilds.
+helm_client_go=$(sed -n 's|^\s*k8s\.io/client-go v0\.\([0-9]*\)\..*|\1|p' "$(go_module_file helm.sh/helm/v3 "$HELM_VERSION")")
+[ -n "$helm_client_go" ] || { log "no k8s.io/client-go version found in helm $HELM_VERSION's go.mod"; exit 1; }
+helm_ldflags="-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+helm_ldflags+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+for p in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+  helm_ldflags+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$helm_client_go"
+done
+build helm "$HELM_VERSION-k8s1.$helm_client_go" "$helm_dir" helm.sh/helm/v3/cmd/helm "$helm_ldflags"
 
 if [ "$selftest" = 1 ]; then
   log "selftest: starting etcd $ETCD_VERSION and kube-apiserver $K8S_VERSION on loopback ..."
@@ -188,6 +201,7 @@ fi
 
 echo "LMKUBE_ETCD=$bin/etcd"
 echo "LMKUBE_KUBE_APISERVER=$bin/kube-apiserver"
+echo "LMKUBE_KUBE_CONTROLLER_MANAGER=$bin/kube-controller-manager"
 [ "$with_kubectl" = 1 ] && echo "LMKUBE_KUBECTL=$bin/kubectl"
 echo "LMKUBE_HELM=$bin/helm"
 echo "KUBEBUILDER_ASSETS=$bin"

@@ -1,14 +1,18 @@
-"""Shared fixtures: generated GGUF models, real `lmkube serve` processes on free ports, a real kube-apiserver."""
+"""Shared fixtures: generated GGUF models, real `lmkube serve` processes on free ports, a real control plane
+(etcd + kube-apiserver + kube-controller-manager) and emulated nodes (tests/kubelet_emulator.py)."""
 
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from kube_cluster import KubeCluster
+from kubelet_emulator import KubeletEmulator
 from support import LMKUBE, ServerProcess, free_port, write_test_models
 
 
@@ -56,9 +60,41 @@ def server(start_server: ServerFactory, models_dir: Path) -> ServerProcess:
 
 @pytest.fixture(scope="session")
 def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
-    """A real etcd + kube-apiserver (no controllers, no nodes) for the session; see tests/kube_cluster.py.
+    """A real etcd + kube-apiserver + kube-controller-manager (no scheduler, no nodes: see the `kubelet`
+    fixture) for the session; see tests/kube_cluster.py.
 
     The binaries come from scripts/install-test-cluster.sh, which this runs (instant once they are cached).
     """
     with KubeCluster(workdir=tmp_path_factory.mktemp("kube")) as cluster:
         yield cluster
+
+
+@pytest.fixture
+def kube_namespace(kube: KubeCluster, request: pytest.FixtureRequest) -> str:
+    """A fresh namespace named after the test (its `default` ServiceAccount exists, so Pods are accepted)."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", request.node.name.removeprefix("test_").lower().replace("_", "-"))
+    name = f"t-{slug[:50].strip('-')}-{secrets.token_hex(3)}"
+    kube.create_namespace(name)
+    return name
+
+
+@pytest.fixture
+def kubelet(kube: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., KubeletEmulator]]:
+    """Factory: `kubelet(namespace, **kwargs)` starts a KubeletEmulator (scheduler + kubelets running pods as
+    local processes, see tests/kubelet_emulator.py) for that namespace. Each is closed (processes killed,
+    its Nodes deleted) after the test, which then fails if the emulator logged an error.
+    """
+    started: list[KubeletEmulator] = []
+
+    def start(namespace: str | None, **kwargs: object) -> KubeletEmulator:
+        root = kwargs.pop("root", None) or tmp_path_factory.mktemp("kubelet")
+        emulator = KubeletEmulator(kube, namespace, root=root, **kwargs)  # type: ignore[arg-type]
+        started.append(emulator)
+        emulator.start()
+        return emulator
+
+    yield start
+    for emulator in reversed(started):
+        emulator.close()
+    for emulator in started:
+        emulator.check()
