@@ -209,6 +209,32 @@ def status_schema() -> dict[str, Any]:
             "readyReplicas": _integer("Replicas ready to serve.", minimum=0),
             "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0},
             "message": _string("Human-readable detail about the phase."),
+            "pods": {
+                "type": "array",
+                "description": "The operator's bookkeeping per model-server pod (download job, loaded instance, "
+                               "retry back-off), so that a restarted operator resumes where it was.",
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["name"],
+                "items": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "name": _string("Pod name."),
+                        "serverId": _string("Identity of the server process the rest refers to."),
+                        "phase": _string("Where the model stands on this pod.", enum=list(PHASES)),
+                        "message": _string("Detail for this pod."),
+                        "jobId": _string("The server's download job id."),
+                        "jobFor": _string("Fingerprint of the download request the job is for."),
+                        "downloaded": _string("Fingerprint of the download request that completed."),
+                        "loaded": _string("Fingerprint of the load request that succeeded."),
+                        "instanceId": _string("The loaded instance's id."),
+                        "failedFor": _string("Fingerprint of the request that failed."),
+                        "reason": _string("Condition reason of the failure."),
+                        "attempts": _integer("Consecutive failed attempts.", minimum=0),
+                        "retryAt": _string("Earliest time of the next attempt.", format="date-time"),
+                    },
+                },
+            },
             "conditions": {
                 "type": "array",
                 "description": "Standard conditions (Ready, Downloaded, ...).",

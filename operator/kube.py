@@ -1,0 +1,113 @@
+"""The few Kubernetes API calls the reconciler makes, on plain JSON dicts (camelCase, as stored).
+
+A thin layer over the official `kubernetes` client with `_preload_content=False`, so the reconciler
+works with exactly the JSON the API server returns and the builders in `resources.py` produce.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import kubernetes.client
+import kubernetes.config
+import urllib3
+from kubernetes.client.exceptions import ApiException
+from lmkube.operator import crd
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+def load_config() -> kubernetes.client.ApiClient:
+    """In-cluster credentials when running in a pod, else $KUBECONFIG / ~/.kube/config."""
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    client = kubernetes.client.ApiClient()
+    if not client.configuration.verify_ssl:
+        # The kubeconfig asks for insecure-skip-tls-verify: one warning per request would drown the log.
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    return client
+
+
+def _json(response: Any) -> dict[str, Any]:
+    return json.loads(response.data)
+
+
+def not_found(error: ApiException) -> bool:
+    return error.status == 404
+
+
+class Kube:
+    def __init__(self, client: kubernetes.client.ApiClient) -> None:
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.apps = kubernetes.client.AppsV1Api(client)
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+
+    # -- owned objects: get / create / patch by kind -----------------------------------------------
+
+    def _ops(self, kind: str) -> tuple[Any, Any, Any]:
+        match kind:
+            case "Secret":
+                return (self.core.read_namespaced_secret, self.core.create_namespaced_secret,
+                        self.core.patch_namespaced_secret)
+            case "PersistentVolumeClaim":
+                return (self.core.read_namespaced_persistent_volume_claim,
+                        self.core.create_namespaced_persistent_volume_claim,
+                        self.core.patch_namespaced_persistent_volume_claim)
+            case "Service":
+                return (self.core.read_namespaced_service, self.core.create_namespaced_service,
+                        self.core.patch_namespaced_service)
+            case "Deployment":
+                return (self.apps.read_namespaced_deployment, self.apps.create_namespaced_deployment,
+                        self.apps.patch_namespaced_deployment)
+        raise ValueError(f"unsupported kind {kind}")
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        read, _, _ = self._ops(kind)
+        try:
+            return _json(read(name, namespace, _preload_content=False))
+        except ApiException as error:
+            if not_found(error):
+                return None
+            raise
+
+    def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        _, create, _ = self._ops(obj["kind"])
+        return _json(create(obj["metadata"]["namespace"], dict(obj), _preload_content=False))
+
+    def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """A JSON merge patch: lists in it (containers, env, ports) replace the stored ones whole."""
+        _, _, do_patch = self._ops(kind)
+        return _json(do_patch(name, namespace, dict(patch), _content_type=MERGE_PATCH, _preload_content=False))
+
+    def list_pods(self, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        return _json(self.core.list_namespaced_pod(namespace, label_selector=selector,
+                                                   _preload_content=False)).get("items", [])
+
+    def secret_value(self, namespace: str, name: str, key: str) -> str | None:
+        secret = self.get("Secret", namespace, name)
+        if secret is None:
+            return None
+        raw = (secret.get("data") or {}).get(key)
+        return base64.b64decode(raw).decode() if raw is not None else None
+
+    # -- the LocalModel ----------------------------------------------------------------------------
+
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            crd.GROUP, crd.VERSION, namespace, crd.PLURAL, name, {"status": dict(status)},
+            _content_type=MERGE_PATCH, _preload_content=False)
+
+    def get_local_model(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return _json(self.custom.get_namespaced_custom_object(crd.GROUP, crd.VERSION, namespace, crd.PLURAL,
+                                                                  name, _preload_content=False))
+        except ApiException as error:
+            if not_found(error):
+                return None
+            raise

@@ -1,0 +1,98 @@
+"""What the Pods of a LocalModel's Deployment say about themselves, from their `status` (plain JSON dicts).
+
+A pod is *ready* when its Ready condition is True, it has an IP and is not being deleted. A pod that
+is not ready may carry a *failure* the user has to act on (no node fits, the image cannot be pulled,
+the server keeps crashing, a referenced Secret is missing); one that is merely starting carries none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# Container waiting reasons that will not go away by waiting a few seconds.
+_PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+_CONFIG_REASONS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+
+
+@dataclass(frozen=True)
+class PodFailure:
+    reason: str  # a condition reason: Unschedulable, ImagePullFailed, CrashLoopBackOff, ...
+    message: str
+
+
+@dataclass(frozen=True)
+class PodView:
+    name: str
+    uid: str
+    ip: str | None
+    ready: bool
+    scheduled: bool
+    terminating: bool
+    server_id: str  # changes whenever the server process restarts (container id + restart count)
+    pod_hash: str | None  # the pod-spec-hash annotation of the template the pod came from
+    failure: PodFailure | None
+
+
+def _conditions(pod: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    return {c.get("type", ""): c for c in (pod.get("status") or {}).get("conditions") or []}
+
+
+def pod_failure(pod: Mapping[str, Any]) -> PodFailure | None:
+    """The actionable reason a pod does not serve, or None if it is fine or just starting."""
+    status = pod.get("status") or {}
+    name = (pod.get("metadata") or {}).get("name", "?")
+    scheduled = _conditions(pod).get("PodScheduled")
+    if scheduled is not None and scheduled.get("status") == "False":
+        message = scheduled.get("message") or "no node can run the pod"
+        reason = scheduled.get("reason") or "Unschedulable"
+        return PodFailure("Unschedulable" if reason == "Unschedulable" else reason,
+                          f"pod {name} cannot be scheduled: {message}")
+    for container in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        detail = waiting.get("message") or reason
+        if reason in _PULL_REASONS:
+            return PodFailure("ImagePullFailed", f"pod {name}: cannot pull image {container.get('image')!r} "
+                                                 f"({reason}: {detail})")
+        if reason == "CrashLoopBackOff":
+            last = (container.get("lastState") or {}).get("terminated") or {}
+            exit_info = f"; last exit code {last['exitCode']}" if "exitCode" in last else ""
+            return PodFailure("CrashLoopBackOff", f"pod {name}: the server keeps crashing "
+                                                  f"({container.get('restartCount', 0)} restarts{exit_info}); "
+                                                  "see kubectl logs --previous")
+        if reason in _CONFIG_REASONS:
+            return PodFailure(reason, f"pod {name}: {detail}")
+    if status.get("phase") == "Failed":
+        return PodFailure("PodFailed", f"pod {name} failed: {status.get('message') or status.get('reason') or ''}")
+    return None
+
+
+def _server_id(pod: Mapping[str, Any]) -> str:
+    uid = (pod.get("metadata") or {}).get("uid", "")
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        running = (container.get("state") or {}).get("running") or {}
+        return f"{uid}/{container.get('containerID', '')}/{container.get('restartCount', 0)}/{running.get('startedAt')}"
+    return uid
+
+
+def view(pod: Mapping[str, Any], hash_annotation: str) -> PodView:
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    conditions = _conditions(pod)
+    terminating = meta.get("deletionTimestamp") is not None
+    ready = conditions.get("Ready", {}).get("status") == "True" and bool(status.get("podIP")) and not terminating
+    scheduled = bool((pod.get("spec") or {}).get("nodeName")) or conditions.get("PodScheduled", {}).get(
+        "status") == "True"
+    return PodView(
+        name=meta.get("name", ""), uid=meta.get("uid", ""), ip=status.get("podIP"), ready=ready,
+        scheduled=scheduled, terminating=terminating, server_id=_server_id(pod),
+        pod_hash=(meta.get("annotations") or {}).get(hash_annotation),
+        failure=None if ready else pod_failure(pod),
+    )
+
+
+def views(pods: Iterable[Mapping[str, Any]], hash_annotation: str) -> list[PodView]:
+    """Views of the pods, oldest name first so the order is stable between reconciles."""
+    return sorted((view(p, hash_annotation) for p in pods), key=lambda v: v.name)

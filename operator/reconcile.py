@@ -1,0 +1,410 @@
+"""The level-triggered reconcile of one LocalModel: owned objects, then the model on every ready pod.
+
+`reconcile()` is safe to call at any time and any number of times: it reads the LocalModel, the
+objects it owns and the pods, acts on whatever differs from the spec, and writes the status. What
+must survive an operator restart (a pod's download job id, the instance it loaded, the retry back-off)
+is kept in `status.pods`, keyed by pod name and by a fingerprint of the request it belongs to, so a
+changed spec never reuses a record made for an older one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import string
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from lmkube.operator import observe, resources
+from lmkube.operator import status as st
+from lmkube.operator.kube import Kube
+from lmkube.operator.observe import PodView
+from lmkube.operator.podclient import LoadedInstance, PodAuthError, PodClient, PodError, PodUnreachable
+from lmkube.operator.spec import LocalModelSpec, OperatorSettings, parse_spec
+
+log = logging.getLogger("lmkube.operator")
+
+# emit(body, type, reason, message): a Kubernetes Event on the LocalModel.
+Emit = Callable[[Mapping[str, Any], str, str, str], None]
+MAX_BACKOFF = 300.0
+_ALPHANUMERIC = string.ascii_letters + string.digits
+
+
+@dataclass
+class Options:
+    settings: OperatorSettings = field(default_factory=OperatorSettings)
+    retry_seconds: float = 5.0  # first retry after a failure; doubles up to MAX_BACKOFF
+    pod_url: Callable[[PodView, OperatorSettings], str] = lambda pod, s: f"http://{pod.ip}:{s.port}"
+
+
+def new_token() -> str:
+    """A token in LM Studio's shape (sk-lm-<8>:<20>), as `lmkube token new` prints."""
+    head = "".join(secrets.choice(_ALPHANUMERIC) for _ in range(8))
+    tail = "".join(secrets.choice(_ALPHANUMERIC) for _ in range(20))
+    return f"sk-lm-{head}:{tail}"
+
+
+def fingerprint(body: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _epoch(text: str | None) -> float:
+    if not text:
+        return 0.0
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+
+
+# -- owned objects ---------------------------------------------------------------------------------
+
+
+class SetupError(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def ensure_objects(kube: Kube, body: Mapping[str, Any], spec: LocalModelSpec, settings: OperatorSettings) -> str:
+    """Creates or updates the Secret, PVC, Service and Deployment; returns the API token."""
+    name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    owner = resources.owner_reference(body)
+    secret_name, key = resources.token_ref(name, spec)
+    token = kube.secret_value(namespace, secret_name, key)
+    if token is None and spec.auth is not None:
+        raise SetupError("SecretNotFound", f"spec.auth.secretRef: Secret {secret_name!r} with key {key!r} "
+                                           f"not found in namespace {namespace}")
+    if token is None:
+        token = new_token()
+        kube.create(resources.token_secret(name, namespace, token, owner))
+    claim = resources.pvc(name, namespace, spec, owner)
+    if claim is not None and kube.get("PersistentVolumeClaim", namespace, claim["metadata"]["name"]) is None:
+        kube.create(claim)
+    svc = resources.service(name, namespace, settings, owner)
+    live_svc = kube.get("Service", namespace, svc["metadata"]["name"])
+    if live_svc is None:
+        kube.create(svc)
+    elif (live_svc["spec"].get("selector") != svc["spec"]["selector"]
+          or [(p.get("port"), p.get("targetPort")) for p in live_svc["spec"].get("ports", [])]
+          != [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]]):
+        kube.patch("Service", namespace, svc["metadata"]["name"],
+                   {"spec": {"selector": svc["spec"]["selector"], "ports": svc["spec"]["ports"]}})
+    # The token reaches the pod as an env var read at start: a changed token must roll the pods.
+    dep = resources.deployment(name, namespace, spec, settings, owner, secret_version=fingerprint({"t": token}))
+    live = kube.get("Deployment", namespace, dep["metadata"]["name"])
+    if live is None:
+        kube.create(dep)
+    else:
+        want_hash = dep["spec"]["template"]["metadata"]["annotations"][resources.POD_HASH_ANNOTATION]
+        live_hash = ((live["spec"]["template"].get("metadata") or {}).get("annotations") or {}).get(
+            resources.POD_HASH_ANNOTATION)
+        if live_hash != want_hash or live["spec"].get("replicas") != spec.replicas:
+            log.info("updating Deployment %s/%s (pod spec %s -> %s, replicas %s -> %s)", namespace,
+                     dep["metadata"]["name"], live_hash, want_hash, live["spec"].get("replicas"), spec.replicas)
+            kube.patch("Deployment", namespace, dep["metadata"]["name"],
+                       {"spec": {"replicas": spec.replicas, "template": dep["spec"]["template"],
+                                 "strategy": dep["spec"]["strategy"]}})
+    return token
+
+
+def desired_pod_hash(name: str, spec: LocalModelSpec, settings: OperatorSettings, token: str) -> str:
+    template = resources.pod_template(name, spec, settings, secret_version=fingerprint({"t": token}))
+    return template["metadata"]["annotations"][resources.POD_HASH_ANNOTATION]
+
+
+# -- the model on one pod --------------------------------------------------------------------------
+
+
+@dataclass
+class PodWork:
+    """The outcome of looking at one pod: its state, its updated record, and a load still to do."""
+
+    state: st.PodState
+    record: dict[str, Any]
+    load: bool = False
+    unload: tuple[str, ...] = ()
+
+
+def _failure(record: dict[str, Any], pod: str, reason: str, message: str, want: str, now: float,
+             retry_seconds: float) -> PodWork:
+    attempts = int(record.get("attempts") or 0) + 1 if record.get("failedFor") == want else 1
+    delay = min(retry_seconds * 2 ** (attempts - 1), MAX_BACKOFF)
+    record.update(failedFor=want, attempts=attempts, retryAt=_iso(now + delay), phase=st.FAILED, message=message,
+                  reason=reason)
+    return PodWork(st.PodState(pod, st.FAILED, reason, message), record)
+
+
+def _variant_of(key: str | None) -> str | None:
+    return key.rpartition("@")[2] if key and "@" in key else None
+
+
+def examine_pod(client: PodClient, pod: PodView, spec: LocalModelSpec, record: dict[str, Any], now: float,
+                retry_seconds: float, downloader: str | None = None) -> PodWork:
+    """Looks at one ready pod and advances it by one step (start/track the download); never loads.
+
+    `downloader`: another pod already downloading into the same shared claim; this one waits for it
+    instead of writing the same files at the same time.
+    """
+    record = dict(record)
+    if record.get("serverId") != pod.server_id:
+        # A new server process: nothing is loaded any more; its download job table survives on the volume.
+        record = {"name": pod.name, "serverId": pod.server_id,
+                  **{k: record[k] for k in ("jobId", "jobFor", "downloaded") if k in record}}
+    want_dl = fingerprint(resources.download_request(spec))
+    want_load = fingerprint(resources.load_request(spec))
+    if record.get("failedFor") in (want_dl, want_load) and now < _epoch(record.get("retryAt")):
+        return PodWork(st.PodState(pod.name, st.FAILED, record.get("reason") or "Failed",
+                                   record.get("message") or "failed"), record)
+    try:
+        return _examine(client, pod, spec, record, want_dl, want_load, now, retry_seconds, downloader)
+    except PodAuthError as exc:
+        return _failure(record, pod.name, exc.reason, exc.message, want_load, now, retry_seconds)
+    except PodUnreachable as exc:
+        return _failure(record, pod.name, exc.reason, exc.message, want_load, now, retry_seconds)
+    except PodError as exc:
+        return _failure(record, pod.name, exc.reason, f"pod {pod.name}: {exc.message}",
+                        want_dl if exc.reason == "DownloadFailed" else want_load, now, retry_seconds)
+
+
+def _examine(client: PodClient, pod: PodView, spec: LocalModelSpec, record: dict[str, Any], want_dl: str,
+             want_load: str, now: float, retry_seconds: float, downloader: str | None) -> PodWork:
+    listings = client.models()
+    instances: list[LoadedInstance] = [i for m in listings for i in m.instances]
+    listing = next((m for m in listings if m.key == spec.model_key), None)
+    variant = spec.variant or _variant_of(listing.selected_variant if listing else None)
+    mine = [i for i in instances if i.instance_id == record.get("instanceId")]
+    if record.get("loaded") == want_load and mine:
+        _clear_failure(record)
+        record.update(phase=st.READY, message="")
+        return PodWork(st.PodState(pod.name, st.READY, "Loaded", "", context_length=mine[0].context_length,
+                                   variant=variant), record)
+    if record.get("loaded") == want_load and spec.ttl is not None and listing is not None:
+        record.update(phase=st.IDLE, message="unloaded after the idle ttl")
+        return PodWork(st.PodState(pod.name, st.IDLE, "IdleUnloaded", "unloaded after the idle ttl",
+                                   variant=variant), record)
+    if record.get("downloaded") != want_dl and downloader is not None:
+        return _dl_work(record, st.DOWNLOADING, "Downloading",
+                        f"pod {pod.name}: waiting for pod {downloader} to download the model to the shared volume")
+    if record.get("downloaded") != want_dl:
+        progress = _advance_download(client, spec, record, want_dl)
+        if isinstance(progress, PodWork):
+            progress.state = replace(progress.state, message=f"pod {pod.name}: {progress.state.message}")
+            if progress.state.stage == st.FAILED:
+                return _failure(record, pod.name, progress.state.reason, progress.state.message, want_dl, now,
+                                retry_seconds)
+            return progress
+    record.update(phase=st.LOADING, message="")
+    return PodWork(st.PodState(pod.name, st.LOADING, "Loading", f"loading {resources.load_model_id(spec)} "
+                                                                  f"on pod {pod.name}", variant=variant),
+                   record, load=True, unload=tuple(i.instance_id for i in instances))
+
+
+def _advance_download(client: PodClient, spec: LocalModelSpec, record: dict[str, Any],
+                      want_dl: str) -> PodWork | None:
+    """Starts or tracks the download. None once the files are there (record updated)."""
+    job = record.get("jobId") if record.get("jobFor") == want_dl else None
+    status = client.download_status(job) if job else None
+    if status is None or status.status == "paused":
+        # No job yet, a job the server forgot, or one paused by a server restart: POST resumes the same
+        # files under the same job (the server shares a job between requests for the same files).
+        started = client.download(resources.download_request(spec))
+        if started.status == "already_downloaded" or started.job_id is None:
+            record.update(downloaded=want_dl)
+            return None
+        record.update(jobId=started.job_id, jobFor=want_dl)
+        if started.status == "failed":
+            return _dl_work(record, st.FAILED, "DownloadFailed", started.error or "download failed")
+        status = client.download_status(started.job_id)
+        if status is None:
+            return _dl_work(record, st.DOWNLOADING, "Downloading", "download started",
+                            st.Progress(0, started.total_bytes))
+    if status.status == "completed":
+        record.update(downloaded=want_dl)
+        return None
+    if status.status == "failed":
+        # Forget the job: the retry after the back-off POSTs again, which starts a fresh job.
+        record.pop("jobId", None)
+        record.pop("jobFor", None)
+        return _dl_work(record, st.FAILED, "DownloadFailed", f"download failed: {status.error or 'unknown error'}")
+    progress = st.Progress(status.downloaded_bytes, status.total_bytes, status.bytes_per_second)
+    return _dl_work(record, st.DOWNLOADING, "Downloading",
+                    f"downloading {spec.model} ({progress.percent:g}% of {status.total_bytes} bytes)", progress)
+
+
+def _dl_work(record: dict[str, Any], stage: str, reason: str, message: str,
+             progress: st.Progress | None = None) -> PodWork:
+    record.update(phase=stage, message=message)
+    return PodWork(st.PodState(record["name"], stage, reason, message, progress=progress), record)
+
+
+def _clear_failure(record: dict[str, Any]) -> None:
+    for key in ("failedFor", "attempts", "retryAt", "reason"):
+        record.pop(key, None)
+
+
+def load_on_pod(client: PodClient, pod: PodView, spec: LocalModelSpec, work: PodWork, now: float,
+                retry_seconds: float) -> PodWork:
+    """Unloads what else is loaded on the pod, then loads the model as the spec asks."""
+    record = work.record
+    want_load = fingerprint(resources.load_request(spec))
+    try:
+        for instance_id in work.unload:
+            client.unload(instance_id)
+        instance_id = client.load(resources.load_request(spec))
+        loaded = [i for i in client.loaded() if i.instance_id == instance_id]
+    except PodError as exc:
+        message = exc.message if isinstance(exc, PodAuthError | PodUnreachable) else f"pod {pod.name}: {exc.message}"
+        reason = exc.reason if exc.reason != "ServerError" else "LoadFailed"
+        if exc.status == 404 and reason == "LoadFailed":
+            record.pop("downloaded", None)  # the files are gone from the volume: download them again next time
+        return _failure(record, pod.name, reason, message, want_load, now, retry_seconds)
+    _clear_failure(record)
+    record.update(loaded=want_load, instanceId=instance_id, phase=st.READY, message="")
+    return PodWork(st.PodState(pod.name, st.READY, "Loaded", "", variant=work.state.variant,
+                               context_length=loaded[0].context_length if loaded else spec.context_length), record)
+
+
+# -- status ----------------------------------------------------------------------------------------
+
+
+def build_status(body: Mapping[str, Any], spec: LocalModelSpec | None, summary: st.Summary,
+                 states: list[st.PodState], records: list[dict[str, Any]], settings: OperatorSettings,
+                 now: str) -> dict[str, Any]:
+    meta = body["metadata"]
+    previous = body.get("status") or {}
+    generation = meta.get("generation")
+    serving = [s for s in states if s.stage in (st.READY, st.IDLE)]
+    status: dict[str, Any] = {
+        "phase": summary.phase,
+        "message": summary.message,
+        "readyReplicas": summary.ready_replicas,
+        "observedGeneration": generation,
+        "conditions": st.conditions(previous.get("conditions") or [], summary, generation, now),
+        "pods": records,
+        "endpoint": resources.endpoint(meta["name"], meta["namespace"], settings) if serving else None,
+        "modelKey": spec.model_key if spec else None,
+        "variant": next((s.variant for s in states if s.variant), spec.variant if spec else None),
+        "contextLength": next((s.context_length for s in serving if s.context_length), None),
+    }
+    if summary.progress is not None:
+        status["download"] = summary.progress.as_status()
+    elif states and all(s.stage in (st.LOADING, st.READY, st.IDLE) for s in states):
+        done = (previous.get("download") or {})
+        total = int(done.get("totalBytes") or 0)
+        status["download"] = st.Progress(total, total).as_status() if total else {"percent": 100.0}
+    else:
+        status["download"] = None
+    return status
+
+
+def _publish(kube: Kube, body: Mapping[str, Any], status: dict[str, Any], emit: Emit) -> None:
+    meta = body["metadata"]
+    kube.patch_status(meta["namespace"], meta["name"], status)
+    previous = body.get("status") or {}
+    ready = next((c for c in status["conditions"] if c["type"] == "Ready"), {})
+    before = next((c for c in previous.get("conditions") or [] if c.get("type") == "Ready"), {})
+    if previous.get("phase") != status["phase"] or (status["phase"] == st.FAILED
+                                                    and before.get("reason") != ready.get("reason")):
+        kind = "Warning" if status["phase"] == st.FAILED else "Normal"
+        emit(body, kind, status["phase"] if kind == "Normal" else ready.get("reason", "Failed"),
+             status.get("message") or status["phase"])
+
+
+# -- the reconcile ---------------------------------------------------------------------------------
+
+
+def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit) -> dict[str, Any]:
+    """Brings one LocalModel one step closer to its spec and writes its status; returns the status."""
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    settings = options.settings
+    moment = time.time()
+    now = st.now_iso()
+    previous = body.get("status") or {}
+    try:
+        spec = parse_spec(body.get("spec") or {})
+        token = ensure_objects(kube, body, spec, settings)
+    except (ValueError, SetupError) as exc:
+        reason = exc.reason if isinstance(exc, SetupError) else "InvalidSpec"
+        message = exc.message if isinstance(exc, SetupError) else str(exc)
+        status = {"phase": st.FAILED, "message": message, "observedGeneration": meta.get("generation"),
+                  "readyReplicas": 0, "endpoint": None,
+                  "conditions": st.failed_conditions(previous.get("conditions") or [], reason, message,
+                                                     meta.get("generation"), now)}
+        _publish(kube, body, status, emit)
+        return status
+
+    want_hash = desired_pod_hash(name, spec, settings, token)
+    pods = [p for p in observe.views(kube.list_pods(namespace, resources.selector_labels(name)),
+                                     resources.POD_HASH_ANNOTATION)
+            if not p.terminating and p.pod_hash == want_hash]
+    old_records = {r.get("name"): r for r in previous.get("pods") or []}
+    works: dict[str, PodWork] = {}
+    clients: dict[str, PodClient] = {}
+    downloader: str | None = None  # with a shared claim, one pod downloads and the others wait for it
+    try:
+        for pod in pods:
+            if not pod.ready:
+                continue
+            clients[pod.name] = client = PodClient(options.pod_url(pod, settings), token)
+            work = examine_pod(client, pod, spec, old_records.get(pod.name, {"name": pod.name}), moment,
+                               options.retry_seconds, downloader)
+            if spec.storage.existing_claim and work.state.stage == st.DOWNLOADING and downloader is None:
+                downloader = pod.name
+            works[pod.name] = work
+        pending = [p for p in pods if p.name in works and works[p.name].load]
+        if pending:
+            # Show Loading while the (blocking) load requests run.
+            _publish(kube, body, _status(body, spec, pods, works, settings, now), emit)
+            body = {**body, "status": {**previous, "phase": st.LOADING}}
+            for pod in pending:
+                works[pod.name] = load_on_pod(clients[pod.name], pod, spec, works[pod.name], time.time(),
+                                              options.retry_seconds)
+    finally:
+        for client in clients.values():
+            client.close()
+    status = _status(body, spec, pods, works, settings, now)
+    _publish(kube, body, status, emit)
+    return status
+
+
+def _status(body: Mapping[str, Any], spec: LocalModelSpec, pods: list[PodView], works: dict[str, PodWork],
+            settings: OperatorSettings, now: str) -> dict[str, Any]:
+    states = [works[p.name].state for p in pods if p.name in works]
+    records = [works[p.name].record for p in pods if p.name in works]
+    summary = st.summarize(spec.replicas, pods, states)
+    return build_status(body, spec, summary, states, records, settings, now)
+
+
+def unload_all(kube: Kube, body: Mapping[str, Any], options: Options, timeout: float = 3.0) -> int:
+    """Best effort on deletion: unloads every instance on every reachable pod. Returns how many."""
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    try:
+        spec = parse_spec(body.get("spec") or {})
+        secret_name, key = resources.token_ref(name, spec)
+        token = kube.secret_value(namespace, secret_name, key)
+        pods = observe.views(kube.list_pods(namespace, resources.selector_labels(name)), resources.POD_HASH_ANNOTATION)
+    except Exception as exc:  # deletion must go on whatever happens here
+        log.warning("not unloading %s/%s: %s", namespace, name, exc)
+        return 0
+    count = 0
+    for pod in pods:
+        if not pod.ip:
+            continue
+        try:
+            with PodClient(options.pod_url(pod, options.settings), token, timeout=timeout) as client:
+                for instance in client.loaded():
+                    client.unload(instance.instance_id)
+                    count += 1
+        except PodError as exc:
+            log.info("unload on pod %s skipped: %s", pod.name, exc.message)
+    return count

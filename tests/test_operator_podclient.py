@@ -1,0 +1,179 @@
+"""The operator's pod client and per-pod reconcile steps against a real `lmkube serve` and the fake hub."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import ServerFactory
+from hf_hub_server import FakeHub
+from lmkube.operator import reconcile as rc
+from lmkube.operator import status as st
+from lmkube.operator.observe import PodView
+from lmkube.operator.podclient import PodAuthError, PodClient, PodError, PodUnreachable
+from lmkube.operator.spec import parse_spec
+from support import ServerProcess, free_port
+
+from lmkube.synthetic_gguf import LlamaShape, write_llama_model
+
+TOKEN = "sk-lm-Op3rator:abcdefghijABCDEFGHIJ"
+REPO, BIG_REPO, FLAKY_REPO = "pc-org/Tiny-GGUF", "pc-org/Big-GGUF", "pc-org/Flaky-GGUF"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
+    d = tmp_path_factory.mktemp("pc-hub")
+    hub = FakeHub().start()
+    hub.add_repo(REPO, {"tiny-Q4_K_M.gguf": write_llama_model(d / "tiny-Q4_K_M.gguf", seed=31, name="T"),
+                        "tiny-Q8_0.gguf": write_llama_model(d / "tiny-Q8_0.gguf", seed=32, name="T")})
+    big = write_llama_model(d / "big-Q4_K_M.gguf", LlamaShape(n_vocab=4096, n_embd=128), seed=33, name="B")
+    hub.add_repo(BIG_REPO, {"big-Q4_K_M.gguf": big})
+    hub.add_repo(FLAKY_REPO, {"flaky-Q4_K_M.gguf": write_llama_model(d / "flaky-Q4_K_M.gguf", seed=34, name="F")})
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture(scope="module")
+def pod_server(start_server: ServerFactory, hub: FakeHub, tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    models = tmp_path_factory.mktemp("pc-models")
+    env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(models.parent / "hf"), "HF_TOKEN": "", "HF_HUB_OFFLINE": "0"}
+    return start_server(models, "--api-token", TOKEN, env=env)
+
+
+def client(server: ServerProcess, token: str | None = TOKEN) -> PodClient:
+    return PodClient(server.base_url, token)
+
+
+def test_auth_and_unreachable(pod_server: ServerProcess) -> None:
+    with client(pod_server, "sk-lm-wrong000:abcdefghijABCDEFGHIJ") as c, pytest.raises(PodAuthError) as denied:
+        c.models()
+    assert denied.value.status == 401 and "refused the operator's token (401" in denied.value.message
+    with PodClient(f"http://127.0.0.1:{free_port()}", TOKEN, timeout=2) as c, pytest.raises(PodUnreachable) as down:
+        c.models()
+    assert down.value.reason == "PodUnreachable" and "cannot reach" in down.value.message
+
+
+def test_download_load_unload(pod_server: ServerProcess) -> None:
+    with client(pod_server) as c:
+        with pytest.raises(PodError) as bad:
+            c.download({"model": REPO, "quantization": "q9"})
+        assert bad.value.reason == "DownloadFailed" and "available quantizations: Q4_K_M, Q8_0" in bad.value.message
+        assert c.download_status("job_0000000000") is None
+        started = c.download({"model": REPO, "quantization": "Q8_0"})
+        assert started.job_id and started.total_bytes > 0
+        deadline = time.monotonic() + 30
+        while (status := c.download_status(started.job_id)).status == "downloading":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert status.status == "completed" and status.downloaded_bytes == status.total_bytes
+        assert c.download({"model": REPO, "quantization": "Q8_0"}).job_id is None  # already downloaded
+
+        with pytest.raises(PodError) as missing:
+            c.load({"model": "pc-org/absent"})
+        assert missing.value.reason == "LoadFailed" and missing.value.status == 404
+        instance = c.load({"model": "pc-org/tiny-gguf@q8_0", "context_length": 256, "gpu": "off"})
+        (loaded,) = c.loaded()
+        assert (loaded.instance_id, loaded.context_length) == (instance, 256)
+        (listing,) = c.models()
+        assert listing.key == "pc-org/tiny-gguf" and listing.selected_variant == "pc-org/tiny-gguf@q8_0"
+        c.unload(instance)
+        c.unload(instance)  # gone already: not an error
+        assert c.loaded() == []
+
+
+def test_pod_steps_download_then_load_then_reload(pod_server: ServerProcess, hub: FakeHub) -> None:
+    """examine_pod/load_on_pod, the per-pod half of reconcile, drive a real server through every stage."""
+    pod = PodView("p-1", "uid-1", "127.0.0.1", True, True, False, "server-1", "h", None)
+    spec = parse_spec({"model": BIG_REPO, "gpu": {"count": 0}, "contextLength": 256})
+    record: dict = {"name": "p-1"}
+    stages = []
+    hub.bytes_per_second = 1_000_000
+    try:
+        with client(pod_server) as c:
+            deadline = time.monotonic() + 60
+            while True:
+                work = rc.examine_pod(c, pod, spec, record, time.time(), 1.0)
+                stages.append(work.state.stage)
+                record = work.record
+                if work.load:
+                    work = rc.load_on_pod(c, pod, spec, work, time.time(), 1.0)
+                    stages.append(work.state.stage)
+                    break
+                assert work.state.stage == st.DOWNLOADING, work.state
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+    finally:
+        hub.bytes_per_second = None
+    assert stages[0] == st.DOWNLOADING and stages[-2:] == [st.LOADING, st.READY], stages
+    record = work.record
+    assert work.state.context_length == 256 and record["jobId"].startswith("job_")
+    with client(pod_server) as c:
+        # Nothing to do when the same spec is looked at again.
+        again = rc.examine_pod(c, pod, spec, record, time.time(), 1.0)
+        assert (again.state.stage, again.load) == (st.READY, False)
+        # A new context length: the old instance is unloaded and the model loaded anew.
+        wider = parse_spec({"model": BIG_REPO, "gpu": {"count": 0}, "contextLength": 512})
+        work = rc.examine_pod(c, pod, wider, record, time.time(), 1.0)
+        assert work.load and work.unload == (record["instanceId"],)
+        work = rc.load_on_pod(c, pod, wider, work, time.time(), 1.0)
+        assert work.state.stage == st.READY and [i.context_length for i in c.loaded()] == [512]
+        # A restarted server (new server id) has nothing loaded: load again, no new download.
+        restarted = PodView("p-1", "uid-1", "127.0.0.1", True, True, False, "server-2", "h", None)
+        work = rc.examine_pod(c, restarted, wider, work.record, time.time(), 1.0)
+        assert work.load and work.record.get("downloaded")
+        for instance in c.loaded():
+            c.unload(instance.instance_id)
+
+
+def test_failures_back_off_and_a_new_spec_retries_at_once(pod_server: ServerProcess) -> None:
+    pod = PodView("p-2", "uid-2", "127.0.0.1", True, True, False, "server-1", "h", None)
+    bad = parse_spec({"model": REPO, "variant": "q9", "gpu": {"count": 0}})
+    now = time.time()
+    with client(pod_server) as c:
+        work = rc.examine_pod(c, pod, bad, {"name": "p-2"}, now, 10.0)
+        assert (work.state.stage, work.state.reason, work.record["attempts"]) == (st.FAILED, "DownloadFailed", 1)
+        assert "available quantizations" in work.state.message
+        # Within the back-off nothing is asked; the failure stays as it was.
+        again = rc.examine_pod(c, pod, bad, work.record, now + 5, 10.0)
+        assert (again.state.reason, again.record["attempts"]) == ("DownloadFailed", 1)
+        later = rc.examine_pod(c, pod, bad, again.record, now + 11, 10.0)
+        assert later.record["attempts"] == 2  # retried, failed again: the next wait doubles
+        assert rc._epoch(later.record["retryAt"]) - (now + 11) == pytest.approx(20, abs=1)
+        good = parse_spec({"model": REPO, "variant": "Q4_K_M", "gpu": {"count": 0}})
+        fixed = rc.examine_pod(c, pod, good, later.record, now + 12, 10.0)
+        assert fixed.state.stage in (st.DOWNLOADING, st.LOADING)
+
+
+def test_fingerprint_is_stable() -> None:
+    assert rc.fingerprint({"a": 1, "b": 2}) == rc.fingerprint({"b": 2, "a": 1})
+    assert rc.new_token().startswith("sk-lm-") and len(rc.new_token()) == 35
+
+
+
+def test_failed_download_job_is_retried_with_a_new_job(pod_server: ServerProcess, hub: FakeHub) -> None:
+    pod = PodView("p-3", "uid-3", "127.0.0.1", True, True, False, "server-1", "h", None)
+    spec = parse_spec({"model": FLAKY_REPO, "gpu": {"count": 0}})
+    (data,) = hub.repos[FLAKY_REPO.lower()].files.values()
+    sha = hashlib.sha256(data).hexdigest()
+    hub.blobs[sha] = bytes(reversed(data))  # the hub serves corrupt bytes: the server's sha256 check fails
+    record: dict = {"name": "p-3"}
+    now = time.time()
+    with client(pod_server) as c:
+        deadline = time.monotonic() + 30
+        while (work := rc.examine_pod(c, pod, spec, record, now, 1.0)).state.stage == st.DOWNLOADING:
+            record = work.record
+            first_job = record["jobId"]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert (work.state.stage, work.state.reason) == (st.FAILED, "DownloadFailed"), work.state
+        assert "jobId" not in work.record
+        hub.blobs[sha] = data
+        record = work.record
+        while not (work := rc.examine_pod(c, pod, spec, record, now + 5, 1.0)).load:
+            assert work.state.stage == st.DOWNLOADING, work.state
+            record = work.record
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert work.record["jobId"] != first_job and work.record.get("downloaded")
