@@ -1,0 +1,178 @@
+"""The container image, built for real from the Dockerfile with buildah (scripts/build-image.sh) and run.
+
+No registry is reachable here, so the CPU image is built on a local Debian base made with debootstrap;
+buildah's layer cache (under $LMKUBE_CACHE/image) makes repeat runs quick. The first build compiles
+llama.cpp inside the builder stage (minutes). `pytest -m "not image"` skips these tests locally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openai import OpenAI
+from support import ServerProcess, free_port
+
+from lmkube import __version__
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD_TIMEOUT = 2400  # a cold build on 2 cores: debootstrap + compiling llama.cpp + dependencies
+COMPILERS = ("gcc", "cc", "c++", "g++", "clang", "cmake", "make", "ld", "as", "nvcc", "ninja")
+
+
+@dataclass(frozen=True)
+class Buildah:
+    """buildah pointed at the storage scripts/build-image.sh built into."""
+
+    root: str
+    runroot: str
+    driver: str
+
+    def argv(self, *args: str) -> list[str]:
+        return ["buildah", "--root", self.root, "--runroot", self.runroot, "--storage-driver", self.driver, *args]
+
+    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=600)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"buildah {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+        return proc
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    name: str
+    buildah: Buildah
+
+    def inspect(self) -> dict[str, Any]:
+        return json.loads(self.buildah("inspect", "--type", "image", self.name).stdout)
+
+
+@pytest.fixture(scope="module")
+def image() -> BuiltImage:
+    if shutil.which("buildah") is None:
+        pytest.fail("buildah is not installed: run scripts/install-image-tools.sh (make test does)")
+    if os.geteuid() != 0:
+        pytest.fail("building the image needs root (buildah --isolation chroot with vfs storage)")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "build-image.sh")], capture_output=True, text=True,
+                          timeout=BUILD_TIMEOUT, cwd=ROOT)
+    assert proc.returncode == 0, f"scripts/build-image.sh failed:\n{proc.stderr[-8000:]}"
+    values = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    buildah = Buildah(values["LMKUBE_BUILDAH_ROOT"], values["LMKUBE_BUILDAH_RUNROOT"],
+                      values["LMKUBE_BUILDAH_STORAGE_DRIVER"])
+    return BuiltImage(values["LMKUBE_IMAGE"], buildah)
+
+
+@pytest.fixture
+def container(image: BuiltImage) -> Iterator[str]:
+    """A working container from the image, removed afterwards."""
+    name = image.buildah("from", "--pull=never", image.name).stdout.strip()
+    try:
+        yield name
+    finally:
+        image.buildah("rm", name, check=False)
+
+
+def test_dockerfile_pins_the_llama_cpp_python_of_pyproject() -> None:
+    pinned = re.search(r"^ARG LLAMA_CPP_PYTHON_VERSION=(\S+)$", (ROOT / "Dockerfile").read_text(), re.M)
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert pinned is not None
+    assert f"llama-cpp-python=={pinned.group(1)}" in deps
+
+
+@pytest.mark.image
+@pytest.mark.timeout(BUILD_TIMEOUT + 120)
+def test_image_config(image: BuiltImage) -> None:
+    config = image.inspect()["Docker"]["config"]
+    assert config["User"] == "1000:1000"  # the uid/gid the operator's pods run as
+    assert config["Entrypoint"] == ["lmkube"]
+    assert config["Cmd"] == ["serve", "--host", "0.0.0.0", "--port", "1234", "--models-dir", "/models"]
+    assert config["WorkingDir"] == "/models"
+    assert list(config["Volumes"]) == ["/models"]
+    assert list(config["ExposedPorts"]) == ["1234/tcp"]
+    env = dict(item.split("=", 1) for item in config["Env"])
+    assert env["LMKUBE_HOME"] == "/models/.lmkube"
+    assert env["HF_HOME"].startswith("/models/")
+    assert env["PATH"].startswith("/opt/lmkube/bin:")
+    labels = config["Labels"]
+    assert labels["org.opencontainers.image.version"] == __version__
+    assert labels["org.opencontainers.image.title"] == "lmkube"
+    assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
+    assert labels["dev.lmkube.backend"] == "cpu"
+
+
+@pytest.mark.image
+@pytest.mark.timeout(BUILD_TIMEOUT + 120)
+def test_final_image_has_no_compilers_and_no_build_secrets(image: BuiltImage, container: str) -> None:
+    probe = " ; ".join(f"command -v {tool}" for tool in COMPILERS)
+    found = image.buildah("run", "--isolation", "chroot", container, "--", "sh", "-c", f"{probe} ; true")
+    assert found.stdout.strip() == "", f"build tools left in the image:\n{found.stdout}"
+
+    rootfs = Path(image.buildah("mount", container).stdout.strip())
+    try:
+        leftovers = [p for d in ("usr/bin", "usr/local/bin", "usr/local/cuda/bin") if (rootfs / d).is_dir()
+                     for p in (rootfs / d).iterdir() if re.fullmatch(r"(x86_64-linux-gnu-|aarch64-linux-gnu-)?"
+                                                                       r"(gcc|g\+\+|cc|c\+\+|cpp|cmake|nvcc)(-\d+)?",
+                                                                       p.name)]
+        assert leftovers == []
+        assert not (rootfs / "usr/include/stdio.h").exists()  # no libc6-dev either
+        # The proxy CA bundle and pip config were build secrets: mounted while RUN steps ran, never stored.
+        assert not (rootfs / "etc/pip.conf").exists()
+        secrets = rootfs / "run" / "secrets"
+        assert not secrets.exists() or not any(secrets.iterdir())
+        assert (rootfs / "models").stat().st_uid == 1000
+        assert (rootfs / "opt/lmkube/bin/lmkube").is_file()
+    finally:
+        image.buildah("umount", container, check=False)
+
+
+@pytest.mark.image
+@pytest.mark.timeout(BUILD_TIMEOUT + 300)
+def test_container_serves_the_demo_model(image: BuiltImage, container: str, tmp_path: Path) -> None:
+    port = free_port()
+    log_path = tmp_path / "container.log"
+    # chroot isolation shares the host's network, so the host reaches the server on 127.0.0.1.
+    argv = image.buildah.argv("run", "--isolation", "chroot", "--network", "host", container, "--",
+                              "lmkube", "serve", "--demo", "--host", "127.0.0.1", "--port", str(port),
+                              "--models-dir", "/models", "--threads", "2")
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = ServerProcess(process=process, port=port, log_path=log_path)
+    try:
+        server.wait_ready(timeout=120)
+        with server.client() as http:
+            models = http.get("/v1/models").json()
+        assert "lmkube/demo" in [m["id"] for m in models["data"]]
+
+        client = OpenAI(base_url=f"{server.base_url}/v1", api_key="lm-studio", timeout=120)
+        reply = client.chat.completions.create(
+            model="lmkube/demo", messages=[{"role": "user", "content": "hi"}], max_tokens=8, seed=1)
+        assert reply.model == "lmkube/demo"
+        assert isinstance(reply.choices[0].message.content, str)
+        assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 8
+        health = httpx.get(f"{server.base_url}/health", timeout=5)
+        assert health.status_code == 200
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    # The demo model was written by uid 1000 into the models volume, not into the read-only image parts.
+    listing = image.buildah("run", "--isolation", "chroot", container, "--", "sh", "-c",
+                            "find /models -name '*.gguf' -user 1000 | head -n 5; id -u")
+    lines = listing.stdout.split()
+    assert lines[-1] == "1000"
+    assert any(line.startswith("/models/") and line.endswith(".gguf") for line in lines[:-1]), server.log()
