@@ -1,0 +1,219 @@
+"""The Response object of `/v1/responses` and the stream events that build it, from one state machine.
+
+`ResponseBuilder` owns the response body; every change to it (an output item opened, text added, an
+item finished) returns the stream events that describe the change. Streaming writes the events;
+non-streaming drops them and returns `builder.response`, so both end with the same object, which is
+also what the openai SDK's stream helper accumulates.
+
+Events are `(type, fields)` pairs; `encode` adds `type` and `sequence_number` and frames them as SSE.
+"""
+
+from __future__ import annotations
+
+import copy
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from ...chat.deltas import ChatDelta, ToolCall, ToolCallDelta
+
+Event = tuple[str, dict[str, Any]]
+
+
+def item_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(24)}"
+
+
+@dataclass(frozen=True, slots=True)
+class McpName:
+    """What a model-facing tool name stands for on an MCP server."""
+
+    server_label: str
+    tool: str
+
+
+class ResponseBuilder:
+    def __init__(self, response: dict[str, Any], mcp_names: Mapping[str, McpName] | None = None) -> None:
+        self.response = response  # status "in_progress", output [], usage None
+        self.mcp_names = dict(mcp_names or {})
+        self._text: tuple[str, int] | None = None  # the open reasoning/message item: (type, output index)
+        self._calls: dict[int, tuple[int, str]] = {}  # this round's tool-call index → (output index, call id)
+
+    @property
+    def output(self) -> list[dict[str, Any]]:
+        return self.response["output"]
+
+    def snapshot(self) -> dict[str, Any]:
+        return copy.deepcopy(self.response)
+
+    def start(self) -> list[Event]:
+        return [("response.created", {"response": self.snapshot()}),
+                ("response.in_progress", {"response": self.snapshot()})]
+
+    # -- output items --------------------------------------------------------------------------------
+
+    def _add(self, item: dict[str, Any]) -> tuple[int, Event]:
+        self.output.append(item)
+        index = len(self.output) - 1
+        return index, ("response.output_item.added", {"output_index": index, "item": copy.deepcopy(item)})
+
+    def _done(self, index: int) -> Event:
+        return "response.output_item.done", {"output_index": index, "item": copy.deepcopy(self.output[index])}
+
+    def _open_text(self, kind: str) -> tuple[int, list[Event]]:
+        if self._text is not None and self._text[0] == kind:
+            return self._text[1], []
+        events = self.close_text()
+        if kind == "reasoning":
+            item = {"id": item_id("rs"), "type": "reasoning", "summary": [], "content": [], "status": "in_progress"}
+            part = {"type": "reasoning_text", "text": ""}
+        else:
+            item = {"id": item_id("msg"), "type": "message", "status": "in_progress", "role": "assistant",
+                    "content": []}
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        index, added = self._add(item)
+        item["content"].append(part)
+        self._text = (kind, index)
+        events += [added, ("response.content_part.added", {"item_id": item["id"], "output_index": index,
+                                                            "content_index": 0, "part": dict(part)})]
+        return index, events
+
+    def _append_text(self, kind: str, text: str) -> list[Event]:
+        if not text:
+            return []
+        index, events = self._open_text(kind)
+        item = self.output[index]
+        item["content"][0]["text"] += text
+        fields: dict[str, Any] = {"item_id": item["id"], "output_index": index, "content_index": 0, "delta": text}
+        if kind == "message":
+            fields["logprobs"] = []
+        events.append((f"response.{'output_text' if kind == 'message' else 'reasoning_text'}.delta", fields))
+        return events
+
+    def close_text(self, status: str = "completed") -> list[Event]:
+        """Finishes the open reasoning or message item."""
+        if self._text is None:
+            return []
+        kind, index = self._text
+        self._text = None
+        item = self.output[index]
+        part = item["content"][0]
+        item["status"] = status
+        where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        if kind == "message":
+            text_done: Event = ("response.output_text.done", {**where, "text": part["text"], "logprobs": []})
+        else:
+            text_done = ("response.reasoning_text.done", {**where, "text": part["text"]})
+        return [text_done, ("response.content_part.done", {**where, "part": copy.deepcopy(part)}),
+                self._done(index)]
+
+    def feed(self, delta: ChatDelta) -> list[Event]:
+        """Events for one piece of parsed output: reasoning, answer text, tool-call pieces."""
+        events = self._append_text("reasoning", delta.reasoning) + self._append_text("message", delta.content)
+        for piece in delta.tool_calls:
+            index = self._calls.get(piece.index, (None, ""))[0]
+            if index is None:
+                events += self.close_text()
+                mcp = self.mcp_names.get(piece.name or "")
+                if mcp is not None:
+                    item = {"id": item_id("mcp"), "type": "mcp_call", "server_label": mcp.server_label,
+                            "name": mcp.tool, "arguments": "", "status": "in_progress"}
+                else:
+                    item = {"id": item_id("fc"), "type": "function_call", "status": "in_progress",
+                            "arguments": "", "call_id": piece.id, "name": piece.name}
+                index, added = self._add(item)
+                self._calls[piece.index] = (index, piece.id or "")
+                events.append(added)
+            item = self.output[index]
+            if piece.arguments:
+                item["arguments"] += piece.arguments
+                kind = "mcp_call_arguments" if item["type"] == "mcp_call" else "function_call_arguments"
+                events.append((f"response.{kind}.delta", {"item_id": item["id"], "output_index": index,
+                                                          "delta": piece.arguments}))
+        return events
+
+    def end_round(self, calls: list[ToolCall], *, status: str) -> tuple[list[Event], list[tuple[int, ToolCall]]]:
+        """Closes this round's items against the parsed calls: function calls are done; MCP calls (returned
+        with their output index) wait for `mcp_result`. Announced calls that did not parse are incomplete."""
+        events = self.close_text(status)
+        by_id = {call.id: call for call in calls}
+        announced = {call_id for _, call_id in self._calls.values()}
+        for call in calls:  # the parser announces every call it returns; this keeps the output whole if not
+            if call.id not in announced:
+                events += self.feed(ChatDelta(tool_calls=[ToolCallDelta(-1 - len(self._calls), call.id, call.name)]))
+        pending: list[tuple[int, ToolCall]] = []
+        for index, call_id in self._calls.values():
+            item = self.output[index]
+            call = by_id.get(call_id)
+            if call is None:
+                item["status"] = "incomplete"
+                events.append(self._done(index))
+                continue
+            item["arguments"] = call.arguments
+            where = {"item_id": item["id"], "output_index": index}
+            if item["type"] == "mcp_call":
+                events += [("response.mcp_call_arguments.done", {**where, "arguments": call.arguments}),
+                           ("response.mcp_call.in_progress", where)]
+                pending.append((index, call))
+            else:
+                item["status"] = "completed"
+                events += [("response.function_call_arguments.done",
+                            {**where, "name": item["name"], "arguments": call.arguments}), self._done(index)]
+        self._calls = {}
+        return events, pending
+
+    def mcp_result(self, index: int, output: str, error: str | None) -> list[Event]:
+        item = self.output[index]
+        item.update(output=output, error=error, status="failed" if error else "completed")
+        kind = "failed" if error else "completed"
+        return [(f"response.mcp_call.{kind}", {"item_id": item["id"], "output_index": index}), self._done(index)]
+
+    def mcp_skipped(self, index: int) -> list[Event]:
+        self.output[index]["status"] = "incomplete"
+        return [self._done(index)]
+
+    def mcp_list_tools(self, server_label: str, tools: list[dict[str, Any]]) -> list[Event]:
+        item = {"id": item_id("mcpl"), "type": "mcp_list_tools", "server_label": server_label, "tools": []}
+        index, added = self._add(item)
+        where = {"item_id": item["id"], "output_index": index}
+        item["tools"] = tools
+        return [added, ("response.mcp_list_tools.in_progress", where),
+                ("response.mcp_list_tools.completed", where), self._done(index)]
+
+    # -- the end -------------------------------------------------------------------------------------
+
+    def finish(self, usage: dict[str, Any], *, incomplete: bool) -> list[Event]:
+        events = self.close_text("incomplete" if incomplete else "completed")
+        if not self.output:  # nothing generated (e.g. max_output_tokens=1 hit a partial character)
+            _, opened = self._open_text("message")
+            events += opened + self.close_text("incomplete" if incomplete else "completed")
+        self.response.update(status="incomplete" if incomplete else "completed", usage=usage,
+                             completed_at=int(time.time()),
+                             incomplete_details={"reason": "max_output_tokens"} if incomplete else None)
+        final = "response.incomplete" if incomplete else "response.completed"
+        return [*events, (final, {"response": self.snapshot()})]
+
+    def fail(self, message: str, code: str | None, param: str | None = None) -> list[Event]:
+        events = self.close_text("incomplete")
+        self.response.update(status="failed", error={"code": code or "server_error", "message": message})
+        return [*events, ("error", {"code": code, "message": message, "param": param}),
+                ("response.failed", {"response": self.snapshot()})]
+
+
+class EventEncoder:
+    """SSE frames with increasing sequence numbers."""
+
+    def __init__(self) -> None:
+        self.sequence = 0
+
+    def encode(self, events: list[Event]) -> bytes:
+        out = bytearray()
+        for name, fields in events:
+            data = {"type": name, **fields, "sequence_number": self.sequence}
+            self.sequence += 1
+            out += b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+        return bytes(out)
