@@ -1,0 +1,219 @@
+"""Memory a load will take, from the GGUF header alone (no weights read, no llama.cpp needed).
+
+The basis of `POST /api/v1/models/load {"estimate_only": true}` and of the operator's fit check. It
+mirrors how this server creates the context (instance.py, engine/llama_lib.py) and how llama.cpp sizes
+its buffers:
+
+- weights: the tensors' data sizes. llama.cpp keeps the input embedding on the host and offloads the
+  last `n_gpu_layers` blocks, the output layer counting as one more (a tied output is copied to the GPU).
+- KV cache: one unified cache of `n_ctx` cells shared by all parallel slots (the context is not
+  multiplied by `parallel`), F16 K and V: n_ctx × Σ_layers n_head_kv × (key_length + value_length) × 2
+  bytes, on the GPU for offloaded layers when the KV offload is on. Encoder-only (embedding) models
+  have no KV cache.
+- compute buffer: the peak of llama.cpp's graph for one ubatch (`n_ub` tokens). Without flash attention
+  the KQ scores dominate (n_ctx × n_ub × n_head × 4 bytes, plus the F32 mask); with it, the larger of
+  the logits (n_vocab × n_ub × 4) and the FFN activations plus the F16 mask. Fitted to llama.cpp's own
+  "compute buffer size" reports within a few MiB (tests/test_memory_estimate.py).
+- output buffer (logits of one token per slot) and a small runtime overhead (tokenizer tables, threads).
+
+The compute buffer is reserved at load but only the part a batch actually uses is ever touched, so a
+freshly loaded model's RSS is lower than `total_bytes` by up to that buffer; the estimate is what the
+process may come to use, which is what a fit check needs.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ..store.gguf_header import GGUFHeader, TensorInfo, read_gguf_header
+
+GpuOffload = Literal["max", "off"] | float
+MIB = 1 << 20
+KV_BYTES_PER_ELEMENT = 2  # F16 K and V: llama.cpp's default cache type
+CTX_PAD = 256  # llama.cpp rounds the context up to a multiple of this
+OVERHEAD_BYTES = 4 * MIB  # threads, graph metadata, allocator slack
+VOCAB_ENTRY_BYTES = 200  # tokenizer tables per vocabulary entry (token text, maps, scores)
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    weights: int
+    kv_cache: int
+    compute: int
+    output: int
+    overhead: int
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    context_length: int
+    parallel: int
+    batch_size: int  # tokens per ubatch
+    flash_attention: bool
+    n_layers: int
+    gpu_layers: int  # blocks plus the output layer placed on the GPU
+    gpu_bytes: int
+    total_bytes: int  # GPU and host together
+    breakdown: Breakdown
+
+    @property
+    def host_bytes(self) -> int:
+        return self.total_bytes - self.gpu_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"gpu_bytes": self.gpu_bytes, "host_bytes": self.host_bytes, "total_bytes": self.total_bytes,
+                "breakdown": asdict(self.breakdown)}
+
+
+def n_gpu_layers(offload: GpuOffload, n_layers: int, gpu_supported: bool) -> int:
+    """How many of the n_layers blocks + the output layer go to the GPU (instance.gpu_layers, clamped)."""
+    if not gpu_supported or offload == "off":
+        return 0
+    if offload == "max":
+        return n_layers + 1
+    return min(n_layers + 1, round(float(offload) * (n_layers + 1)))
+
+
+def _per_layer(value: Any, n_layers: int, default: int) -> list[int]:
+    """A hyperparameter that may be one number or one per layer (several architectures vary it)."""
+    if isinstance(value, list):
+        values = [int(v) for v in value[:n_layers]]
+        return values + [default] * (n_layers - len(values))
+    return [int(value) if isinstance(value, int | float) and not isinstance(value, bool) else default] * n_layers
+
+
+def _headers(files: list[Path]) -> list[GGUFHeader]:
+    return [read_gguf_header(path, check_size=False) for path in files]
+
+
+def estimate_memory(
+    files: list[Path],
+    *,
+    context_length: int | None,
+    default_context: int,
+    parallel: int,
+    eval_batch_size: int = 512,
+    flash_attention: bool | None = None,
+    offload_kv_cache: bool = True,
+    gpu: GpuOffload = "max",
+    gpu_supported: bool = False,
+    embedding: bool = False,
+) -> MemoryEstimate:
+    headers = _headers(files)
+    meta = headers[0].metadata
+    arch = meta.get("general.architecture", "llama")
+
+    def hp(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
+
+    n_layers = int(hp("block_count", 0) or 0)
+    n_embd = int(hp("embedding_length", 0) or 0)
+    heads = _per_layer(hp("attention.head_count"), n_layers, 1)
+    n_head = max(heads, default=1)
+    heads_kv = _per_layer(hp("attention.head_count_kv"), n_layers, n_head)
+    head_dim = n_embd // n_head if n_head else 0
+    key_length = int(hp("attention.key_length", head_dim) or head_dim)
+    value_length = int(hp("attention.value_length", head_dim) or head_dim)
+    n_ff = max(_per_layer(hp("feed_forward_length"), n_layers, 4 * n_embd), default=4 * n_embd)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    n_vocab = len(tokens) if tokens is not None else int(hp("vocab_size", 32000) or 32000)
+    trained = int(hp("context_length", 0) or 0) or default_context
+
+    # The context and batch exactly as instance.py and llama_lib.py create them.
+    if embedding:
+        n_ctx = min(context_length or trained, trained)
+        n_ub = n_ctx
+    else:
+        n_ctx = min(context_length or default_context, trained)
+        n_ub = max(min(eval_batch_size, n_ctx), parallel)
+    n_ctx = -(-n_ctx // CTX_PAD) * CTX_PAD
+    fa = True if flash_attention is None else flash_attention  # llama.cpp's "auto" enables it on CPU and CUDA
+
+    gpu_layers = n_gpu_layers(gpu, n_layers, gpu_supported)
+    first_gpu_layer = n_layers + 1 - gpu_layers  # llama.cpp offloads the last blocks
+    output_on_gpu = gpu_layers > 0
+
+    weights = gpu_weights = 0
+    tensors: list[TensorInfo] = [t for h in headers for t in h.tensors]
+    has_output = any(t.name == "output.weight" for t in tensors)
+    for tensor in tensors:
+        size = tensor.nbytes or 0
+        weights += size
+        if (match := _LAYER.match(tensor.name)) is not None:
+            on_gpu = int(match.group(1)) >= first_gpu_layer
+        else:
+            on_gpu = output_on_gpu and tensor.name.startswith("output")
+        if on_gpu:
+            gpu_weights += size
+        if tensor.name == "token_embd.weight" and not has_output and output_on_gpu:
+            gpu_weights += size  # a tied output layer: llama.cpp loads a second copy onto the GPU
+            weights += size
+
+    kv = gpu_kv = 0
+    if not embedding:
+        for layer in range(n_layers):
+            size = n_ctx * heads_kv[layer] * (key_length + value_length) * KV_BYTES_PER_ELEMENT
+            kv += size
+            if offload_kv_cache and layer >= first_gpu_layer:
+                gpu_kv += size
+
+    activations = n_ub * n_embd * 4
+    logits_peak = n_vocab * n_ub * 4 + 2 * activations
+    if fa:
+        attention_peak = 3 * n_ff * n_ub * 4 + n_ctx * n_ub * 2 + 2 * activations
+    else:
+        attention_peak = n_ctx * n_ub * n_head * 4 + n_ctx * n_ub * 4 + 6 * activations
+    compute = max(logits_peak, attention_peak)
+    gpu_compute = 0
+    if gpu_layers > 0:
+        # Offloaded layers compute on the GPU; the host keeps a full buffer only while some blocks stay there.
+        gpu_compute = compute
+        compute = compute if first_gpu_layer > 0 else 2 * activations
+    output = n_vocab * parallel * 4 + (n_embd * parallel * 4 if embedding else 0)
+    overhead = OVERHEAD_BYTES + n_vocab * VOCAB_ENTRY_BYTES
+
+    gpu_bytes = gpu_weights + gpu_kv + gpu_compute
+    host_bytes = (weights - gpu_weights) + (kv - gpu_kv) + compute + output + overhead
+    return MemoryEstimate(
+        context_length=n_ctx, parallel=parallel, batch_size=n_ub, flash_attention=fa, n_layers=n_layers,
+        gpu_layers=gpu_layers, gpu_bytes=gpu_bytes, total_bytes=gpu_bytes + host_bytes,
+        breakdown=Breakdown(weights=weights, kv_cache=kv, compute=compute + gpu_compute, output=output,
+                            overhead=overhead),
+    )
+
+
+def available_memory() -> dict[str, int | None]:
+    """Host RAM available now (/proc/meminfo MemAvailable) and free GPU memory where nvidia-smi reports it."""
+    ram: int | None = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                ram = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return {"ram_bytes": ram, "gpu_bytes": _gpu_free_bytes()}
+
+
+def _gpu_free_bytes() -> int | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=5, check=True).stdout
+        return sum(int(v) for v in out.split()) * MIB
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def fits(estimate: MemoryEstimate, available: dict[str, int | None]) -> bool:
+    """Whether the host part fits the available RAM and the GPU part the free GPU memory (when known)."""
+    ram, gpu = available.get("ram_bytes"), available.get("gpu_bytes")
+    if ram is not None and estimate.host_bytes > ram:
+        return False
+    return not (gpu is not None and estimate.gpu_bytes > gpu)
