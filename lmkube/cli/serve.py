@@ -1,12 +1,12 @@
-"""The `lmkube` command line."""
+"""`lmkube serve` (the model server in this process), `lmkube token` and `lmkube operator`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lmkube import __version__
 
@@ -23,15 +23,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmkube", description="LM Studio-compatible local model server.")
-    parser.add_argument("--version", action="version", version=f"lmkube {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
-    serve = commands.add_parser(
-        "serve", help="run the model server", epilog=SERVE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+
+def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=1234, help="port (default 1234)")
     serve.add_argument("--models-dir", type=Path, help="model store (default $LMKUBE_HOME/models)")
@@ -41,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default context length, capped at the model's trained context (default 4096)")
     serve.add_argument("--ttl", type=float, default=3600.0,
                        help="idle seconds before a JIT-loaded model unloads (default 3600)")
+    serve.add_argument("--max-queue", type=_non_negative_int, default=None, metavar="N",
+                       help="requests waiting per model instance beyond the --parallel running ones; more get "
+                            "503 with Retry-After (529 on /v1/messages); 0: no waiting (default: unbounded)")
     serve.add_argument("--no-jit", action="store_true", help="do not load models on first request")
     serve.add_argument("--no-auto-evict", action="store_true",
                        help="keep earlier JIT-loaded models when JIT-loading another")
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-token-file", action="append", default=[], type=Path, metavar="FILE",
                        help="file with one API token per line (repeatable)")
     serve.add_argument("--threads", type=int, default=0, help="CPU threads per model (default: all cores)")
+    serve.add_argument("--public-metrics", action="store_true",
+                       help="serve GET /metrics without an API token (for Prometheus scrapes without credentials)")
     serve.add_argument("--cors", action="store_true", help="allow cross-origin requests from browsers")
     serve.add_argument("--allow-remote-mcp", action="store_true",
                        help="allow per-request MCP servers (ephemeral_mcp integrations on /api/v1/chat)")
@@ -56,10 +60,38 @@ def build_parser() -> argparse.ArgumentParser:
                        help="add the offline demo model lmkube/demo (random weights, gibberish output)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
+
+
+def register(commands: Any) -> None:
+    serve_parser = commands.add_parser(
+        "serve", help="run the model server", epilog=SERVE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_serve_arguments(serve_parser)
+    serve_parser.set_defaults(func=serve)
+
     token = commands.add_parser("token", help="API tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
-    token_commands.add_parser("new", help="print a fresh sk-lm-... token")
-    return parser
+    token_commands.add_parser("new", help="print a fresh sk-lm-... token").set_defaults(func=new_token)
+
+    from lmkube.operator.main import add_arguments as add_operator_arguments
+
+    operator = commands.add_parser("operator", help="run the Kubernetes operator for LocalModels")
+    add_operator_arguments(operator)
+    operator.set_defaults(func=run_operator)
+
+
+def new_token(_args: argparse.Namespace) -> int:
+    from lmkube.server.auth import new_token as make_token
+
+    print(make_token())
+    return 0
+
+
+def run_operator(args: argparse.Namespace) -> int:
+    from lmkube.operator.main import run
+
+    return run(args)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -92,9 +124,11 @@ def serve(args: argparse.Namespace) -> int:
             auto_evict=not args.no_auto_evict,
             jit_ttl=args.ttl if args.ttl > 0 else None,
             n_threads=args.threads,
+            max_queue=args.max_queue,
         ),
         api_tokens=tokens,
         cors=args.cors,
+        public_metrics=args.public_metrics,
         allow_remote_mcp=args.allow_remote_mcp,
     )
     print(f"lmkube {__version__} serving {models_dir} on http://{args.host}:{args.port}"
@@ -102,19 +136,3 @@ def serve(args: argparse.Namespace) -> int:
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=5)
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        return serve(args)
-    if args.command == "token":
-        from lmkube.server.auth import new_token
-
-        print(new_token())
-        return 0
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
