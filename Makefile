@@ -1,5 +1,5 @@
 # The two commands a fresh machine needs (see README): `make demo` and `make test`.
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench image
 
 setup:
 	bash scripts/setup-venv.sh
@@ -11,6 +11,7 @@ demo: setup
 test: setup
 	.venv/bin/ruff check .
 	bash scripts/install-test-cluster.sh > /dev/null
+	bash scripts/install-image-tools.sh
 	.venv/bin/pytest
 
 lint: setup
@@ -18,4 +19,10 @@ lint: setup
 
 bench: setup
 	.venv/bin/python -m pip install --quiet -e ".[bench]" --config-settings editable_mode=strict
-	.venv/bin/python bench/serve_throughput.py
+	bash scripts/build-llama-server.sh > /dev/null
+	.venv/bin/python bench/run_all.py
+
+# The server image (CPU) with buildah; BACKEND=cuda for the GPU variant, PUSH=registry/prefix to push.
+image:
+	bash scripts/install-image-tools.sh
+	bash scripts/build-image.sh --backend $(or $(BACKEND),cpu) $(if $(PUSH),--push $(PUSH))

@@ -9,12 +9,15 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from .api import legacy, native, openai, system
+from .api import anthropic, legacy, native, openai, system
+from .api import metrics as metrics_api
 from .auth import require_api_token
 from .config import ServerConfig
 from .conversations import ConversationStore
 from .downloads.manager import DownloadManager
 from .errors import install_error_handlers
+from .logs import RequestLogMiddleware
+from .metrics import HttpMetrics, HttpMetricsMiddleware
 from .runtime.manager import ModelManager
 from .store.model_store import ModelStore
 from .streaming import ClientDisconnected
@@ -41,6 +44,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.downloads = downloads
     app.state.conversations = ConversationStore(config.home / "conversations")
     app.state.api_tokens = tuple(t.encode() for t in config.api_tokens)
+    app.state.http_metrics = HttpMetrics()
 
     install_error_handlers(app)
 
@@ -49,8 +53,13 @@ def create_app(config: ServerConfig) -> FastAPI:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
     app.include_router(system.router)
-    for family in (openai.router, native.router, legacy.router):
+    # Prometheus often scrapes without credentials; --public-metrics opts /metrics out of the API tokens.
+    app.include_router(metrics_api.router,
+                       dependencies=[] if config.public_metrics else [Depends(require_api_token)])
+    for family in (openai.router, anthropic.router, native.router, legacy.router):
         app.include_router(family, dependencies=[Depends(require_api_token)])
+    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.http_metrics)
+    app.add_middleware(RequestLogMiddleware)
     if config.cors:
         app.add_middleware(
             CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"], expose_headers=["*"]

@@ -20,6 +20,7 @@ class ServerConfig:
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     api_tokens: tuple[str, ...] = ()
     cors: bool = False
+    public_metrics: bool = False  # GET /metrics without an API token (for token-less Prometheus scrapes)
     allow_remote_mcp: bool = False  # per-request MCP servers (`ephemeral_mcp` integrations on /api/v1/chat)
 
 

@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from .engine.events import QueueFull
+
 ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -25,7 +27,11 @@ ANTHROPIC_TYPES = {
     429: "rate_limit_error",
     500: "api_error",
     503: "overloaded_error",
+    529: "overloaded_error",
 }
+# Anthropic answers "overloaded" with 529, not 503 (its SDKs retry both). The request queue's queue-full
+# error (code "queue_full", or any 503) becomes 529 on /v1/messages; the other families keep their status.
+ANTHROPIC_OVERLOADED = 529
 
 
 # LM Studio's native error types (its /api/v1 `error.type` enum) for the OpenAI names used in this code.
@@ -41,6 +47,7 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         code: str | None = None,
         param: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -48,6 +55,13 @@ class APIError(Exception):
         self.type = type
         self.code = code
         self.param = param
+        self.headers = headers
+
+
+def queue_full(exc: QueueFull) -> APIError:
+    """503 (529 on /v1/messages, see error_status) with Retry-After: the instance's queue is full."""
+    return APIError(503, str(exc), type="server_error", code="queue_full",
+                    headers={"Retry-After": str(exc.retry_after)})
 
 
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
@@ -65,7 +79,8 @@ def family(path: str) -> str:
 def error_body(path: str, error: APIError) -> dict[str, Any]:
     match family(path):
         case "anthropic":
-            kind = ANTHROPIC_TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
+            status = error_status(path, error)
+            kind = ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
             return {"type": "error", "error": {"type": kind, "message": error.message}}
         case "lmstudio":
             kind = NATIVE_TYPES.get(error.type, error.type)
@@ -82,12 +97,18 @@ def error_body(path: str, error: APIError) -> dict[str, Any]:
                               "code": error.code}}
 
 
+def error_status(path: str, error: APIError) -> int:
+    if family(path) == "anthropic" and (error.status == 503 or error.code == "queue_full"):
+        return ANTHROPIC_OVERLOADED
+    return error.status
+
+
 def error_response(request: Request, error: APIError, headers: dict[str, str] | None = None) -> Response:
     return Response(
         orjson.dumps(error_body(request.url.path, error)),
-        status_code=error.status,
+        status_code=error_status(request.url.path, error),
         media_type="application/json",
-        headers=headers,
+        headers={**(error.headers or {}), **(headers or {})} or None,
     )
 
 
@@ -135,6 +156,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
         return error_response(request, exc)
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request: Request, exc: QueueFull) -> Response:
+        return error_response(request, queue_full(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import string
 from collections.abc import Sequence
+from typing import Any
 
 from ..engine.events import Finish, TextDelta
 from ..engine.generation import GenerationEngine, GenerationRequest
+from ..engine.llama_lib import ModelLoadError
 from ..engine.sampling import SamplingParams
+from ..engine.speculative import Draft, DraftIncompatible, DraftSettings
 from ..errors import APIError
+from ..logs import observe
 from ..runtime.instance import ModelInstance
 from ..runtime.manager import ModelManager
 from ..store.model_store import ModelNotFound
@@ -63,7 +68,40 @@ def submit(
             param=param,
             code="context_length_exceeded",
         )
-    return engine.submit(prompt, params)
+    return observe(instance, engine.submit(prompt, params, draft(instance, params)))
+
+
+def draft_not_found(exc: ModelNotFound) -> APIError:
+    available = "\n".join(f"  - {n}" for n in exc.available) or "  (none)"
+    return APIError(404, f"Draft model \"{exc.name}\" {exc.reason}.\n\nYour models:\n{available}",
+                    param="draft_model", code="model_not_found")
+
+
+async def load_draft(instance: ModelInstance, params: SamplingParams) -> None:
+    """Loads the request's draft model off the event loop (else `submit` loads it in place, blocking the
+    loop for the load); raises the same errors as `submit` would."""
+    if params.draft_model:
+        await asyncio.to_thread(draft, instance, params)
+
+
+def draft(instance: ModelInstance, params: SamplingParams) -> Draft | None:
+    """The request's draft model (or the instance's default one), loading it on first use."""
+    name = params.draft_model
+    try:
+        drafter = instance.drafter(name) if name else instance.default_draft
+    except ModelNotFound as exc:
+        raise draft_not_found(exc) from None
+    except (DraftIncompatible, ModelLoadError, ValueError) as exc:
+        raise APIError(400, str(exc), param="draft_model", code="draft_model_incompatible") from None
+    if drafter is None:
+        return None
+    defaults = DraftSettings()
+    settings = DraftSettings(
+        max_tokens=defaults.max_tokens if params.draft_max is None else params.draft_max,
+        min_tokens=defaults.min_tokens if params.draft_min is None else params.draft_min,
+        p_min=defaults.p_min if params.draft_p_min is None else params.draft_p_min,
+    )
+    return Draft(drafter, settings) if settings.max_tokens > 0 else None
 
 
 async def collect(request: GenerationRequest) -> tuple[str, Finish]:
@@ -90,6 +128,35 @@ def usage(finish: Finish) -> dict[str, object]:
         "total_tokens": finish.prompt_tokens + finish.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": finish.cached_tokens},
     }
+
+
+# Request fields that map one to one onto SamplingParams, under the same names in every API family.
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                   "repeat_penalty", "seed", "draft_model", "draft_max", "draft_min", "draft_p_min")
+
+
+def sampling_params(request: Any, *, max_tokens: int | None) -> SamplingParams:
+    """SamplingParams from a request model's sampling fields (those it lacks or leaves None keep their
+    defaults); a negative or absent `max_tokens` means no limit."""
+    params = SamplingParams(max_tokens=None if max_tokens is None or max_tokens < 0 else max_tokens)
+    for name in SAMPLING_FIELDS:
+        if (value := getattr(request, name, None)) is not None:
+            setattr(params, name, value)
+    return params
+
+
+def reasoning_tokens(instance: ModelInstance, reasoning: str, completion_tokens: int) -> int:
+    """How many of the generated tokens were reasoning (re-tokenized: the engine counts them all alike)."""
+    if not reasoning:
+        return 0
+    return min(len(instance.model.tokenize(reasoning, add_special=False, parse_special=False)), completion_tokens)
+
+
+def draft_stats(finish: Finish) -> dict[str, object]:
+    """LM Studio's `stats` on OpenAI-compatible responses of speculative requests (seen there in 2026)."""
+    return {"tokens_per_second": finish.tokens_per_second,
+            "time_to_first_token": finish.time_to_first_token or 0.0,
+            "generation_time": finish.generation_seconds, **finish.draft_stats()}
 
 
 def finish_reason(finish: Finish) -> str:

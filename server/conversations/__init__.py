@@ -1,4 +1,4 @@
-"""Stored responses for stateful chats (`/api/v1/chat`, later `/v1/responses`).
+"""Stored responses for stateful chats (`/api/v1/chat` and `/v1/responses` share them).
 
 Every stored response is a node: its id (`resp_<48 hex>`), its parent's id, the model, the
 OpenAI-format messages that turn added (the user input and the assistant output, reasoning

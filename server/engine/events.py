@@ -24,6 +24,24 @@ class Finish:
     time_to_first_token: float | None = None  # seconds from submission to the first sampled token
     generation_seconds: float = 0.0  # from the first to the last sampled token
     error: str | None = None
+    # Speculative decoding (server/engine/speculative.py): the draft model's key and its token counts.
+    draft_model: str | None = None
+    draft_total: int = 0
+    draft_accepted: int = 0
+    draft_rejected: int = 0
+
+    @property
+    def draft_ignored(self) -> int:
+        return self.draft_total - self.draft_accepted - self.draft_rejected
+
+    def draft_stats(self) -> dict[str, object]:
+        """LM Studio's draft fields of `stats`; empty without a draft model."""
+        if self.draft_model is None:
+            return {}
+        return {"draft_model": self.draft_model, "total_draft_tokens_count": self.draft_total,
+                "accepted_draft_tokens_count": self.draft_accepted,
+                "rejected_draft_tokens_count": self.draft_rejected,
+                "ignored_draft_tokens_count": self.draft_ignored}
 
     @property
     def tokens_per_second(self) -> float:
@@ -72,3 +90,14 @@ class EventStream:
         if isinstance(events[-1], Finish):
             self._finished = True
         return events
+
+
+class QueueFull(RuntimeError):
+    """Raised at submit when an instance already holds its running requests plus `--max-queue` waiting ones."""
+
+    def __init__(self, instance: str, running: int, queued: int, retry_after: int) -> None:
+        super().__init__(
+            f"Model \"{instance}\" is busy: {running} requests running and {queued} waiting, the most this "
+            f"server queues. Retry after {retry_after} s."
+        )
+        self.retry_after = retry_after

@@ -3,9 +3,10 @@
 One engine thread owns the context. Every step it builds a single batch holding the next token of
 each generating request plus prompt chunks of requests still prefilling, decodes it once, samples
 every request that produced logits and pushes the text to the requests' event loops. Requests beyond
-the free slots wait in FIFO order. A slot keeps its KV cache after its request ends so a later
-request sharing a prefix (multi-turn chat, a common system prompt) skips recomputing it; idle caches
-are the first thing dropped when the KV cache runs out of room.
+the free slots wait in FIFO order, at most `max_queue` of them (beyond that `submit` raises QueueFull,
+so a flood of clients gets a quick "retry later" instead of an ever longer wait). A slot keeps its KV
+cache after its request ends so a later request sharing a prefix (multi-turn chat, a common system
+prompt) skips recomputing it; idle caches are the first thing dropped when the KV cache runs out of room.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from . import llama_lib as lib
-from .events import Event, EventStream, Finish, FinishReason, TextDelta
+from .events import Event, EventStream, Finish, FinishReason, QueueFull, TextDelta
 from .sampling import SamplingParams, build_sampler_chain
+from .speculative import Draft, Speculation, plan_drafts
+from .stats import EngineStats
 from .text_stream import TextStream
 
 log = logging.getLogger(__name__)
@@ -33,12 +36,14 @@ EngineStatus = Literal["idle", "processingPrompt", "generating"]
 class GenerationRequest:
     """A prompt and its sampling parameters, as seen by both the engine thread and its event loop."""
 
-    __slots__ = ("_engine", "cancelled", "events", "params", "prompt", "submitted_at")
+    __slots__ = ("_engine", "cancelled", "draft", "events", "params", "prompt", "submitted_at")
 
-    def __init__(self, engine: GenerationEngine, prompt: list[int], params: SamplingParams) -> None:
+    def __init__(self, engine: GenerationEngine, prompt: list[int], params: SamplingParams,
+                 draft: Draft | None = None) -> None:
         self._engine = engine
         self.prompt = prompt
         self.params = params
+        self.draft = draft
         self.events = EventStream(asyncio.get_running_loop())
         self.cancelled = False
         self.submitted_at = time.perf_counter()
@@ -67,7 +72,9 @@ class _Slot:
     text: TextStream | None = None
     generated: int = 0
     cached_at_start: int = 0
+    started_at: float = 0.0  # when the request got this slot
     first_token_at: float = 0.0
+    spec: Speculation | None = None  # drafting state of a request with a draft model
 
     @property
     def n_past(self) -> int:
@@ -79,11 +86,23 @@ class _Slot:
 
 
 class GenerationEngine:
-    def __init__(self, model: lib.LlamaModel, context: lib.LlamaContext, *, name: str = "model") -> None:
+    def __init__(
+        self,
+        model: lib.LlamaModel,
+        context: lib.LlamaContext,
+        *,
+        name: str = "model",
+        max_queue: int | None = None,
+        stats: EngineStats | None = None,
+    ) -> None:
         self.model = model
         self.context = context
+        self.name = name
         self.n_ctx = context.n_ctx
         self.n_parallel = context.config.n_seq_max
+        self.max_queue = max_queue  # requests waiting beyond the running ones; None: no limit
+        self.stats = stats if stats is not None else EngineStats()
+        self._outstanding = 0  # submitted and not yet finished (running + waiting), under _cond
         self._slots = [_Slot(seq=i, cached=[]) for i in range(self.n_parallel)]
         self._waiting: deque[GenerationRequest] = deque()
         self._inbox: deque[GenerationRequest] = deque()
@@ -95,11 +114,17 @@ class GenerationEngine:
 
     # -- called from event loops ------------------------------------------------------------------
 
-    def submit(self, prompt: Sequence[int], params: SamplingParams) -> GenerationRequest:
-        request = GenerationRequest(self, list(prompt), params)
+    def submit(self, prompt: Sequence[int], params: SamplingParams, draft: Draft | None = None) -> GenerationRequest:
+        request = GenerationRequest(self, list(prompt), params, draft)
         with self._cond:
             if self._closed:
                 raise RuntimeError("engine is closed")
+            if self.max_queue is not None and self._outstanding >= self.n_parallel + self.max_queue:
+                running = min(self._outstanding, self.n_parallel)
+                self.stats.rejected += 1
+                raise QueueFull(self.name, running, self._outstanding - running,
+                                self.stats.retry_after(self.n_parallel))
+            self._outstanding += 1
             self._inbox.append(request)
             self._cond.notify()
         return request
@@ -112,6 +137,11 @@ class GenerationEngine:
     @property
     def active(self) -> int:
         return sum(1 for s in self._slots if s.request is not None)
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        """Tokens whose KV the cache holds, idle slots' reusable prefixes included."""
+        return sum(len(s.cached) for s in self._slots if s.cached)
 
     def status(self) -> EngineStatus:
         busy = [s for s in self._slots if s.request is not None]
@@ -207,15 +237,22 @@ class GenerationEngine:
         slot.generated = 0
         slot.chain = chain
         slot.text = TextStream(request.params.stop)
+        slot.started_at = time.perf_counter()
         slot.first_token_at = 0.0
+        slot.spec = Speculation(request.draft) if request.draft is not None else None
 
     def _step(self) -> None:
         allow_prefill = True
+        if any(s.spec is not None for s in self._slots):
+            plan_drafts(self._slots, self.n_ctx)  # type: ignore[arg-type]
         while True:
             self._fill_batch(allow_prefill)
             if self.context.batch.n_tokens == 0:
                 return
             result = self.context.decode()
+            stats = self.stats
+            stats.decode_calls += 1
+            stats.busy_slots += sum(1 for s in self._slots if s.batch_index >= 0 or s.chunk_end >= 0)
             if result == 0:
                 break
             if result != 1:
@@ -225,9 +262,9 @@ class GenerationEngine:
                         self._finish(slot, "error", error=f"llama_decode failed ({result})")
                         self._forget_cache(slot)
                 return
-            # No room left in the KV cache: drop idle caches first, then hold back prompt chunks so
-            # generating requests can finish, and only then end the longest request early.
-            if self._drop_idle_caches():
+            # No room left in the KV cache: drop drafts and idle caches first, then hold back prompt chunks
+            # so generating requests can finish, and only then end the longest request early.
+            if self._drop_drafts() or self._drop_idle_caches():
                 continue
             if allow_prefill and any(s.request is not None and not s.prefilling for s in self._slots):
                 allow_prefill = False
@@ -240,10 +277,17 @@ class GenerationEngine:
     def _fill_batch(self, allow_prefill: bool) -> None:
         batch = self.context.batch
         batch.clear()
+        # Every generating slot's pending token fits (n_batch >= n_seq_max); drafts get what room is left.
+        spare = batch.capacity - sum(1 for s in self._slots if s.request is not None and s.pending >= 0)
         for slot in self._slots:
             slot.batch_index = slot.chunk_end = -1
             if slot.request is not None and slot.pending >= 0:
                 slot.batch_index = batch.add(slot.pending, slot.n_past, slot.seq, True)
+                if slot.spec is not None and slot.spec.tokens:
+                    del slot.spec.tokens[max(spare, 0):]
+                    spare -= len(slot.spec.tokens)
+                    for offset, token in enumerate(slot.spec.tokens, start=1):
+                        batch.add(token, slot.n_past + offset, slot.seq, True)
         if not allow_prefill:
             return
         for slot in self._slots:
@@ -277,10 +321,39 @@ class GenerationEngine:
         token = slot.chain.sample(self.context, slot.batch_index)
         if slot.generated == 0:
             slot.first_token_at = now
+        spec = slot.spec
+        if spec is None or not spec.tokens:
+            self._take(slot, request, token)
+            return
+        # Verify the drafted tokens (decoded right after the pending one): keep them while the target's own
+        # sample at each position equals them, then the target's token after the last match.
+        drafted, spec.tokens = spec.tokens, []
+        spec.total += len(drafted)
+        start = len(slot.cached)  # the first drafted token's position
+        chain, i = slot.chain, 0
+        while True:
+            matched = i < len(drafted) and token == drafted[i]
+            if matched:
+                spec.accepted += 1
+            elif i < len(drafted):
+                spec.rejected += 1
+            if not self._take(slot, request, token) or not matched:
+                break
+            slot.cached.append(token)  # its KV came with the batch
+            i += 1
+            token = chain.sample(self.context, slot.batch_index + i)
+        if len(slot.cached) < start + len(drafted) and not self.context.seq_remove(slot.seq, len(slot.cached), -1):
+            if slot.request is not None:
+                self._finish(slot, "error", error="could not remove rejected draft tokens from the KV cache")
+            self._forget_cache(slot)
+
+    def _take(self, slot: _Slot, request: GenerationRequest, token: int) -> bool:
+        """Emits a sampled token; False if it ended the request."""
+        assert slot.text is not None and slot.cached is not None
         params = request.params
         if not params.ignore_eos and self.model.is_eog(token):
             self._finish(slot, "stop")
-            return
+            return False
         slot.generated += 1
         text = slot.text.push(self.model.token_bytes(token, special=params.render_special))
         if text:
@@ -292,6 +365,8 @@ class GenerationEngine:
             self._finish(slot, "length")
         else:
             slot.pending = token
+            return True
+        return False
 
     def _finish(self, slot: _Slot, reason: FinishReason, *, error: str | None = None) -> None:
         request = slot.request
@@ -301,6 +376,13 @@ class GenerationEngine:
             self._emit(request, TextDelta(tail))
         now = time.perf_counter()
         started = slot.first_token_at
+        self.stats.finished(
+            prompt_tokens=slot.prompt_pos - slot.cached_at_start,
+            prompt_seconds=(started or now) - slot.started_at,
+            predicted_tokens=slot.generated,
+            predicted_seconds=(now - started) if started else 0.0,
+            sequence_length=slot.prompt_pos + slot.generated,
+        )
         self._emit(request, Finish(
             reason,
             prompt_tokens=len(request.prompt),
@@ -310,18 +392,28 @@ class GenerationEngine:
             time_to_first_token=(started - request.submitted_at) if started else None,
             generation_seconds=(now - started) if started else 0.0,
             error=error,
+            **(slot.spec.finish_fields() if slot.spec is not None else {}),
         ))
         if slot.chain is not None:
             slot.chain.close()
         slot.request = None
         slot.chain = None
         slot.text = None
+        slot.spec = None
         slot.pending = -1
         slot.last_used = now
 
     def _forget_cache(self, slot: _Slot) -> None:
         self.context.seq_remove(slot.seq)
         slot.cached = []
+
+    def _drop_drafts(self) -> bool:
+        dropped = False
+        for slot in self._slots:
+            if slot.spec is not None and slot.spec.tokens:
+                slot.spec.tokens = []
+                dropped = True
+        return dropped
 
     def _drop_idle_caches(self) -> bool:
         dropped = False
@@ -332,6 +424,9 @@ class GenerationEngine:
         return dropped
 
     def _emit(self, request: GenerationRequest, event: Event) -> None:
+        if isinstance(event, Finish):  # every request ends with exactly one Finish
+            with self._cond:
+                self._outstanding -= 1
         stream = request.events
         pending = self._outbox.setdefault(stream.loop, [])
         if pending and pending[-1][0] is stream:

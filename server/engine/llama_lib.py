@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp as C
+import numpy as np
+import numpy.typing as npt
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,23 @@ class LlamaModel:
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
         return b"".join(self.token_bytes(t, special=special) for t in tokens).decode("utf-8", "replace")
 
+    def token_text(self, token: int) -> bytes:
+        """The vocabulary entry itself (not its rendered piece): what draft-compatibility checks compare."""
+        return C.llama_vocab_get_text(self.vocab, token) or b""
+
+    @property
+    def vocab_type(self) -> int:
+        return C.llama_vocab_type(self.vocab)
+
+    @property
+    def add_eos(self) -> bool:
+        return bool(C.llama_vocab_get_add_eos(self.vocab))
+
+    @property
+    def keeps_state(self) -> bool:
+        """Recurrent or hybrid: its cache cannot drop a suffix, so rejected draft tokens cannot be undone."""
+        return bool(C.llama_model_is_recurrent(self.ptr) or C.llama_model_is_hybrid(self.ptr))
+
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(256)
         n = C.llama_model_meta_val_str(self.ptr, key.encode(), buf, 256)
@@ -191,6 +210,10 @@ class LlamaContext:
 
     def clear(self) -> None:
         C.llama_memory_clear(self.memory, True)
+
+    def logits(self, batch_index: int, n_vocab: int) -> npt.NDArray[np.float32]:
+        """A view (no copy) of one output's logits; valid until the next decode."""
+        return np.ctypeslib.as_array(C.llama_get_logits_ith(self.ptr, batch_index), shape=(n_vocab,))
 
     def sequence_embedding(self, seq: int, n_embd: int) -> list[float]:
         ptr = C.llama_get_embeddings_seq(self.ptr, seq)

@@ -29,6 +29,11 @@ class SamplingParams:
     ignore_eos: bool = False
     grammar: str | None = None  # GBNF, enforced while sampling
     render_special: bool = False  # emit the text of control tokens (chat-template markers)
+    # Speculative decoding (speculative.py): the draft model's key and lmkube's knobs (None: the defaults).
+    draft_model: str | None = None
+    draft_max: int | None = None
+    draft_min: int | None = None
+    draft_p_min: float | None = None
 
     @property
     def greedy(self) -> bool:

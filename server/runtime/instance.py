@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -14,6 +14,8 @@ from ..chat.template import ChatTemplate, ChatTemplateError
 from ..engine import llama_lib as lib
 from ..engine.embedding import EmbeddingEngine
 from ..engine.generation import GenerationEngine
+from ..engine.speculative import Drafter, DraftPool, load_drafter
+from ..engine.stats import EngineStats
 from ..store.model_store import ModelVariant
 
 # GPU offload: "max" puts every layer on the GPU, "off" none, a fraction that share of the layers.
@@ -33,6 +35,7 @@ class LoadConfig:
     gpu: GpuOffload = "max"
     ttl: float | None = None  # idle seconds before unloading; None: never
     identifier: str | None = None
+    draft_model: str | None = None  # speculative decoding: the default draft for requests naming none
 
 
 def gpu_layers(offload: GpuOffload, n_layers: int) -> int:
@@ -53,8 +56,14 @@ class ModelInstance:
         default_context: int,
         n_threads: int,
         jit: bool,
+        max_queue: int | None = None,
+        stats: EngineStats | None = None,
+        resolve: Callable[[str], ModelVariant] | None = None,
     ) -> None:
         self.id = instance_id
+        self._resolve = resolve
+        self._drafts = DraftPool()
+        self.default_draft: Drafter | None = None
         self.variant = variant
         self.jit = jit
         self.ttl = config.ttl
@@ -77,14 +86,23 @@ class ModelInstance:
                 context = lib.LlamaContext(
                     self.model, lib.ContextConfig(n_ctx=n_ctx, n_batch=n_ctx, embeddings=True, **settings)
                 )
-                self.engine = EmbeddingEngine(self.model, context, name=instance_id)
+                self.engine = EmbeddingEngine(self.model, context, name=instance_id, max_queue=max_queue,
+                                              stats=stats)
             else:
                 # A batch larger than the context only wastes memory (and past 2**32 wraps to nonsense).
                 n_batch = min(config.eval_batch_size, n_ctx)
-                context = lib.LlamaContext(self.model, lib.ContextConfig(n_ctx=n_ctx, n_batch=n_batch, **settings))
-                self.engine = GenerationEngine(self.model, context, name=instance_id)
+                self._context_config = lib.ContextConfig(n_ctx=n_ctx, n_batch=n_batch, **settings)
+                self._n_gpu_layers = n_gpu_layers
+                context = lib.LlamaContext(self.model, self._context_config)
+                self.engine = GenerationEngine(self.model, context, name=instance_id, max_queue=max_queue,
+                                               stats=stats)
                 n_ctx = context.n_ctx  # llama.cpp rounds the context up (to 256); report what it really holds
+                if config.draft_model:
+                    self.default_draft = self.drafter(config.draft_model)
         except BaseException:
+            if hasattr(self, "engine"):
+                self.engine.close()
+            self._drafts.close()
             self.model.close()
             raise
         self.context_length = n_ctx
@@ -103,6 +121,17 @@ class ModelInstance:
             # Still load (completions and embeddings need no template); chat requests get this error as a 400.
             log.warning("%s: %s", instance_id, exc)
             self.template = ChatTemplate(f"{{{{ raise_exception({json.dumps(str(exc))}) }}}}", **special)
+
+    def drafter(self, name: str) -> Drafter:
+        """The draft model `name` (a model key in the store), loaded on first use and kept until unload.
+
+        Raises ModelNotFound, DraftIncompatible or ModelLoadError. Blocks while loading."""
+        if self._resolve is None or self.type != "llm":
+            raise ValueError("this instance cannot use a draft model")
+        variant = self._resolve(name)
+        config = self._context_config
+        return self._drafts.get(variant.key, lambda: load_drafter(
+            variant.model_key, variant.path, self.model, config, self._n_gpu_layers))
 
     def _special_text(self, token: int) -> str:
         if token < 0:
@@ -134,4 +163,5 @@ class ModelInstance:
 
     def close(self) -> None:
         self.engine.close()
+        self._drafts.close()  # after the engine thread, the drafters' only user, has stopped
         self.model.close()

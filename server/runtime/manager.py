@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
+from ..engine.stats import EngineStats
 from ..store.model_store import ModelNotFound, ModelStore, ModelVariant
 from .instance import LoadConfig, ModelInstance
 
@@ -35,6 +36,7 @@ class RuntimeSettings:
     n_threads: int = 0  # 0: one per available core
     reap_interval: float = 1.0
     evict_drain_timeout: float = 120.0  # longest auto-evict waits for the evicted instance's requests
+    max_queue: int | None = None  # requests waiting per instance beyond its running ones; None: unbounded
 
 
 @dataclass(eq=False)
@@ -55,6 +57,8 @@ class ModelManager:
         self._loading: dict[str, _JitLoad] = {}
         self._lock = asyncio.Lock()  # serialises loads and unloads, never held across inference
         self._reaper: asyncio.Task[None] | None = None
+        # /metrics counters per instance id; kept after an unload so a reload under the same id continues them.
+        self.stats: dict[str, EngineStats] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -178,6 +182,9 @@ class ModelManager:
             default_context=self.settings.default_context_length,
             n_threads=self.settings.n_threads,
             jit=jit,
+            max_queue=self.settings.max_queue,
+            stats=self.stats.setdefault(instance_id, EngineStats()),
+            resolve=self.store.resolve,
         )
         self.instances[instance_id] = instance
         log.info("loaded %s in %.2fs (context %d)", instance_id, instance.load_seconds, instance.context_length)

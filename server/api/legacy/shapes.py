@@ -77,6 +77,7 @@ def stats(finish: Finish, params: SamplingParams, *, tool_calls: bool = False) -
         "time_to_first_token": finish.time_to_first_token if finish.time_to_first_token is not None else 0.0,
         "generation_time": finish.generation_seconds,
         "stop_reason": stop_reason(finish, params, tool_calls=tool_calls),
+        **finish.draft_stats(),
     }
 
 

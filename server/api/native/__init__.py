@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from . import chat, download, instances, models
+from . import chat, download, instances, logs, models, search
 
 router = APIRouter()
-for module in (models, download, chat, instances):
+for module in (search, models, download, chat, instances, logs):
     router.include_router(module.router)

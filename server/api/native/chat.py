@@ -66,16 +66,15 @@ class NativeChatRequest(BaseModel):
     store: bool = True
     previous_response_id: str | None = None
     ttl: float | None = Field(default=None, gt=0, description="idle seconds for a model this request JIT-loads")
+    draft_model: str | None = Field(default=None, min_length=1)  # speculative decoding
+    draft_max: int | None = Field(default=None, ge=0, le=64)  # lmkube extensions, as on /v1/chat/completions
+    draft_min: int | None = Field(default=None, ge=0, le=64)
+    draft_p_min: float | None = Field(default=None, ge=0.0, le=1.0)
     # lmkube extension: tool_choice for the first round of the MCP tool loop (later rounds: "auto").
     tool_choice: str | dict[str, Any] | None = None
 
     def sampling(self) -> SamplingParams:
-        params = SamplingParams(max_tokens=self.max_output_tokens)
-        for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
-                     "frequency_penalty", "seed"):
-            if (value := getattr(self, name)) is not None:
-                setattr(params, name, value)
-        return params
+        return inference.sampling_params(self, max_tokens=self.max_output_tokens)
 
 
 def _invalid_input(message: str) -> APIError:
@@ -230,6 +229,7 @@ class NativeChat:
         params = self.body.sampling()
         params.grammar = prepared.grammar
         params.render_special = prepared.render_special
+        await inference.load_draft(instance, params)
         generation = inference.submit(instance, prepared.prompt, params, param="input")
         yield [("prompt_processing.start", {})]
         output: ChatOutput = prepared.new_output()
@@ -305,21 +305,18 @@ class NativeChat:
 
     def _account(self, instance: ModelInstance, finish: Finish, output: ChatOutput) -> None:
         """Adds one round's token counts to the stats (prompt and output tokens summed over the rounds)."""
-        result = output.result
-        reasoning_tokens = (
-            len(instance.model.tokenize(result.reasoning, add_special=False, parse_special=False))
-            if result.reasoning else 0
-        )
+        reasoning_tokens = inference.reasoning_tokens(instance, output.result.reasoning, finish.completion_tokens)
         stats = self.stats
         first = self._first_finish
         self._first_finish = False
         stats["input_tokens"] = (0 if first else stats["input_tokens"]) + finish.prompt_tokens
         stats["total_output_tokens"] = (0 if first else stats["total_output_tokens"]) + finish.completion_tokens
-        stats["reasoning_output_tokens"] = (0 if first else stats["reasoning_output_tokens"]) + min(
-            reasoning_tokens, finish.completion_tokens)
+        stats["reasoning_output_tokens"] = (0 if first else stats["reasoning_output_tokens"]) + reasoning_tokens
         stats["tokens_per_second"] = finish.tokens_per_second
         if first:
             stats["time_to_first_token_seconds"] = finish.time_to_first_token or 0.0
+        for key, value in finish.draft_stats().items():  # speculative decoding: counts summed over the rounds
+            stats[key] = value if first or not isinstance(value, int) else stats.get(key, 0) + value
 
     def _store(self, instance: ModelInstance, output: ChatOutput | None) -> None:
         if not self.body.store or output is None:
@@ -377,6 +374,11 @@ async def chat(
         raise APIError(400, "tool_choice requires MCP integrations (the tools come from them).", param="tool_choice")
     text, images = _parse_input(body.input)
     loaded, variant = _check_model(manager, body.model)
+    if body.draft_model is not None:  # refused before a stream starts; compatibility is checked at submit
+        try:
+            manager.store.resolve(body.draft_model)
+        except ModelNotFound as exc:
+            raise inference.draft_not_found(exc) from None
     if variant is not None and variant.type != "llm":
         raise APIError(400, f"Model \"{body.model}\" is an embedding model; it cannot serve this endpoint.",
                        param="model", code="model_not_supported")

@@ -1,4 +1,8 @@
-"""GET /api/v1/instances: what `lmkube ps` shows (an lmkube extension; LM Studio's lms uses its SDK socket)."""
+"""GET /api/v1/instances: what `lmkube ps` shows (an lmkube extension; LM Studio's lms uses its SDK socket).
+
+`status` is idle | processingPrompt | generating | computingEmbedding as in `lms ps --json`; `active` counts
+requests holding a slot and `queued` those waiting for one (LM Studio's `queued` is the two together).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ async def list_instances(manager: Annotated[ModelManager, Depends(get_manager)])
             "model_key": instance.variant.model_key,
             "variant": instance.variant.key,
             "type": instance.type,
+            "size_bytes": instance.variant.size_bytes,
+            "loaded_at": datetime.fromtimestamp(instance.loaded_at, UTC).isoformat(),
             "context_length": instance.context_length,
             "parallel": engine.n_parallel,
             "ttl": instance.ttl,
@@ -33,5 +39,6 @@ async def list_instances(manager: Annotated[ModelManager, Depends(get_manager)])
             "status": engine.status(),
             "active": engine.active,
             "queued": engine.queued,
+            "max_queue": engine.max_queue,  # waiting requests allowed beyond `parallel`; None: unbounded
         })
     return {"instances": instances}

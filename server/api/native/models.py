@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 
 from ...chat.reasoning import ReasoningStyle, detect_reasoning_style
+from ...engine.llama_lib import gpu_offload_supported
+from ...engine.speculative import DraftIncompatible
 from ...errors import APIError
+from ...runtime.estimate import available_memory, estimate_memory, fits
 from ...runtime.instance import LoadConfig, ModelInstance
 from ...runtime.manager import ModelManager
 from ...store.model_store import ModelEntry, ModelNotFound
@@ -101,16 +105,27 @@ async def load_model(
         gpu=defaults.gpu if body.gpu is None else body.gpu,
         ttl=body.ttl,
         identifier=body.identifier,
+        draft_model=body.draft_model,
     )
     if isinstance(config.gpu, float) and not 0.0 <= config.gpu <= 1.0:
         raise APIError(400, "'gpu' must be \"max\", \"off\" or a fraction between 0 and 1", param="gpu")
+    if body.estimate_only:
+        return await estimate_load(body.model, config, manager)
     if body.identifier and manager.find_loaded(body.identifier) is not None:
         raise APIError(409, f"An instance with identifier \"{body.identifier}\" is already loaded.",
                        param="identifier", code="identifier_in_use")
+    if body.draft_model is not None:
+        try:
+            manager.store.resolve(body.draft_model)
+        except ModelNotFound as exc:
+            raise APIError(404, f"Draft model \"{body.draft_model}\" {exc.reason}.", param="draft_model",
+                           code="model_not_found") from None
     try:
         instance = await manager.load(body.model, config)
     except ModelNotFound as exc:
         raise model_not_found(exc) from None
+    except DraftIncompatible as exc:
+        raise APIError(400, str(exc), param="draft_model", code="draft_model_incompatible") from None
     response: dict[str, Any] = {
         "type": instance.type,
         "instance_id": instance.id,
@@ -120,6 +135,34 @@ async def load_model(
     if body.echo_load_config:
         response["load_config"] = instance_config(instance)
     return response
+
+
+async def estimate_load(name: str, config: LoadConfig, manager: ModelManager) -> dict[str, Any]:
+    """What `estimate_only` answers: the memory this load would take and whether it fits now."""
+    try:
+        variant = manager.store.resolve(name)
+    except ModelNotFound as exc:
+        raise model_not_found(exc) from None
+    estimate = await asyncio.to_thread(
+        estimate_memory, list(variant.files), context_length=config.context_length,
+        default_context=manager.settings.default_context_length, parallel=config.parallel,
+        eval_batch_size=config.eval_batch_size, flash_attention=config.flash_attention,
+        offload_kv_cache=config.offload_kv_cache_to_gpu, gpu=config.gpu, gpu_supported=gpu_offload_supported(),
+        embedding=variant.is_embedding,
+    )
+    available = await asyncio.to_thread(available_memory)
+    return {
+        "model": variant.key,
+        "type": variant.type,
+        "context_length": estimate.context_length,
+        "parallel": estimate.parallel,
+        "flash_attention": estimate.flash_attention,
+        "gpu_offload": {"setting": config.gpu, "layers": estimate.gpu_layers, "total_layers": estimate.n_layers + 1},
+        "estimate": estimate.as_dict(),
+        "available": available,
+        "fits": fits(estimate, available),
+        "status": "estimated",
+    }
 
 
 @router.post("/models/unload")

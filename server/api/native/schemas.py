@@ -22,6 +22,10 @@ class LoadRequest(BaseModel):
     identifier: str | None = Field(default=None, min_length=1, max_length=200)
     echo_load_config: bool = False
     gpu: Literal["max", "off"] | float | None = None
+    # Speculative decoding: the draft model requests to this instance use unless they name their own.
+    draft_model: str | None = Field(default=None, min_length=1)
+    # lmkube extension (LM Studio's `lms load --estimate-only`): report the memory a load would take, load nothing.
+    estimate_only: bool = False
 
 
 class UnloadRequest(BaseModel):

@@ -71,6 +71,7 @@ async def start_chat(body: ChatCompletionRequest, manager: ModelManager) -> Chat
         params = body.sampling(instance.model.n_vocab, max_tokens=max_tokens)
         params.grammar = prepared.grammar
         params.render_special = prepared.render_special
+        await inference.load_draft(instance, params)
         generation = inference.submit(instance, prepared.prompt, params)
     return ChatCall(body, instance, prepared, params, generation, inference.random_id("chatcmpl-"))
 
@@ -98,6 +99,8 @@ async def complete_chat(call: ChatCall, request: Request) -> tuple[dict[str, Any
         "usage": _usage(instance, finish, result),
         "system_fingerprint": instance.id,
     }
+    if finish.draft_model is not None:
+        body["stats"] = inference.draft_stats(finish)
     return body, finish, result
 
 
@@ -137,11 +140,8 @@ def _finish_reason(finish: Finish, result: ChatResult) -> str:
 
 def _usage(instance: ModelInstance, finish: Finish, result: ChatResult) -> dict[str, Any]:
     usage = inference.usage(finish)
-    reasoning_tokens = (
-        len(instance.model.tokenize(result.reasoning, add_special=False, parse_special=False))
-        if result.reasoning else 0
-    )
-    usage["completion_tokens_details"] = {"reasoning_tokens": min(reasoning_tokens, finish.completion_tokens)}
+    reasoning = inference.reasoning_tokens(instance, result.reasoning, finish.completion_tokens)
+    usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
     return usage
 
 
@@ -204,5 +204,6 @@ def _closing(head: bytes, instance: ModelInstance, finish: Finish, result: ChatR
     out = (b"data: " + head + b',"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"'
            + reason + b'"}]}\n\n')
     if include_usage:
-        out += usage_chunk(head, _usage(instance, finish, result))
+        stats = inference.draft_stats(finish) if finish.draft_model is not None else None
+        out += usage_chunk(head, _usage(instance, finish, result), stats)
     return out + DONE

@@ -58,6 +58,7 @@ async def start_completion(body: CompletionRequest, manager: ModelManager) -> Co
     with instance.in_use():
         tokens = _prompt_tokens(instance, body.prompt)
         params = body.sampling(instance.model.n_vocab)
+        await inference.load_draft(instance, params)
         generation = inference.submit(instance, tokens, params, param="prompt")
     echo = body.prompt if body.echo and isinstance(body.prompt, str) else ""
     return CompletionCall(body, instance, params, generation, inference.random_id("cmpl-"), echo)
@@ -78,6 +79,8 @@ async def complete_completion(call: CompletionCall, request: Request) -> tuple[d
         "usage": inference.usage(finish),
         "system_fingerprint": instance.id,
     }
+    if finish.draft_model is not None:
+        body["stats"] = inference.draft_stats(finish)
     return body, finish
 
 
@@ -121,7 +124,8 @@ async def _stream(
                         out += (b"data: " + head + b',"choices":[{"index":0,"text":"","logprobs":null,'
                                 b'"finish_reason":"' + reason + b'"}]}\n\n')
                         if include_usage:
-                            out += usage_chunk(head, inference.usage(event))
+                            stats = inference.draft_stats(event) if event.draft_model is not None else None
+                            out += usage_chunk(head, inference.usage(event), stats)
                         out += DONE
                 yield bytes(out)
         finally:

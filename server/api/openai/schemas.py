@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ...engine.sampling import SamplingParams
 from ...errors import bad_request
+from ..inference import sampling_params
 
 
 class StreamOptions(BaseModel):
@@ -35,6 +36,11 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ttl: int | None = Field(default=None, ge=1, description="idle seconds for a model this request JIT-loads")
+    # Speculative decoding: LM Studio's draft_model, plus lmkube's knobs (llama.cpp's --draft-max/-min/-p-min).
+    draft_model: str | None = Field(default=None, min_length=1)
+    draft_max: int | None = Field(default=None, ge=0, le=64)
+    draft_min: int | None = Field(default=None, ge=0, le=64)
+    draft_p_min: float | None = Field(default=None, ge=0.0, le=1.0)
 
     @field_validator("stop")
     @classmethod
@@ -51,14 +57,7 @@ class SamplingFields(BaseModel):
         return value
 
     def sampling(self, n_vocab: int, *, max_tokens: int | None = None) -> SamplingParams:
-        params = SamplingParams()
-        limit = max_tokens if max_tokens is not None else self.max_tokens
-        params.max_tokens = None if limit is None or limit < 0 else limit
-        for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                     "repeat_penalty", "seed"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(params, name, value)
+        params = sampling_params(self, max_tokens=max_tokens if max_tokens is not None else self.max_tokens)
         if self.logit_bias:
             params.logit_bias = _token_bias(self.logit_bias, n_vocab)
         if self.stop:

@@ -14,6 +14,8 @@ def error_event(message: str, *, type: str = "server_error") -> bytes:
                                                "code": None}}) + b"\n\n"
 
 
-def usage_chunk(head: bytes, usage: dict[str, Any]) -> bytes:
-    """OpenAI's final usage chunk: no choices, just usage (stream_options.include_usage)."""
-    return b"data: " + head + b',"choices":[],"usage":' + orjson.dumps(usage) + b"}\n\n"
+def usage_chunk(head: bytes, usage: dict[str, Any], stats: dict[str, Any] | None = None) -> bytes:
+    """OpenAI's final usage chunk: no choices, just usage (stream_options.include_usage), and LM Studio's
+    `stats` where the request used a draft model."""
+    extra = b',"stats":' + orjson.dumps(stats) if stats else b""
+    return b"data: " + head + b',"choices":[],"usage":' + orjson.dumps(usage) + extra + b"}\n\n"
