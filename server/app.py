@@ -16,8 +16,9 @@ from .config import ServerConfig
 from .conversations import ConversationStore
 from .downloads.manager import DownloadManager
 from .errors import install_error_handlers
-from .logs import RequestLogMiddleware
-from .metrics import HttpMetrics, HttpMetricsMiddleware
+from .logs import log_request
+from .metrics import HttpMetrics
+from .request_observer import RequestObserverMiddleware
 from .runtime.manager import ModelManager
 from .store.model_store import ModelStore
 from .streaming import ClientDisconnected
@@ -58,8 +59,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                        dependencies=[] if config.public_metrics else [Depends(require_api_token)])
     for family in (openai.router, anthropic.router, native.router, legacy.router):
         app.include_router(family, dependencies=[Depends(require_api_token)])
-    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.http_metrics)
-    app.add_middleware(RequestLogMiddleware)
+    app.add_middleware(RequestObserverMiddleware, observers=[app.state.http_metrics.observe, log_request])
     if config.cors:
         app.add_middleware(
             CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"], expose_headers=["*"]

@@ -17,9 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 from .engine.events import Event, EventStream, Finish, TextDelta
+from .request_observer import FinishedRequest
 
 if TYPE_CHECKING:
     from .engine.generation import GenerationRequest
@@ -59,37 +58,15 @@ class LogBus:
 BUS = LogBus()
 
 
-class RequestLogMiddleware:
-    """Publishes a `server.log` event per finished request (plain ASGI: streamed responses stay unbuffered)."""
-
-    def __init__(self, app: ASGIApp, bus: LogBus = BUS) -> None:
-        self.app = app
-        self.bus = bus
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_and_note(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            if self.bus.active("server"):
-                ms = (time.perf_counter() - started) * 1000
-                method, path = scope["method"], scope["path"]
-                self.bus.publish("server", {
-                    "type": "server.log", "level": "error" if status >= 500 else "info",
-                    "content": f"{method} {path} {status} {ms:.1f} ms",
-                    "method": method, "path": path, "status": status, "duration_ms": round(ms, 2),
-                })
+def log_request(request: FinishedRequest, bus: LogBus = BUS) -> None:
+    """A `server.log` event per finished HTTP request (a request observer, see request_observer.py)."""
+    if bus.active("server"):
+        ms = request.seconds * 1000
+        bus.publish("server", {
+            "type": "server.log", "level": "error" if request.status >= 500 else "info",
+            "content": f"{request.method} {request.path} {request.status} {ms:.1f} ms",
+            "method": request.method, "path": request.path, "status": request.status, "duration_ms": round(ms, 2),
+        })
 
 
 _STOP_REASONS = {"length": "maxPredictedTokensReached", "cancelled": "userStopped", "error": "failed"}

@@ -1,4 +1,4 @@
-"""Prometheus text exposition (format 0.0.4) for GET /metrics, and the HTTP middleware that feeds it.
+"""Prometheus text exposition (format 0.0.4) for GET /metrics, and the HTTP request observer that feeds it.
 
 Per model: llama.cpp server's `llamacpp:*` families (same names, HELP texts and meanings, so dashboards
 made for llama-server work), labelled `model="<instance id>"`. Two deviations, both toward correct
@@ -9,7 +9,7 @@ which breaks as soon as two scrapers poll). Per HTTP route: `lmkube_http_request
 `lmkube_http_request_duration_seconds` histogram by method, route template and status.
 
 Hot path cost: the engines bump plain attributes once per decode call or finished request
-(engine/stats.py); the middleware does one dict update and one bisect per HTTP request, on the event
+(engine/stats.py); the request observer does one dict update and one bisect per HTTP request, on the event
 loop thread, so nothing here needs a lock.
 """
 
@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import bisect
 import math
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 from .engine.generation import GenerationEngine
 from .engine.stats import EngineStats
+from .request_observer import FinishedRequest
 from .runtime.manager import ModelManager
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Prometheus' default buckets, stretched to the minutes a long generation can take.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-UNMATCHED_ROUTE = "unmatched"  # unknown paths share one label value: clients must not mint series
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -96,8 +93,9 @@ class HttpMetrics:
         self.requests: dict[Labels, int] = {}
         self.durations: dict[Labels, _Histogram] = {}
 
-    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        labels = (("method", method), ("route", route), ("status", str(status)))
+    def observe(self, request: FinishedRequest) -> None:
+        seconds = request.seconds
+        labels = (("method", request.method), ("route", request.route), ("status", str(request.status)))
         self.requests[labels] = self.requests.get(labels, 0) + 1
         hist = self.durations.get(labels)
         if hist is None:
@@ -112,34 +110,6 @@ class HttpMetrics:
         out.histogram("lmkube_http_request_duration_seconds",
                       "Time from receiving an HTTP request to the end of its response (streams included).",
                       self.durations)
-
-
-class HttpMetricsMiddleware:
-    """A plain ASGI middleware (not BaseHTTPMiddleware, which would buffer streamed responses)."""
-
-    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500  # what the client gets if the app raises before starting a response
-
-        async def send_and_note(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            # The router writes the matched route into this same scope dict.
-            route = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
-            self.metrics.observe(scope["method"], route, status, time.perf_counter() - started)
 
 
 def _rate(tokens: int, seconds: float) -> float:
