@@ -277,3 +277,23 @@ def test_server_start_status_stop(tmp_path: Path, models_dir: Path) -> None:
     assert run_cli("server", "stop", **env).out == "The server is not running.\n"
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_load_with_a_draft_model(srv: ServerProcess) -> None:
+    missing = run_cli("load", "acme/tiny-chat", "--identifier", "cli-drafted", "--draft-model", "acme/nope",
+                      server=srv)
+    assert missing.code == 1 and "acme/nope" in missing.err and len(missing.err.splitlines()) == 1
+
+    loaded = run_cli("load", "acme/tiny-chat@f32", "--identifier", "cli-drafted", "-c", "1024",
+                     "--draft-model", "acme/tiny-chat@f32", server=srv)
+    assert loaded.code == 0, loaded.err
+    try:
+        with srv.client() as client:
+            body = {"model": "cli-drafted", "prompt": "hello", "max_tokens": 8, "temperature": 0}
+            stats = client.post("/v1/completions", json=body, timeout=60).json()["stats"]
+        assert stats["draft_model"] == "acme/tiny-chat"
+        assert stats["total_draft_tokens_count"] == (stats["accepted_draft_tokens_count"]
+                                                     + stats["rejected_draft_tokens_count"]
+                                                     + stats["ignored_draft_tokens_count"])
+    finally:
+        run_cli("unload", "cli-drafted", server=srv)

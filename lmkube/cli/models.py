@@ -70,6 +70,8 @@ def register(commands: Any) -> None:
     load.add_argument("-c", "--context-length", type=_positive, metavar="N", help="context length in tokens")
     load.add_argument("--parallel", type=_positive, metavar="N", help="concurrent predictions")
     load.add_argument("--identifier", metavar="ID", help="the name to address the loaded instance by")
+    load.add_argument("--draft-model", metavar="KEY",
+                      help="speculative decoding: a smaller model with the same vocabulary drafts tokens")
     load.add_argument("--estimate-only", action="store_true", help="print the memory estimate; load nothing")
     load.add_argument("-y", "--yes", action="store_true", help="no questions: take the first model if none is named")
     load.add_argument("--json", action="store_true", help="print the server's answer as JSON")
@@ -174,7 +176,8 @@ def load_model(args: argparse.Namespace) -> int:
     model = args.model or _pick_model(client, args)
     body: dict[str, Any] = {"model": model}
     for field, value in (("ttl", args.ttl), ("gpu", args.gpu), ("context_length", args.context_length),
-                         ("parallel", args.parallel), ("identifier", args.identifier)):
+                         ("parallel", args.parallel), ("identifier", args.identifier),
+                         ("draft_model", args.draft_model)):
         if value is not None:
             body[field] = value
     if args.estimate_only:
