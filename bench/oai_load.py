@@ -40,10 +40,12 @@ class Stream:
         return len(self.token_times)
 
 
-def completion_request(server: Server, max_tokens: int) -> bytes:
+def completion_request(server: Server, max_tokens: int, prompt: str = PROMPT,
+                       extra: dict[str, Any] | None = None) -> bytes:
+    """`extra` adds fields only some servers take (llama-server's `cache_prompt`, a `draft_model`)."""
     body = orjson.dumps({
-        "model": server.model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-        "logit_bias": {str(EOS_TOKEN): -100}, "stream_options": {"include_usage": True},
+        "model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+        "logit_bias": {str(EOS_TOKEN): -100}, "stream_options": {"include_usage": True}, **(extra or {}),
     })
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: application/json\r\n"
             f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
@@ -133,8 +135,8 @@ async def stream_completion(server: Server, request: bytes) -> Stream:
     return stream
 
 
-async def burst(server: Server, clients: int, max_tokens: int) -> list[Stream]:
-    request = completion_request(server, max_tokens)
+async def burst(server: Server, clients: int, max_tokens: int, extra: dict[str, Any] | None = None) -> list[Stream]:
+    request = completion_request(server, max_tokens, extra=extra)
     tasks = [stream_completion(server, request) for _ in range(clients)]
     # asyncio.timeout, not wait_for: wait_for leaves a cancelled gather behind on Ctrl+C ("never retrieved").
     async with asyncio.timeout(REQUEST_TIMEOUT_S):
