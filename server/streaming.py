@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import TypeVar
 
 import anyio
+import orjson
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -24,6 +25,11 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 class ClientDisconnected(Exception):
     pass
+
+
+def sse_event(name: str, data: Mapping[str, object]) -> bytes:
+    """One named SSE frame whose JSON data repeats the name as `type` (Anthropic, Responses, LM Studio chat)."""
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, **data}) + b"\n\n"
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

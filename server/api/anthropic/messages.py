@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Depends, Request
 
 from ...chat.session import PreparedChat, prepare_chat
@@ -19,7 +18,7 @@ from ...engine.generation import GenerationRequest
 from ...errors import APIError, error_body
 from ...runtime.instance import ModelInstance
 from ...runtime.manager import ModelManager
-from ...streaming import EventStreamResponse, unless_disconnected
+from ...streaming import EventStreamResponse, sse_event, unless_disconnected
 from .. import inference
 from ..deps import get_manager
 from .blocks import Event, MessageBuilder
@@ -77,18 +76,15 @@ async def start_message(body: MessagesRequest, manager: ModelManager) -> Message
     return MessageCall(instance, prepared, generation, builder)
 
 
-def _frame(name: str, data: dict[str, Any]) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, **data}) + b"\n\n"
-
 
 async def _stream(call: MessageCall) -> AsyncIterator[bytes]:
     try:
         async for events in call.events():
-            yield b"".join(_frame(name, data) for name, data in events)
+            yield b"".join(sse_event(name, data) for name, data in events)
     except APIError as exc:  # the stream has started: report it in-band
-        yield _frame("error", {"error": error_body(router.prefix, exc)["error"]})
+        yield sse_event("error", {"error": error_body(router.prefix, exc)["error"]})
     except Exception as exc:
-        yield _frame("error", {"error": {"type": "api_error", "message": f"Internal server error: {exc}"}})
+        yield sse_event("error", {"error": {"type": "api_error", "message": f"Internal server error: {exc}"}})
 
 
 async def _drain(call: MessageCall) -> dict[str, Any]:

@@ -19,7 +19,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-import orjson
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,7 +31,7 @@ from ...mcp import MAX_TOOL_ROUNDS, McpToolbox, open_toolbox, parse_integrations
 from ...runtime.instance import ModelInstance
 from ...runtime.manager import ModelManager
 from ...store.model_store import ModelNotFound, ModelVariant
-from ...streaming import EventStreamResponse, unless_disconnected
+from ...streaming import EventStreamResponse, sse_event, unless_disconnected
 from .. import inference
 from ..deps import get_conversations, get_manager
 
@@ -330,22 +329,19 @@ class NativeChat:
         self.response_id = node.id
 
 
-def _frame(name: str, data: dict[str, Any]) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, **data}) + b"\n\n"
-
 
 async def _stream(chat: NativeChat) -> AsyncIterator[bytes]:
     try:
         async for events in chat.events():
-            yield b"".join(_frame(name, data) for name, data in events)
+            yield b"".join(sse_event(name, data) for name, data in events)
     except APIError as exc:
-        yield _frame("error", {"error": error_body(router.prefix + "/chat", exc)["error"]})
+        yield sse_event("error", {"error": error_body(router.prefix + "/chat", exc)["error"]})
     except Exception as exc:  # the stream has started: report it in-band, then still end it
-        yield _frame("error", {"error": {"type": "internal_error", "message": f"Internal server error: {exc}"}})
+        yield sse_event("error", {"error": {"type": "internal_error", "message": f"Internal server error: {exc}"}})
     finally:
         if chat.toolbox is not None:
             await chat.toolbox.close()
-    yield _frame("chat.end", {"result": chat.result()})
+    yield sse_event("chat.end", {"result": chat.result()})
 
 
 async def _drain(chat: NativeChat) -> dict[str, Any]:

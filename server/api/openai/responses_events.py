@@ -17,9 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from ...chat.deltas import ChatDelta, ToolCall, ToolCallDelta
+from ...streaming import sse_event
 
 Event = tuple[str, dict[str, Any]]
 
@@ -213,7 +212,6 @@ class EventEncoder:
     def encode(self, events: list[Event]) -> bytes:
         out = bytearray()
         for name, fields in events:
-            data = {"type": name, **fields, "sequence_number": self.sequence}
+            out += sse_event(name, {**fields, "sequence_number": self.sequence})
             self.sequence += 1
-            out += b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
         return bytes(out)
