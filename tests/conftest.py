@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import socket
 import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -98,3 +101,25 @@ def kubelet(kube: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> Iter
         emulator.close()
     for emulator in started:
         emulator.check()
+
+
+@pytest.fixture(scope="module")
+def mcp_url() -> Iterator[str]:
+    """A real MCP server (tests/mcp_test_server.py, Streamable HTTP) on a free port."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(Path(__file__).parent / "mcp_test_server.py"), str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("the test MCP server did not start") from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        process.terminate()
+        process.wait(10)

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +15,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from support import CHAT_MODEL, ServerProcess, free_port
+from support import CHAT_MODEL, ServerProcess
 
 from lmkube.synthetic_gguf import write_llama_model
 
@@ -52,27 +49,6 @@ SCHEMA = {
 REMOTE_REF = {"type": "object", "properties": {"a": {"$ref": "https://example.com/s.json"}}}  # never fetched
 ADD_SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
               "required": ["a", "b"]}
-
-
-@pytest.fixture(scope="module")
-def mcp_url() -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, str(Path(__file__).parent / "mcp_test_server.py"), str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("the test MCP server did not start") from None
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 @pytest.fixture(scope="module")
