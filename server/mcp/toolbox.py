@@ -247,6 +247,16 @@ class McpTool:
         return {"type": "function", "function": {"name": self.name, "description": self.description,
                                                  "parameters": self.input_schema}}
 
+    def parse_arguments(self, raw: str | None) -> dict[str, Any] | str:
+        """The model's arguments for this tool as a JSON object, or the message saying why they are not one."""
+        try:
+            arguments = json.loads(raw or "{}")
+        except ValueError:
+            arguments = None
+        if isinstance(arguments, dict):
+            return arguments
+        return f"Invalid arguments for tool {self.tool}: expected a JSON object, got {raw!r}."
+
 
 @dataclass
 class ToolRun:

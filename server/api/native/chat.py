@@ -14,7 +14,6 @@ round only; later rounds run with "auto".
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
@@ -273,12 +272,9 @@ class NativeChat:
             failure = {"reason": reason, "metadata": {"type": "invalid_name", "tool_name": call.name}}
             content = reason
         else:
-            try:
-                arguments = json.loads(call.arguments or "{}")
-            except ValueError:
-                arguments = None
-            if not isinstance(arguments, dict):
-                reason = f"Invalid arguments for tool {tool.tool}: expected a JSON object, got {call.arguments!r}."
+            arguments = tool.parse_arguments(call.arguments)
+            if isinstance(arguments, str):
+                reason = arguments
                 failure = {"reason": reason, "metadata": {"type": "invalid_arguments", "tool_name": tool.tool,
                                                           "arguments": call.arguments,
                                                           "provider_info": tool.provider_info}}

@@ -15,7 +15,6 @@ run without approval: `require_approval` must be "never" (or left out).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -215,13 +214,9 @@ class ResponseRun:
     async def _run_mcp(self, index: int, call: ToolCall) -> list[Event]:
         assert self.toolbox is not None
         tool = self.toolbox.tools[call.name]
-        try:
-            arguments = json.loads(call.arguments or "{}")
-        except ValueError:
-            arguments = None
-        if not isinstance(arguments, dict):
-            message = f"Invalid arguments for tool {tool.tool}: expected a JSON object, got {call.arguments!r}."
-            output, error = message, message
+        arguments = tool.parse_arguments(call.arguments)
+        if isinstance(arguments, str):
+            output, error = arguments, arguments
         else:
             run = await self.toolbox.call(tool, arguments)
             output, error = run.output, run.error
