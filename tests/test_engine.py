@@ -13,18 +13,16 @@ One llama.cpp thread: on a busy 2-core machine, spinning worker threads made thi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import llama_cpp
 import pytest
+from engine_support import Result, collect, common_prefix, context_config, filler, first_text, greedy, running
 from lmkube.server.engine import llama_lib as lib
-from lmkube.server.engine.events import Finish, TextDelta
-from lmkube.server.engine.generation import GenerationEngine, GenerationRequest
-from lmkube.server.engine.sampling import SamplingParams, build_sampler_chain
+from lmkube.server.engine.generation import GenerationRequest
+from lmkube.server.engine.sampling import build_sampler_chain
 
 from lmkube.synthetic_gguf import LlamaShape, write_llama_model
 
@@ -54,69 +52,6 @@ def byte_model(model_dir: Path) -> Iterator[lib.LlamaModel]:
     model = lib.LlamaModel(path)
     yield model
     model.close()
-
-
-def context_config(n_ctx: int = 2048, parallel: int = 4, n_batch: int = 512) -> lib.ContextConfig:
-    return lib.ContextConfig(n_ctx=n_ctx, n_seq_max=parallel, n_batch=n_batch, n_threads=1, flash_attention=False)
-
-
-@contextlib.contextmanager
-def running(model: lib.LlamaModel, **config: int) -> Iterator[GenerationEngine]:
-    engine = GenerationEngine(model, lib.LlamaContext(model, context_config(**config)), name="test")
-    try:
-        yield engine
-    finally:
-        engine.close()
-
-
-def greedy(max_tokens: int | None, **kwargs: object) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, **kwargs)  # type: ignore[arg-type]
-
-
-@dataclass
-class Result:
-    deltas: list[str]
-    finish: Finish
-
-    @property
-    def text(self) -> str:
-        return "".join(self.deltas)
-
-
-async def collect(request: GenerationRequest, deltas: list[str] | None = None) -> Result:
-    deltas = [] if deltas is None else deltas
-    async for events in request:
-        for i, event in enumerate(events):
-            if isinstance(event, TextDelta):
-                deltas.append(event.text)
-            else:
-                assert i == len(events) - 1, "events after Finish"
-                return Result(deltas, event)
-    raise AssertionError("event stream ended without a Finish")
-
-
-async def first_text(request: GenerationRequest) -> list[str]:
-    """Reads events until the request has produced some text (it is then generating)."""
-    deltas: list[str] = []
-    async for events in request:
-        for event in events:
-            assert isinstance(event, TextDelta), f"finished before any text: {event}"
-            deltas.append(event.text)
-        if deltas:
-            return deltas
-    raise AssertionError("event stream ended without a Finish")
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def filler(n: int) -> list[int]:
-    """n prompt tokens: BOS, then ordinary vocabulary pieces."""
-    return [1] + [300 + i % 200 for i in range(n - 1)]
 
 
 # -- batching ---------------------------------------------------------------------------------------
@@ -411,8 +346,10 @@ def test_kv_cache_pressure_ends_requests_early_but_keeps_serving(chat_model: lib
         with running(chat_model, n_ctx=256, parallel=4) as engine:
             n_ctx = engine.n_ctx
             pressed = await asyncio.gather(*(collect(engine.submit(p, greedy(100))) for p in prompts))
-            # Prompts that do not fit together either (4 x 100 > 256), plus a queue behind them.
-            big = await asyncio.gather(*(collect(engine.submit(filler(100 + i), greedy(10))) for i in range(8)))
+            # Prompts that do not fit together either (4 x 100 > 256, nothing shared), plus a queue behind them.
+            big = await asyncio.gather(
+                *(collect(engine.submit(filler(100 + i, start=23 * i), greedy(10))) for i in range(8))
+            )
             assert (engine.active, engine.queued) == (0, 0)
             after = await collect(engine.submit(prompts[0], greedy(100)))
             mixed = await asyncio.gather(*(collect(engine.submit(p, greedy(100))) for p in prompts))

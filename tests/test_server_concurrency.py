@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -189,3 +190,32 @@ def test_abandoned_non_streaming_requests_free_their_slots(srv: ServerProcess) -
     assert response.status_code == 200
     assert response.json()["usage"]["completion_tokens"] == 5
     print(f"abandoned requests released their slots {idle_after:.2f}s after the client timeouts")
+
+
+def test_concurrent_requests_behind_one_system_prompt_compute_it_once(srv: ServerProcess) -> None:
+    system = "You are a patient assistant who answers every question about numbers and their names. " * 10
+
+    def prompt_tokens_total() -> int:
+        metrics = httpx.get(f"{srv.base_url}/metrics", timeout=10).text
+        [value] = re.findall(rf'^llamacpp:prompt_tokens_total{{model="{MODEL}"}} (\d+)', metrics, re.MULTILINE)
+        return int(value)
+
+    async def main() -> list[Any]:
+        client = openai.AsyncOpenAI(base_url=f"{srv.base_url}/v1", api_key="lm-studio", max_retries=0, timeout=60)
+        try:
+            return await asyncio.gather(*(client.chat.completions.create(
+                model=MODEL, temperature=0, max_tokens=4,
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}"}],
+            ) for i in range(PARALLEL)))
+        finally:
+            await client.close()
+
+    before = prompt_tokens_total()
+    completions = asyncio.run(main())
+    evaluated = prompt_tokens_total() - before
+    prompts = [c.usage.prompt_tokens for c in completions]
+    reused = sorted(c.usage.prompt_tokens_details.cached_tokens for c in completions)
+    assert min(prompts) > 150
+    # One request computed the system prompt; the others took it from the KV cache.
+    assert all(n > 150 for n in reused[1:]), reused
+    assert evaluated == sum(prompts) - sum(reused) < sum(prompts) - 3 * 150

@@ -43,6 +43,10 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-queue", type=_non_negative_int, default=None, metavar="N",
                        help="requests waiting per model instance beyond the --parallel running ones; more get "
                             "503 with Retry-After (529 on /v1/messages); 0: no waiting (default: unbounded)")
+    serve.add_argument("--cache-ram", type=_non_negative_int, default=1024, metavar="MIB",
+                       help="host memory per model for prompt caches of finished requests, kept out of the KV "
+                            "cache while others run and brought back for a prompt that continues them; "
+                            "0: keep them in the KV cache (default 1024)")
     serve.add_argument("--no-jit", action="store_true", help="do not load models on first request")
     serve.add_argument("--no-auto-evict", action="store_true",
                        help="keep earlier JIT-loaded models when JIT-loading another")
@@ -125,6 +129,7 @@ def serve(args: argparse.Namespace) -> int:
             jit_ttl=args.ttl if args.ttl > 0 else None,
             n_threads=args.threads,
             max_queue=args.max_queue,
+            cache_ram_mib=args.cache_ram,
         ),
         api_tokens=tokens,
         cors=args.cors,

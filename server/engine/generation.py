@@ -6,7 +6,8 @@ every request that produced logits and pushes the text to the requests' event lo
 the free slots wait in FIFO order, at most `max_queue` of them (beyond that `submit` raises QueueFull,
 so a flood of clients gets a quick "retry later" instead of an ever longer wait). A slot keeps its KV
 cache after its request ends so a later request sharing a prefix (multi-turn chat, a common system
-prompt) skips recomputing it; idle caches are the first thing dropped when the KV cache runs out of room.
+prompt) skips recomputing it; slot_cache.py has every way a prompt reuses computed KV. Idle caches are the
+first thing dropped when the KV cache runs out of room.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 from . import llama_lib as lib
 from .events import Event, EventStream, Finish, FinishReason, QueueFull, TextDelta
 from .sampling import SamplingParams, build_sampler_chain
+from .slot_cache import Slot, SlotCaches
 from .speculative import Draft, Speculation, plan_drafts
 from .stats import EngineStats
 from .text_stream import TextStream
@@ -31,6 +32,7 @@ from .text_stream import TextStream
 log = logging.getLogger(__name__)
 
 EngineStatus = Literal["idle", "processingPrompt", "generating"]
+
 
 
 class GenerationRequest:
@@ -58,33 +60,6 @@ class GenerationRequest:
         return self.events
 
 
-@dataclass(eq=False, slots=True)
-class _Slot:
-    seq: int
-    request: GenerationRequest | None = None
-    cached: list[int] | None = None  # tokens whose KV this sequence holds, in order
-    last_used: float = 0.0
-    prompt_pos: int = 0
-    pending: int = -1  # sampled token not yet decoded
-    batch_index: int = -1  # where this slot's logits sit in the current batch, -1 if none
-    chunk_end: int = -1  # prompt position the current batch prefills up to, -1 if none
-    chain: lib.SamplerChain | None = None
-    text: TextStream | None = None
-    generated: int = 0
-    cached_at_start: int = 0
-    started_at: float = 0.0  # when the request got this slot
-    first_token_at: float = 0.0
-    spec: Speculation | None = None  # drafting state of a request with a draft model
-
-    @property
-    def n_past(self) -> int:
-        return len(self.cached) if self.cached else 0
-
-    @property
-    def prefilling(self) -> bool:
-        return self.request is not None and self.pending < 0
-
-
 class GenerationEngine:
     def __init__(
         self,
@@ -94,6 +69,7 @@ class GenerationEngine:
         name: str = "model",
         max_queue: int | None = None,
         stats: EngineStats | None = None,
+        host_cache_bytes: int = 0,
     ) -> None:
         self.model = model
         self.context = context
@@ -103,7 +79,8 @@ class GenerationEngine:
         self.max_queue = max_queue  # requests waiting beyond the running ones; None: no limit
         self.stats = stats if stats is not None else EngineStats()
         self._outstanding = 0  # submitted and not yet finished (running + waiting), under _cond
-        self._slots = [_Slot(seq=i, cached=[]) for i in range(self.n_parallel)]
+        self._caches = SlotCaches(context, host_cache_bytes)
+        self._slots = self._caches.slots
         self._waiting: deque[GenerationRequest] = deque()
         self._inbox: deque[GenerationRequest] = deque()
         self._cond = threading.Condition()
@@ -141,7 +118,12 @@ class GenerationEngine:
     @property
     def kv_cache_tokens(self) -> int:
         """Tokens whose KV the cache holds, idle slots' reusable prefixes included."""
-        return sum(len(s.cached) for s in self._slots if s.cached)
+        return self._caches.kv_tokens
+
+    @property
+    def host_cache_tokens(self) -> int:
+        """Tokens of idle caches waiting in host memory (read from other threads: a snapshot, maybe a step old)."""
+        return self._caches.host_tokens
 
     def status(self) -> EngineStatus:
         busy = [s for s in self._slots if s.request is not None]
@@ -154,6 +136,7 @@ class GenerationEngine:
             self._closed = True
             self._cond.notify()
         self._thread.join()
+        self._caches.close()
         self.context.close()
 
     def _wake(self) -> None:
@@ -176,6 +159,7 @@ class GenerationEngine:
                 self._assign_slots()
                 if any(s.request is not None for s in self._slots):
                     self._step()
+                    self._caches.offload_idle()
                 self._flush()
         except Exception:  # a bug here must not leave clients hanging forever
             log.exception("engine thread crashed")
@@ -207,15 +191,9 @@ class GenerationEngine:
                 self._emit(request, Finish("error", len(request.prompt), 0, error=(
                     f"prompt of {len(request.prompt)} tokens does not fit the context of {self.n_ctx}")))
                 continue
-            self._start(self._best_slot(free, request.prompt), request)
+            self._start(self._caches.best_slot(free, request.prompt), request)
 
-    def _best_slot(self, free: list[_Slot], prompt: list[int]) -> _Slot:
-        def reuse(slot: _Slot) -> tuple[int, float]:
-            return (_common_prefix(slot.cached or [], prompt), -slot.last_used)
-
-        return max(free, key=reuse)
-
-    def _start(self, slot: _Slot, request: GenerationRequest) -> None:
+    def _start(self, slot: Slot, request: GenerationRequest) -> None:
         # Build the chain before touching the KV cache: a rejected request must leave the slot's
         # cache and `slot.cached` in agreement.
         try:
@@ -223,22 +201,9 @@ class GenerationEngine:
         except ValueError as exc:
             self._emit(request, Finish("error", len(request.prompt), 0, error=str(exc)))
             return
-        cached = slot.cached or []
-        keep = min(_common_prefix(cached, request.prompt), len(request.prompt) - 1)
-        if keep < len(cached) and not self.context.seq_remove(slot.seq, keep, -1):
-            # Recurrent and sliding-window caches cannot drop a suffix; start the sequence over.
-            self.context.seq_remove(slot.seq)
-            keep = 0
-        slot.request = request
-        slot.cached = cached[:keep]
-        slot.cached_at_start = keep
-        slot.prompt_pos = keep
-        slot.pending = -1
-        slot.generated = 0
+        self._caches.take_for(slot, request)
         slot.chain = chain
         slot.text = TextStream(request.params.stop)
-        slot.started_at = time.perf_counter()
-        slot.first_token_at = 0.0
         slot.spec = Speculation(request.draft) if request.draft is not None else None
 
     def _step(self) -> None:
@@ -260,18 +225,18 @@ class GenerationEngine:
                 for slot in self._slots:
                     if slot.request is not None:
                         self._finish(slot, "error", error=f"llama_decode failed ({result})")
-                        self._forget_cache(slot)
+                        self._caches.forget(slot)
                 return
             # No room left in the KV cache: drop drafts and idle caches first, then hold back prompt chunks
             # so generating requests can finish, and only then end the longest request early.
-            if self._drop_drafts() or self._drop_idle_caches():
+            if self._drop_drafts() or self._caches.drop_idle():
                 continue
             if allow_prefill and any(s.request is not None and not s.prefilling for s in self._slots):
                 allow_prefill = False
                 continue
             victim = max((s for s in self._slots if s.request is not None), key=lambda s: s.n_past)
             self._finish(victim, "length")
-            self._forget_cache(victim)
+            self._caches.forget(victim)
         self._advance()
 
     def _fill_batch(self, allow_prefill: bool) -> None:
@@ -292,6 +257,8 @@ class GenerationEngine:
             return
         for slot in self._slots:
             if slot.request is None or not slot.prefilling or batch.free == 0:
+                continue
+            if self._caches.share_prefix(slot):
                 continue
             prompt = slot.request.prompt
             last = len(prompt) - 1
@@ -316,7 +283,7 @@ class GenerationEngine:
             if slot.batch_index >= 0:
                 self._sample(slot, request, now)
 
-    def _sample(self, slot: _Slot, request: GenerationRequest, now: float) -> None:
+    def _sample(self, slot: Slot, request: GenerationRequest, now: float) -> None:
         assert slot.chain is not None and slot.text is not None and slot.cached is not None
         token = slot.chain.sample(self.context, slot.batch_index)
         if slot.generated == 0:
@@ -345,9 +312,9 @@ class GenerationEngine:
         if len(slot.cached) < start + len(drafted) and not self.context.seq_remove(slot.seq, len(slot.cached), -1):
             if slot.request is not None:
                 self._finish(slot, "error", error="could not remove rejected draft tokens from the KV cache")
-            self._forget_cache(slot)
+            self._caches.forget(slot)
 
-    def _take(self, slot: _Slot, request: GenerationRequest, token: int) -> bool:
+    def _take(self, slot: Slot, request: GenerationRequest, token: int) -> bool:
         """Emits a sampled token; False if it ended the request."""
         assert slot.text is not None and slot.cached is not None
         params = request.params
@@ -368,7 +335,7 @@ class GenerationEngine:
             return True
         return False
 
-    def _finish(self, slot: _Slot, reason: FinishReason, *, error: str | None = None) -> None:
+    def _finish(self, slot: Slot, reason: FinishReason, *, error: str | None = None) -> None:
         request = slot.request
         assert request is not None
         tail = slot.text.finish() if slot.text is not None and reason != "cancelled" else ""
@@ -403,23 +370,11 @@ class GenerationEngine:
         slot.pending = -1
         slot.last_used = now
 
-    def _forget_cache(self, slot: _Slot) -> None:
-        self.context.seq_remove(slot.seq)
-        slot.cached = []
-
     def _drop_drafts(self) -> bool:
         dropped = False
         for slot in self._slots:
             if slot.spec is not None and slot.spec.tokens:
                 slot.spec.tokens = []
-                dropped = True
-        return dropped
-
-    def _drop_idle_caches(self) -> bool:
-        dropped = False
-        for slot in self._slots:
-            if slot.request is None and slot.cached:
-                self._forget_cache(slot)
                 dropped = True
         return dropped
 
@@ -458,11 +413,3 @@ class GenerationEngine:
 def _deliver_all(items: list[tuple[EventStream, list[Event]]]) -> None:
     for stream, events in items:
         stream.deliver(events)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

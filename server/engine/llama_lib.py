@@ -205,6 +205,24 @@ class LlamaContext:
     def seq_remove(self, seq: int, start: int = -1, end: int = -1) -> bool:
         return bool(C.llama_memory_seq_rm(self.memory, seq, start, end))
 
+    def seq_copy(self, source: int, target: int, start: int, end: int) -> None:
+        """Makes `target` share `source`'s cells for positions [start, end): the unified cache tags the
+        same cells with both sequences, so nothing is computed or copied."""
+        C.llama_memory_seq_cp(self.memory, source, target, start, end)
+
+    def save_sequence(self, seq: int) -> ctypes.Array[ctypes.c_uint8]:
+        """One sequence's KV cells (positions and K/V rows) as a host buffer for `restore_sequence`."""
+        size = C.llama_state_seq_get_size(self.ptr, seq)
+        buffer = (ctypes.c_uint8 * size)()
+        written = C.llama_state_seq_get_data(self.ptr, buffer, size, seq)
+        if written != size:
+            raise RuntimeError(f"llama.cpp saved {written} of {size} bytes of sequence {seq}")
+        return buffer
+
+    def restore_sequence(self, buffer: ctypes.Array[ctypes.c_uint8], seq: int) -> bool:
+        """Writes a saved sequence back under `seq` (which must be empty); False if the cache has no room."""
+        return C.llama_state_seq_set_data(self.ptr, buffer, len(buffer), seq) > 0
+
     def seq_pos_max(self, seq: int) -> int:
         return C.llama_memory_seq_pos_max(self.memory, seq)
 

@@ -57,6 +57,7 @@ class ModelInstance:
         n_threads: int,
         jit: bool,
         max_queue: int | None = None,
+        cache_ram_mib: int = 0,
         stats: EngineStats | None = None,
         resolve: Callable[[str], ModelVariant] | None = None,
     ) -> None:
@@ -95,7 +96,7 @@ class ModelInstance:
                 self._n_gpu_layers = n_gpu_layers
                 context = lib.LlamaContext(self.model, self._context_config)
                 self.engine = GenerationEngine(self.model, context, name=instance_id, max_queue=max_queue,
-                                               stats=stats)
+                                               stats=stats, host_cache_bytes=cache_ram_mib << 20)
                 n_ctx = context.n_ctx  # llama.cpp rounds the context up (to 256); report what it really holds
                 if config.draft_model:
                     self.default_draft = self.drafter(config.draft_model)

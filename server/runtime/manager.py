@@ -37,6 +37,7 @@ class RuntimeSettings:
     reap_interval: float = 1.0
     evict_drain_timeout: float = 120.0  # longest auto-evict waits for the evicted instance's requests
     max_queue: int | None = None  # requests waiting per instance beyond its running ones; None: unbounded
+    cache_ram_mib: int = 1024  # host memory per instance for idle prompt caches (engine/host_cache.py); 0: off
 
 
 @dataclass(eq=False)
@@ -183,6 +184,7 @@ class ModelManager:
             n_threads=self.settings.n_threads,
             jit=jit,
             max_queue=self.settings.max_queue,
+            cache_ram_mib=self.settings.cache_ram_mib,
             stats=self.stats.setdefault(instance_id, EngineStats()),
             resolve=self.store.resolve,
         )

@@ -1,0 +1,175 @@
+"""The slots of a generation engine and what each one holds in the shared KV cache.
+
+All reuse of computed prompts lives here: a slot keeps its cache after its request ends, a new request
+takes the free slot whose cache shares most with its prompt, takes the longest shared run any other
+sequence holds (the unified KV cache lets sequences share cells, so that is free), waits a step for a
+prompt in the same batch that is computing their common prefix, and brings back idle caches parked in
+host memory. Only the engine thread calls in here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import llama_lib as lib
+from .host_cache import CachedPrompt, HostPromptCache
+from .prefixes import common_prefix
+from .speculative import Speculation
+from .text_stream import TextStream
+
+if TYPE_CHECKING:
+    from .generation import GenerationRequest
+
+# A prompt waits one step for another one to compute their common prefix only if it saves this many tokens.
+WORTH_WAITING_FOR = 16
+
+
+@dataclass(eq=False, slots=True)
+class Slot:
+    seq: int
+    request: GenerationRequest | None = None
+    cached: list[int] | None = None  # tokens whose KV this sequence holds, in order
+    last_used: float = 0.0
+    prompt_pos: int = 0
+    pending: int = -1  # sampled token not yet decoded
+    batch_index: int = -1  # where this slot's logits sit in the current batch, -1 if none
+    chunk_end: int = -1  # prompt position the current batch prefills up to, -1 if none
+    chain: lib.SamplerChain | None = None
+    text: TextStream | None = None
+    generated: int = 0
+    cached_at_start: int = 0  # prompt tokens reused rather than computed
+    started_at: float = 0.0  # when the request got this slot
+    first_token_at: float = 0.0
+    spec: Speculation | None = None  # drafting state of a request with a draft model
+
+    @property
+    def n_past(self) -> int:
+        return len(self.cached) if self.cached else 0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.request is not None and self.pending < 0
+
+
+class SlotCaches:
+    def __init__(self, context: lib.LlamaContext, host_cache_bytes: int = 0) -> None:
+        self.context = context
+        self.slots = [Slot(seq=i, cached=[]) for i in range(context.config.n_seq_max)]
+        # None keeps idle caches in the KV cache (see host_cache.py for what that costs).
+        self.host = HostPromptCache(host_cache_bytes) if host_cache_bytes > 0 else None
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens each sequence holds, idle slots' reusable prefixes included (shared cells once per sequence)."""
+        return sum(len(s.cached) for s in self.slots if s.cached)
+
+    @property
+    def host_tokens(self) -> int:
+        return self.host.tokens if self.host is not None else 0
+
+    def best_slot(self, free: list[Slot], prompt: list[int]) -> Slot:
+        def reuse(slot: Slot) -> tuple[int, float]:
+            return (common_prefix(slot.cached or [], prompt), -slot.last_used)
+
+        return max(free, key=reuse)
+
+    def take_for(self, slot: Slot, request: GenerationRequest) -> None:
+        """Gives `slot` to `request`, keeping as much of the prompt's KV as it (or host memory) holds."""
+        prompt = request.prompt
+        keep = min(common_prefix(slot.cached or [], prompt), len(prompt) - 1)
+        if self.host is not None:
+            keep = self._restore_from_host(slot, prompt, keep)
+        cached = slot.cached or []
+        if keep < len(cached) and not self.context.seq_remove(slot.seq, keep, -1):
+            # Recurrent and sliding-window caches cannot drop a suffix; start the sequence over.
+            self.context.seq_remove(slot.seq)
+            keep = 0
+        slot.request = request
+        slot.cached = cached[:keep]
+        slot.cached_at_start = keep
+        slot.prompt_pos = keep
+        slot.pending = -1
+        slot.generated = 0
+        slot.started_at = time.perf_counter()
+        slot.first_token_at = 0.0
+
+    def share_prefix(self, slot: Slot) -> bool:
+        """Takes the longest run of this prompt that another sequence already holds; True when a prompt
+        ahead of it in this very batch is computing more of their common prefix, so this one waits a step
+        and takes that too instead of computing it twice (concurrent requests behind one system prompt)."""
+        assert slot.request is not None and slot.cached is not None
+        prompt = slot.request.prompt
+        last = len(prompt) - 1  # the last prompt token is always decoded here: its logits start the reply
+        donor, reach = None, slot.prompt_pos
+        for other in self.slots:
+            if other is not slot and other.cached and len(other.cached) > reach:
+                shared = min(common_prefix(other.cached, prompt), last)
+                if shared > reach:
+                    donor, reach = other, shared
+        if donor is not None:
+            self.context.seq_copy(donor.seq, slot.seq, slot.prompt_pos, reach)
+            slot.cached.extend(prompt[slot.prompt_pos : reach])
+            slot.cached_at_start += reach - slot.prompt_pos
+            slot.prompt_pos = reach
+        for other in self.slots:
+            if other.chunk_end < 0 or other is slot:
+                continue
+            assert other.request is not None
+            computing = min(common_prefix(other.request.prompt[: other.chunk_end], prompt), last)
+            if computing - slot.prompt_pos >= WORTH_WAITING_FOR:
+                return True
+        return False
+
+    def offload_idle(self) -> None:
+        """Moves idle slots' caches to host memory while requests run, which keeps their attention span short."""
+        if self.host is None or all(s.request is None for s in self.slots):
+            return
+        for slot in self.slots:
+            if slot.request is None and slot.cached:
+                self._save(slot)
+                self.forget(slot)
+
+    def drop_idle(self) -> bool:
+        """Frees the cells of every idle cache (the KV cache is full); True if there were any."""
+        dropped = False
+        for slot in self.slots:
+            if slot.request is None and slot.cached:
+                self.forget(slot)
+                dropped = True
+        return dropped
+
+    def forget(self, slot: Slot) -> None:
+        self.context.seq_remove(slot.seq)
+        slot.cached = []
+
+    def close(self) -> None:
+        if self.host is not None:
+            self.host.clear()
+
+    def _restore_from_host(self, slot: Slot, prompt: list[int], keep: int) -> int:
+        """Brings back the host entry sharing the most with `prompt` if it beats what the KV cache holds;
+        returns how much of the prompt the slot then holds."""
+        assert self.host is not None and slot.cached is not None
+        last = len(prompt) - 1
+        in_cache = max((min(common_prefix(s.cached, prompt), last) for s in self.slots if s.cached), default=0)
+        found = self.host.take_longest(prompt, max(keep, in_cache), limit=last)
+        if found is None:
+            if keep < len(slot.cached):
+                self._save(slot)  # the part about to be trimmed away may serve a later prompt
+            return keep
+        entry, shared = found
+        self._save(slot)
+        self.forget(slot)
+        if not self.context.restore_sequence(entry.state, slot.seq):  # no contiguous room for it now
+            self.context.seq_remove(slot.seq)
+            self.host.put(entry)
+            return 0
+        slot.cached = entry.tokens
+        return shared
+
+    def _save(self, slot: Slot) -> None:
+        assert self.host is not None and slot.cached is not None
+        if self.host.wants(slot.cached):
+            self.host.put(CachedPrompt(list(slot.cached), self.context.save_sequence(slot.seq)))
