@@ -6,7 +6,9 @@ Prometheus types: `n_busy_slots_per_decode` and `n_tokens_max` are gauges (llama
 counters although they are a mean and a maximum), and the `*_tokens_seconds` throughputs average over
 the instance's lifetime rather than since the previous scrape (llama-server resets them on every scrape,
 which breaks as soon as two scrapers poll). Per HTTP route: `lmkube_http_requests_total` and the
-`lmkube_http_request_duration_seconds` histogram by method, route template and status.
+`lmkube_http_request_duration_seconds` histogram by method, route template and status. lmkube's own
+per-model extras: `lmkube_requests_rejected_total`, `lmkube_instance_max_queue` and speculative decoding's
+`lmkube_draft_tokens_total{outcome="accepted|rejected|ignored"}`.
 
 Hot path cost: the engines bump plain attributes once per decode call or finished request
 (engine/stats.py); the request observer does one dict update and one bisect per HTTP request, on the event
@@ -30,6 +32,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 Labels = tuple[tuple[str, str], ...]
+DRAFT_OUTCOMES = ("accepted", "rejected", "ignored")
 
 
 def _escape(value: str) -> str:
@@ -149,6 +152,11 @@ def write_model_metrics(out: Exposition, manager: ModelManager) -> None:
     out.family("lmkube_requests_rejected_total", "counter",
                "Requests refused with 503/529 because the instance's queue was full (--max-queue).",
                ((labels, s.rejected) for labels, s in every))
+    out.family("lmkube_draft_tokens_total", "counter",
+               "Speculative decoding: tokens a draft model proposed and the model verified, by outcome (accepted; "
+               "rejected: the first mismatch of a round; ignored: drafted after it or past the end).",
+               ((((*labels, ("outcome", outcome)), getattr(s, f"draft_{outcome}")) for labels, s in every
+                 for outcome in DRAFT_OUTCOMES)))
     out.family("lmkube_instance_max_queue", "gauge",
                "Requests an instance queues beyond its running ones (-1: unbounded).",
                ((labels, -1 if i.engine.max_queue is None else i.engine.max_queue) for labels, i in loaded))

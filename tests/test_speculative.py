@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -22,6 +23,7 @@ from lmkube.server.engine.events import Finish, TextDelta
 from lmkube.server.engine.generation import GenerationEngine
 from lmkube.server.engine.sampling import SamplingParams
 from lmkube.server.engine.speculative import Draft, DraftIncompatible, DraftSettings, check_compatible, load_drafter
+from prometheus_client.parser import text_string_to_metric_families
 from support import ServerProcess
 
 from lmkube.synthetic_gguf import LlamaShape, write_llama_model
@@ -330,3 +332,81 @@ def test_streaming_with_draft_and_disconnect_frees_the_slot(srv: ServerProcess) 
         assert time.monotonic() < deadline, state
         time.sleep(0.05)
     assert chat(srv, "plain", "hi", draft_model=SAME).status_code == 200
+
+
+def draft_counters(server: ServerProcess, model: str) -> dict[str, float]:
+    """lmkube_draft_tokens_total of one instance, by outcome."""
+    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    return {sample.labels["outcome"]: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "lmkube_draft_tokens_total" and sample.labels["model"] == model}
+
+
+def test_metrics_count_drafted_tokens_by_outcome(srv: ServerProcess) -> None:
+    before = draft_counters(srv, "plain")
+    stats = chat(srv, "plain", "the weather is", draft_model=DRAFT_SMALL, draft_p_min=0.0).json()["stats"]
+    after = draft_counters(srv, "plain")
+    assert stats["total_draft_tokens_count"] > 0
+    for outcome in ("accepted", "rejected", "ignored"):
+        assert after[outcome] - before[outcome] == stats[f"{outcome}_draft_tokens_count"], (outcome, before, after)
+
+    # A client that goes away mid-stream never reads the closing event; its drafts are counted all the same.
+    body = {"model": "plain", "messages": [{"role": "user", "content": "one two"}], "temperature": 0,
+            "stream": True, "draft_model": SAME, "draft_p_min": 0.0}
+    with httpx.stream("POST", f"{srv.base_url}/v1/chat/completions", timeout=60, json=body) as response:
+        for seen, _ in enumerate(response.iter_lines()):
+            if seen >= 6:
+                break
+    deadline = time.monotonic() + 20
+    while sum(draft_counters(srv, "plain").values()) == sum(after.values()):
+        assert time.monotonic() < deadline, "the abandoned request's drafts were never counted"
+        time.sleep(0.05)
+
+
+def test_responses_and_messages_take_a_draft_model(srv: ServerProcess) -> None:
+    """`draft_model` (and the draft knobs) through the official SDKs' extra_body: same greedy text, stats as
+    an extra top-level key, and an unknown or incompatible draft refused in each family's error shape."""
+    drafting = {"draft_model": SAME, "draft_p_min": 0.0, "draft_max": 6}
+    oai = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="x", max_retries=0, timeout=60)
+    claude = anthropic.Anthropic(base_url=srv.base_url, api_key="x", max_retries=0, timeout=60)
+    try:
+        def respond(**extra: Any) -> Any:
+            return oai.responses.create(model="plain", input="tell me more about the cat", temperature=0,
+                                        max_output_tokens=32, store=False, extra_body=extra or None)
+
+        def message(**extra: Any) -> Any:
+            # temperature is no longer among the SDK's arguments; the API still takes it.
+            return claude.messages.create(model="plain", max_tokens=32, extra_body={"temperature": 0, **extra},
+                                          messages=[{"role": "user", "content": "what is the time now"}])
+
+        plain, fast = respond(), respond(**drafting)
+        assert fast.output_text == plain.output_text and fast.output_text
+        assert (plain.model_extra or {}).get("stats") is None
+        stats = fast.model_extra["stats"]
+        assert stats["draft_model"] == SAME and stats["accepted_draft_tokens_count"] > 0
+        assert stats["total_draft_tokens_count"] == sum(stats[f"{k}_draft_tokens_count"]
+                                                        for k in ("accepted", "rejected", "ignored"))
+
+        plain_msg, fast_msg = message(), message(**drafting)
+        assert fast_msg.content[0].text == plain_msg.content[0].text and fast_msg.content[0].text
+        assert (plain_msg.model_extra or {}).get("stats") is None
+        assert fast_msg.model_extra["stats"]["draft_model"] == SAME
+        assert fast_msg.model_extra["stats"]["accepted_draft_tokens_count"] > 0
+        with claude.messages.stream(model="plain", max_tokens=32, extra_body={"temperature": 0, "draft_model": SAME},
+                                    messages=[{"role": "user", "content": "what is the time now"}]) as stream:
+            assert stream.get_final_text() == plain_msg.content[0].text
+
+        for name, status in (("acme/no-such-draft", 404), (ODD_SPECIALS, 400)):
+            with pytest.raises(openai.APIStatusError) as caught:
+                respond(draft_model=name)
+            assert caught.value.status_code == status and caught.value.body["param"] == "draft_model"
+            assert name in caught.value.body["message"]
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                message(draft_model=name)
+            assert refused.value.status_code == status
+            assert refused.value.body["type"] == "error" and name in refused.value.body["error"]["message"]
+            assert refused.value.body["error"]["type"] == ("not_found_error" if status == 404
+                                                           else "invalid_request_error")
+    finally:
+        oai.close()
+        claude.close()

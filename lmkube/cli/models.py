@@ -205,6 +205,8 @@ def print_estimate(result: dict[str, Any]) -> None:
     setting = offload["setting"]
     share = f"{setting * 100:.0f}%" if isinstance(setting, int | float) else setting
     print(f"Model: {result['model']}")
+    if result.get("draft_model"):  # speculative decoding: its share is already in the totals below
+        print(f"Draft Model: {result['draft_model']} ({gib(estimate['draft']['total_bytes'])} of the total)")
     print(f"Context Length: {result['context_length']:,}")
     print(f"GPU Offload: {share} ({offload['layers']}/{offload['total_layers']} layers)")
     print(f"Estimated GPU Memory:   {gib(estimate['gpu_bytes'])}")

@@ -350,6 +350,9 @@ class GenerationEngine:
             predicted_seconds=(now - started) if started else 0.0,
             sequence_length=slot.prompt_pos + slot.generated,
         )
+        if slot.spec is not None:
+            spec = slot.spec
+            self.stats.drafted(spec.accepted, spec.rejected, spec.total - spec.accepted - spec.rejected)
         self._emit(request, Finish(
             reason,
             prompt_tokens=len(request.prompt),

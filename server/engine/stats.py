@@ -23,6 +23,10 @@ class EngineStats:
     n_tokens_max: int = 0  # the longest sequence (prompt + generated) seen
     requests_finished: int = 0
     rejected: int = 0  # submits refused with QueueFull (written by the submitting event loop, not the engine)
+    # Speculative decoding: drafted tokens put to the model, by outcome, added when a drafted request ends.
+    draft_accepted: int = 0
+    draft_rejected: int = 0
+    draft_ignored: int = 0
 
     def finished(self, prompt_tokens: int, prompt_seconds: float, predicted_tokens: int,
                  predicted_seconds: float, sequence_length: int) -> None:
@@ -33,6 +37,11 @@ class EngineStats:
         self.requests_finished += 1
         if sequence_length > self.n_tokens_max:
             self.n_tokens_max = sequence_length
+
+    def drafted(self, accepted: int, rejected: int, ignored: int) -> None:
+        self.draft_accepted += accepted
+        self.draft_rejected += rejected
+        self.draft_ignored += ignored
 
     def retry_after(self, parallel: int) -> int:
         """Whole seconds until a queue place is likely to free: the mean time a request holds a slot,

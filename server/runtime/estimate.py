@@ -15,6 +15,10 @@ its buffers:
   the logits (n_vocab × n_ub × 4) and the FFN activations plus the F16 mask. Fitted to llama.cpp's own
   "compute buffer size" reports within a few MiB (tests/test_memory_estimate.py).
 - output buffer (logits of one token per slot) and a small runtime overhead (tokenizer tables, threads).
+- a draft model (speculative decoding, `draft_model` on load): its weights and a context of its own, created
+  with the target's exact context settings (engine/speculative.py `load_drafter`): the target's context
+  length even past the draft's trained one, the same slots and batch, and the target's GPU layer count
+  (clamped to the draft's layers). Reported apart (`draft`); the totals include it.
 
 The compute buffer is reserved at load but only the part a batch actually uses is ever touched, so a
 freshly loaded model's RSS is lower than `total_bytes` by up to that buffer; the estimate is what the
@@ -26,7 +30,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,16 +63,20 @@ class MemoryEstimate:
     n_layers: int
     gpu_layers: int  # blocks plus the output layer placed on the GPU
     gpu_bytes: int
-    total_bytes: int  # GPU and host together
-    breakdown: Breakdown
+    total_bytes: int  # GPU and host together (the draft's included)
+    breakdown: Breakdown  # this model's own parts
+    draft: MemoryEstimate | None = None  # the draft model's share, already in gpu_bytes and total_bytes
 
     @property
     def host_bytes(self) -> int:
         return self.total_bytes - self.gpu_bytes
 
     def as_dict(self) -> dict[str, Any]:
-        return {"gpu_bytes": self.gpu_bytes, "host_bytes": self.host_bytes, "total_bytes": self.total_bytes,
+        body = {"gpu_bytes": self.gpu_bytes, "host_bytes": self.host_bytes, "total_bytes": self.total_bytes,
                 "breakdown": asdict(self.breakdown)}
+        if self.draft is not None:
+            body["draft"] = self.draft.as_dict()
+        return body
 
 
 def n_gpu_layers(offload: GpuOffload, n_layers: int, gpu_supported: bool) -> int:
@@ -104,38 +112,89 @@ def estimate_memory(
     gpu: GpuOffload = "max",
     gpu_supported: bool = False,
     embedding: bool = False,
+    draft_files: list[Path] | None = None,
 ) -> MemoryEstimate:
     headers = _headers(files)
-    meta = headers[0].metadata
-    arch = meta.get("general.architecture", "llama")
-
-    def hp(key: str, default: Any = None) -> Any:
-        return meta.get(f"{arch}.{key}", default)
-
-    n_layers = int(hp("block_count", 0) or 0)
-    n_embd = int(hp("embedding_length", 0) or 0)
-    heads = _per_layer(hp("attention.head_count"), n_layers, 1)
-    n_head = max(heads, default=1)
-    heads_kv = _per_layer(hp("attention.head_count_kv"), n_layers, n_head)
-    head_dim = n_embd // n_head if n_head else 0
-    key_length = int(hp("attention.key_length", head_dim) or head_dim)
-    value_length = int(hp("attention.value_length", head_dim) or head_dim)
-    n_ff = max(_per_layer(hp("feed_forward_length"), n_layers, 4 * n_embd), default=4 * n_embd)
-    tokens = meta.get("tokenizer.ggml.tokens")
-    n_vocab = len(tokens) if tokens is not None else int(hp("vocab_size", 32000) or 32000)
-    trained = int(hp("context_length", 0) or 0) or default_context
-
+    shape = _Shape.of(headers[0])
     # The context and batch exactly as instance.py and llama_lib.py create them.
     if embedding:
-        n_ctx = min(context_length or trained, trained)
+        n_ctx = min(context_length or shape.trained or default_context, shape.trained or default_context)
         n_ub = n_ctx
     else:
-        n_ctx = min(context_length or default_context, trained)
+        n_ctx = min(context_length or default_context, shape.trained or default_context)
         n_ub = max(min(eval_batch_size, n_ctx), parallel)
-    n_ctx = -(-n_ctx // CTX_PAD) * CTX_PAD
-    fa = True if flash_attention is None else flash_attention  # llama.cpp's "auto" enables it on CPU and CUDA
+    settings = _Settings(n_ctx=-(-n_ctx // CTX_PAD) * CTX_PAD, n_ub=n_ub, parallel=parallel,
+                         fa=True if flash_attention is None else flash_attention,  # llama.cpp's "auto": on
+                         offload_kv_cache=offload_kv_cache, embedding=embedding)
+    gpu_layers = n_gpu_layers(gpu, shape.n_layers, gpu_supported)
+    target = _estimate(headers, shape, settings, gpu_layers)
+    if not draft_files or embedding:  # an embedding instance never loads its draft
+        return target
+    draft_headers = _headers(draft_files)
+    draft_shape = _Shape.of(draft_headers[0])
+    # instance.py hands the draft the target's layer count (all of them for "max"); llama.cpp clamps it.
+    draft_layers = n_gpu_layers("max", draft_shape.n_layers, gpu_supported) if gpu == "max" else min(
+        gpu_layers, draft_shape.n_layers + 1)
+    draft = _estimate(draft_headers, draft_shape, settings, draft_layers)
+    return replace(target, gpu_bytes=target.gpu_bytes + draft.gpu_bytes,
+                   total_bytes=target.total_bytes + draft.total_bytes, draft=draft)
 
-    gpu_layers = n_gpu_layers(gpu, n_layers, gpu_supported)
+
+@dataclass(frozen=True)
+class _Shape:
+    """The hyperparameters the estimate needs, from a GGUF header."""
+
+    n_layers: int
+    n_embd: int
+    n_head: int
+    heads_kv: list[int]
+    key_length: int
+    value_length: int
+    n_ff: int
+    n_vocab: int
+    trained: int  # 0 when the header does not say
+
+    @classmethod
+    def of(cls, header: GGUFHeader) -> _Shape:
+        meta = header.metadata
+        arch = meta.get("general.architecture", "llama")
+
+        def hp(key: str, default: Any = None) -> Any:
+            return meta.get(f"{arch}.{key}", default)
+
+        n_layers = int(hp("block_count", 0) or 0)
+        n_embd = int(hp("embedding_length", 0) or 0)
+        heads = _per_layer(hp("attention.head_count"), n_layers, 1)
+        n_head = max(heads, default=1)
+        head_dim = n_embd // n_head if n_head else 0
+        tokens = meta.get("tokenizer.ggml.tokens")
+        return cls(
+            n_layers=n_layers, n_embd=n_embd, n_head=n_head,
+            heads_kv=_per_layer(hp("attention.head_count_kv"), n_layers, n_head),
+            key_length=int(hp("attention.key_length", head_dim) or head_dim),
+            value_length=int(hp("attention.value_length", head_dim) or head_dim),
+            n_ff=max(_per_layer(hp("feed_forward_length"), n_layers, 4 * n_embd), default=4 * n_embd),
+            n_vocab=len(tokens) if tokens is not None else int(hp("vocab_size", 32000) or 32000),
+            trained=int(hp("context_length", 0) or 0),
+        )
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The context as created: n_ctx already padded, n_ub tokens per ubatch."""
+
+    n_ctx: int
+    n_ub: int
+    parallel: int
+    fa: bool
+    offload_kv_cache: bool
+    embedding: bool
+
+
+def _estimate(headers: list[GGUFHeader], shape: _Shape, settings: _Settings, gpu_layers: int) -> MemoryEstimate:
+    """One model and its context: weights, KV cache, compute and output buffers, overhead."""
+    n_layers, n_embd, n_vocab = shape.n_layers, shape.n_embd, shape.n_vocab
+    n_ctx, n_ub, parallel, embedding = settings.n_ctx, settings.n_ub, settings.parallel, settings.embedding
     first_gpu_layer = n_layers + 1 - gpu_layers  # llama.cpp offloads the last blocks
     output_on_gpu = gpu_layers > 0
 
@@ -158,17 +217,17 @@ def estimate_memory(
     kv = gpu_kv = 0
     if not embedding:
         for layer in range(n_layers):
-            size = n_ctx * heads_kv[layer] * (key_length + value_length) * KV_BYTES_PER_ELEMENT
+            size = n_ctx * shape.heads_kv[layer] * (shape.key_length + shape.value_length) * KV_BYTES_PER_ELEMENT
             kv += size
-            if offload_kv_cache and layer >= first_gpu_layer:
+            if settings.offload_kv_cache and layer >= first_gpu_layer:
                 gpu_kv += size
 
     activations = n_ub * n_embd * 4
     logits_peak = n_vocab * n_ub * 4 + 2 * activations
-    if fa:
-        attention_peak = 3 * n_ff * n_ub * 4 + n_ctx * n_ub * 2 + 2 * activations
+    if settings.fa:
+        attention_peak = 3 * shape.n_ff * n_ub * 4 + n_ctx * n_ub * 2 + 2 * activations
     else:
-        attention_peak = n_ctx * n_ub * n_head * 4 + n_ctx * n_ub * 4 + 6 * activations
+        attention_peak = n_ctx * n_ub * shape.n_head * 4 + n_ctx * n_ub * 4 + 6 * activations
     compute = max(logits_peak, attention_peak)
     gpu_compute = 0
     if gpu_layers > 0:
@@ -181,7 +240,7 @@ def estimate_memory(
     gpu_bytes = gpu_weights + gpu_kv + gpu_compute
     host_bytes = (weights - gpu_weights) + (kv - gpu_kv) + compute + output + overhead
     return MemoryEstimate(
-        context_length=n_ctx, parallel=parallel, batch_size=n_ub, flash_attention=fa, n_layers=n_layers,
+        context_length=n_ctx, parallel=parallel, batch_size=n_ub, flash_attention=settings.fa, n_layers=n_layers,
         gpu_layers=gpu_layers, gpu_bytes=gpu_bytes, total_bytes=gpu_bytes + host_bytes,
         breakdown=Breakdown(weights=weights, kv_cache=kv, compute=compute + gpu_compute, output=output,
                             overhead=overhead),

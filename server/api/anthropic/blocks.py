@@ -117,8 +117,10 @@ class MessageBuilder:
         self._finish = finish
         self._result = result
         reason, sequence = stop_reason(finish, result)
-        events.append(("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
-                                         "usage": usage(finish)}))
+        delta: dict[str, Any] = {"delta": {"stop_reason": reason, "stop_sequence": sequence}, "usage": usage(finish)}
+        if finish.draft_model is not None:  # lmkube: speculative decoding's counts (an extra key SDKs keep)
+            delta["stats"] = finish.draft_stats()
+        events.append(("message_delta", delta))
         events.append(("message_stop", {}))
         return events
 
@@ -128,9 +130,12 @@ class MessageBuilder:
         # A call the parser announced and then found malformed came back as text: its block goes.
         calls = {tool_use_id(c.id) for c in self._result.tool_calls}
         blocks = [b for b in self.blocks if b["type"] != "tool_use" or b["id"] in calls]
-        return {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
-                "content": blocks, "stop_reason": reason, "stop_sequence": sequence,
-                "usage": usage(self._finish)}
+        message = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+                   "content": blocks, "stop_reason": reason, "stop_sequence": sequence,
+                   "usage": usage(self._finish)}
+        if self._finish.draft_model is not None:
+            message["stats"] = self._finish.draft_stats()
+        return message
 
 
 def _object(arguments: str) -> dict[str, Any]:

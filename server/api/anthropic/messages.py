@@ -71,6 +71,7 @@ async def start_message(body: MessagesRequest, manager: ModelManager) -> Message
         params.stop = list(body.stop_sequences or ())
         params.grammar = prepared.grammar
         params.render_special = prepared.render_special
+        await inference.load_draft(instance, params)
         generation = inference.submit(instance, prepared.prompt, params)
     builder = MessageBuilder(inference.random_id("msg_", 24), instance.id, len(prepared.prompt))
     return MessageCall(instance, prepared, generation, builder)

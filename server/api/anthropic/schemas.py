@@ -147,6 +147,11 @@ class MessagesRequest(MessagesInput):
     top_k: int | None = Field(default=None, ge=0)
     seed: int | None = None  # lmkube extension, as on /v1/chat/completions
     stream: bool = False
+    # lmkube extensions, as on /v1/chat/completions: speculative decoding with a draft model.
+    draft_model: str | None = Field(default=None, min_length=1)
+    draft_max: int | None = Field(default=None, ge=0, le=64)
+    draft_min: int | None = Field(default=None, ge=0, le=64)
+    draft_p_min: float | None = Field(default=None, ge=0.0, le=1.0)
 
     @field_validator("stop_sequences")
     @classmethod

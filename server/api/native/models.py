@@ -143,15 +143,23 @@ async def estimate_load(name: str, config: LoadConfig, manager: ModelManager) ->
         variant = manager.store.resolve(name)
     except ModelNotFound as exc:
         raise model_not_found(exc) from None
+    draft_files, draft_key = None, None
+    if config.draft_model is not None:
+        try:
+            draft = manager.store.resolve(config.draft_model)
+            draft_files, draft_key = list(draft.files), draft.key
+        except ModelNotFound as exc:
+            raise APIError(404, f"Draft model \"{config.draft_model}\" {exc.reason}.", param="draft_model",
+                           code="model_not_found") from None
     estimate = await asyncio.to_thread(
         estimate_memory, list(variant.files), context_length=config.context_length,
         default_context=manager.settings.default_context_length, parallel=config.parallel,
         eval_batch_size=config.eval_batch_size, flash_attention=config.flash_attention,
         offload_kv_cache=config.offload_kv_cache_to_gpu, gpu=config.gpu, gpu_supported=gpu_offload_supported(),
-        embedding=variant.is_embedding,
+        embedding=variant.is_embedding, draft_files=draft_files,
     )
     available = await asyncio.to_thread(available_memory)
-    return {
+    answer = {
         "model": variant.key,
         "type": variant.type,
         "context_length": estimate.context_length,
@@ -163,6 +171,9 @@ async def estimate_load(name: str, config: LoadConfig, manager: ModelManager) ->
         "fits": fits(estimate, available),
         "status": "estimated",
     }
+    if draft_key is not None and estimate.draft is not None:  # its share is `estimate.draft`, in the totals
+        answer["draft_model"] = draft_key
+    return answer
 
 
 @router.post("/models/unload")

@@ -120,6 +120,7 @@ class ResponseRun:
         self.builder = builder
         self.added: list[dict[str, Any]] = []  # assistant and tool messages this response produced
         self.usage = _usage_zero()
+        self.draft: dict[str, Any] = {}  # speculative decoding's counts, summed over the rounds
         self.first: tuple[PreparedChat, GenerationRequest] | None = None
 
     def spec(self, round_index: int) -> ChatSpec:
@@ -190,6 +191,8 @@ class ResponseRun:
             if self.body.store:
                 self.store.add(parent_id=self.body.previous_response_id, model=self.instance.id,
                                messages=[*self.turn, *self.added], response_id=builder.response["id"])
+            if self.draft:  # lmkube: LM Studio's draft `stats` as an extra top-level key (SDKs keep it)
+                builder.response["stats"] = self.draft
             yield builder.finish(self.usage, incomplete=incomplete)
 
     def _account(self, finish: Finish, output: ChatOutput) -> None:
@@ -200,6 +203,8 @@ class ResponseRun:
         usage["output_tokens_details"]["reasoning_tokens"] += inference.reasoning_tokens(
             self.instance, output.result.reasoning, finish.completion_tokens)
         usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
+        for key, value in finish.draft_stats().items():
+            self.draft[key] = value if isinstance(value, str) else self.draft.get(key, 0) + value
 
     def _record(self, output: ChatOutput, calls: list[ToolCall]) -> None:
         result = output.result
@@ -279,6 +284,7 @@ async def start_response(body: ResponsesRequest, request: Request, manager: Mode
         builder = ResponseBuilder(_response_body(body, new_response_id(), instance.id), names)
         run = ResponseRun(body, instance, store, messages, turn, functions, toolbox, builder)
         with instance.in_use():
+            await inference.load_draft(instance, inference.sampling_params(body, max_tokens=None))
             run.first = run.submit(0)
     except BaseException:
         if toolbox is not None:

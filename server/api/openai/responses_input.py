@@ -61,6 +61,11 @@ class ResponsesRequest(BaseModel):
     repeat_penalty: float | None = Field(default=None, gt=0.0)
     seed: int | None = None
     ttl: int | None = Field(default=None, ge=1, description="idle seconds for a model this request JIT-loads")
+    # Speculative decoding, as on /v1/chat/completions: LM Studio's draft_model and lmkube's knobs.
+    draft_model: str | None = Field(default=None, min_length=1)
+    draft_max: int | None = Field(default=None, ge=0, le=64)
+    draft_min: int | None = Field(default=None, ge=0, le=64)
+    draft_p_min: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 def _invalid(message: str, param: str = "input") -> APIError:
