@@ -7,8 +7,8 @@ counters although they are a mean and a maximum), and the `*_tokens_seconds` thr
 the instance's lifetime rather than since the previous scrape (llama-server resets them on every scrape,
 which breaks as soon as two scrapers poll). Per HTTP route: `lmkube_http_requests_total` and the
 `lmkube_http_request_duration_seconds` histogram by method, route template and status. lmkube's own
-per-model extras: `lmkube_requests_rejected_total`, `lmkube_instance_max_queue` and speculative decoding's
-`lmkube_draft_tokens_total{outcome="accepted|rejected|ignored"}`.
+per-model extras: `lmkube_requests_rejected_total`, `lmkube_instance_max_queue`, `lmkube_host_cache_tokens`
+and speculative decoding's `lmkube_draft_tokens_total{outcome="accepted|rejected|ignored"}`.
 
 Hot path cost: the engines bump plain attributes once per decode call or finished request
 (engine/stats.py); the request observer does one dict update and one bisect per HTTP request, on the event
@@ -145,6 +145,9 @@ def write_model_metrics(out: Exposition, manager: ModelManager) -> None:
                ((labels, engine.kv_cache_tokens / engine.n_ctx) for labels, engine in kv))
     out.family("llamacpp:kv_cache_tokens", "gauge", "KV-cache tokens.",
                ((labels, engine.kv_cache_tokens) for labels, engine in kv))
+    out.family("lmkube_host_cache_tokens", "gauge",
+               "Tokens of finished requests' prompt caches parked in host memory (--cache-ram).",
+               ((labels, engine.host_cache_tokens) for labels, engine in kv))
     out.family("llamacpp:requests_processing", "gauge", "Number of requests processing.",
                ((labels, i.engine.active) for labels, i in loaded))
     out.family("llamacpp:requests_deferred", "gauge", "Number of requests deferred.",

@@ -195,9 +195,9 @@ def test_abandoned_non_streaming_requests_free_their_slots(srv: ServerProcess) -
 def test_concurrent_requests_behind_one_system_prompt_compute_it_once(srv: ServerProcess) -> None:
     system = "You are a patient assistant who answers every question about numbers and their names. " * 10
 
-    def prompt_tokens_total() -> int:
+    def sample(name: str) -> int:
         metrics = httpx.get(f"{srv.base_url}/metrics", timeout=10).text
-        [value] = re.findall(rf'^llamacpp:prompt_tokens_total{{model="{MODEL}"}} (\d+)', metrics, re.MULTILINE)
+        [value] = re.findall(rf'^{name}{{model="{MODEL}"}} (\d+)', metrics, re.MULTILINE)
         return int(value)
 
     async def main() -> list[Any]:
@@ -210,12 +210,15 @@ def test_concurrent_requests_behind_one_system_prompt_compute_it_once(srv: Serve
         finally:
             await client.close()
 
-    before = prompt_tokens_total()
+    before = sample("llamacpp:prompt_tokens_total")
     completions = asyncio.run(main())
-    evaluated = prompt_tokens_total() - before
+    evaluated = sample("llamacpp:prompt_tokens_total") - before
     prompts = [c.usage.prompt_tokens for c in completions]
     reused = sorted(c.usage.prompt_tokens_details.cached_tokens for c in completions)
     assert min(prompts) > 150
     # One request computed the system prompt; the others took it from the KV cache.
     assert all(n > 150 for n in reused[1:]), reused
     assert evaluated == sum(prompts) - sum(reused) < sum(prompts) - 3 * 150
+    # The followers waited a step for the leader, so it finished first, and its cache was parked in host
+    # memory while they ran.
+    assert sample("lmkube_host_cache_tokens") >= min(prompts)

@@ -62,8 +62,10 @@ class SlotCaches:
 
     @property
     def kv_tokens(self) -> int:
-        """Tokens each sequence holds, idle slots' reusable prefixes included (shared cells once per sequence)."""
-        return sum(len(s.cached) for s in self.slots if s.cached)
+        """Cells holding KV, idle slots' reusable prefixes included; a prefix several sequences share counts once
+        (sharing is how equal prefixes get there, so each shared run is one set of cells)."""
+        caches = sorted(list(s.cached) for s in self.slots if s.cached)
+        return sum(len(c) - common_prefix(c, previous) for previous, c in zip([[], *caches], caches, strict=False))
 
     @property
     def host_tokens(self) -> int:
