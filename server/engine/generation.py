@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 
 EngineStatus = Literal["idle", "processingPrompt", "generating"]
 
+# Idle caches are parked in host memory before a step that computes at least this many prompt tokens (each
+# one would attend over their cells: measured ~0.2 µs per token and idle cell on 2 cores, while parking
+# costs ~5 µs per cell), else right after the step.
+PARK_BEFORE_PREFILLING = 32
+
 
 
 class GenerationRequest:
@@ -158,9 +163,11 @@ class GenerationEngine:
                 self._drop_cancelled()
                 self._assign_slots()
                 if any(s.request is not None for s in self._slots):
+                    if self._caches.prompt_tokens_ahead >= PARK_BEFORE_PREFILLING:
+                        self._caches.offload_idle()
                     self._step()
-                    self._caches.offload_idle()
                 self._flush()
+                self._caches.offload_idle()  # once this step's tokens are out, so parking never delays them
         except Exception:  # a bug here must not leave clients hanging forever
             log.exception("engine thread crashed")
             self._fail_everything("internal engine error")

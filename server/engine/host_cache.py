@@ -9,9 +9,11 @@ when a new prompt starts with its tokens. Entries are evicted least-recently-use
 
 from __future__ import annotations
 
-import ctypes
 from collections import OrderedDict
 from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
 
 from .prefixes import common_prefix
 
@@ -19,11 +21,11 @@ from .prefixes import common_prefix
 @dataclass(eq=False, slots=True)
 class CachedPrompt:
     tokens: list[int]
-    state: ctypes.Array[ctypes.c_uint8] = field(repr=False)
+    state: npt.NDArray[np.uint8] = field(repr=False)  # llama_state_seq_get_data's bytes
 
     @property
     def nbytes(self) -> int:
-        return len(self.state)
+        return self.state.nbytes
 
 
 class HostPromptCache:

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 log = logging.getLogger(__name__)
+_BYTES = ctypes.POINTER(ctypes.c_uint8)
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -136,6 +137,11 @@ class LlamaModel:
         """Recurrent or hybrid: its cache cannot drop a suffix, so rejected draft tokens cannot be undone."""
         return bool(C.llama_model_is_recurrent(self.ptr) or C.llama_model_is_hybrid(self.ptr))
 
+    @property
+    def windowed(self) -> bool:
+        """Sliding-window attention: cells past the window are dropped, so an old prefix may be incomplete."""
+        return C.llama_model_n_swa(self.ptr) > 0
+
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(256)
         n = C.llama_model_meta_val_str(self.ptr, key.encode(), buf, 256)
@@ -210,18 +216,18 @@ class LlamaContext:
         same cells with both sequences, so nothing is computed or copied."""
         C.llama_memory_seq_cp(self.memory, source, target, start, end)
 
-    def save_sequence(self, seq: int) -> ctypes.Array[ctypes.c_uint8]:
+    def save_sequence(self, seq: int) -> npt.NDArray[np.uint8]:
         """One sequence's KV cells (positions and K/V rows) as a host buffer for `restore_sequence`."""
         size = C.llama_state_seq_get_size(self.ptr, seq)
-        buffer = (ctypes.c_uint8 * size)()
-        written = C.llama_state_seq_get_data(self.ptr, buffer, size, seq)
+        buffer = np.empty(size, np.uint8)  # not zero-filled first: a third of the time for a ctypes array
+        written = C.llama_state_seq_get_data(self.ptr, buffer.ctypes.data_as(_BYTES), size, seq)
         if written != size:
             raise RuntimeError(f"llama.cpp saved {written} of {size} bytes of sequence {seq}")
         return buffer
 
-    def restore_sequence(self, buffer: ctypes.Array[ctypes.c_uint8], seq: int) -> bool:
+    def restore_sequence(self, buffer: npt.NDArray[np.uint8], seq: int) -> bool:
         """Writes a saved sequence back under `seq` (which must be empty); False if the cache has no room."""
-        return C.llama_state_seq_set_data(self.ptr, buffer, len(buffer), seq) > 0
+        return C.llama_state_seq_set_data(self.ptr, buffer.ctypes.data_as(_BYTES), buffer.nbytes, seq) > 0
 
     def seq_pos_max(self, seq: int) -> int:
         return C.llama_memory_seq_pos_max(self.memory, seq)

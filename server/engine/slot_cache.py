@@ -57,6 +57,9 @@ class SlotCaches:
     def __init__(self, context: lib.LlamaContext, host_cache_bytes: int = 0) -> None:
         self.context = context
         self.slots = [Slot(seq=i, cached=[]) for i in range(context.config.n_seq_max)]
+        # Sequences share cells only in a plain attention cache: recurrent state cannot be split at a
+        # position, and a sliding window may have dropped part of a prefix.
+        self.shares = not (context.model.keeps_state or context.model.windowed)
         # None keeps idle caches in the KV cache (see host_cache.py for what that costs).
         self.host = HostPromptCache(host_cache_bytes) if host_cache_bytes > 0 else None
 
@@ -70,6 +73,11 @@ class SlotCaches:
     @property
     def host_tokens(self) -> int:
         return self.host.tokens if self.host is not None else 0
+
+    @property
+    def prompt_tokens_ahead(self) -> int:
+        """Prompt tokens the running requests have yet to compute (before any sharing)."""
+        return sum(len(s.request.prompt) - s.prompt_pos for s in self.slots if s.request is not None and s.prefilling)
 
     def best_slot(self, free: list[Slot], prompt: list[int]) -> Slot:
         def reuse(slot: Slot) -> tuple[int, float]:
@@ -96,12 +104,32 @@ class SlotCaches:
         slot.generated = 0
         slot.started_at = time.perf_counter()
         slot.first_token_at = 0.0
+        self._borrow(slot)  # now, while idle caches are still in the KV cache
 
     def share_prefix(self, slot: Slot) -> bool:
         """Takes the longest run of this prompt that another sequence already holds; True when a prompt
         ahead of it in this very batch is computing more of their common prefix, so this one waits a step
         and takes that too instead of computing it twice (concurrent requests behind one system prompt)."""
+        self._borrow(slot)
+        if not self.shares:
+            return False
+        assert slot.request is not None
+        prompt = slot.request.prompt
+        last = len(prompt) - 1
+        for other in self.slots:
+            if other.chunk_end < 0 or other is slot:
+                continue
+            assert other.request is not None
+            computing = min(common_prefix(other.request.prompt[: other.chunk_end], prompt), last)
+            if computing - slot.prompt_pos >= WORTH_WAITING_FOR:
+                return True
+        return False
+
+    def _borrow(self, slot: Slot) -> None:
+        """Extends the slot's prompt with the longest run of it another sequence holds (no compute, no copy)."""
         assert slot.request is not None and slot.cached is not None
+        if not self.shares:
+            return
         prompt = slot.request.prompt
         last = len(prompt) - 1  # the last prompt token is always decoded here: its logits start the reply
         donor, reach = None, slot.prompt_pos
@@ -115,17 +143,10 @@ class SlotCaches:
             slot.cached.extend(prompt[slot.prompt_pos : reach])
             slot.cached_at_start += reach - slot.prompt_pos
             slot.prompt_pos = reach
-        for other in self.slots:
-            if other.chunk_end < 0 or other is slot:
-                continue
-            assert other.request is not None
-            computing = min(common_prefix(other.request.prompt[: other.chunk_end], prompt), last)
-            if computing - slot.prompt_pos >= WORTH_WAITING_FOR:
-                return True
-        return False
 
     def offload_idle(self) -> None:
-        """Moves idle slots' caches to host memory while requests run, which keeps their attention span short."""
+        """Moves idle slots' caches to host memory while requests run, which keeps their attention span short.
+        New requests have taken what they reuse from idle caches by then (`take_for`)."""
         if self.host is None or all(s.request is None for s in self.slots):
             return
         for slot in self.slots:
