@@ -129,6 +129,25 @@ def test_greedy_output_is_identical_with_and_without_drafts(engine: GenerationEn
         assert finish.draft_accepted >= 30
 
 
+def test_a_draft_that_never_agrees_backs_off(engine: GenerationEngine, drafters: dict[str, Any]) -> None:
+    # The small random draft disagrees with the target nearly always: after each fruitless round the slot
+    # skips 2, 4, ... 32 steps, so 120 tokens see a handful of rounds instead of one per step.
+    small = Draft(drafters[DRAFT_SMALL], DraftSettings(max_tokens=4, p_min=0.0))
+    never_sure = Draft(drafters[SAME], DraftSettings(p_min=1.01))  # no draft token is ever likely enough
+
+    async def main() -> list[tuple[str, Finish]]:
+        return [await generate(engine, "the weather is", draft, max_tokens=120)
+                for draft in (None, small, never_sure)]
+
+    (plain, _), (text, backed_off), (unsure_text, unsure) = asyncio.run(main())
+    assert text == unsure_text == plain
+    consistent(backed_off)
+    rounds = backed_off.draft_rejected + (backed_off.draft_accepted > 0)
+    assert backed_off.draft_accepted <= 2 and 3 <= rounds <= 8, backed_off
+    assert backed_off.draft_total <= 4 * 8
+    assert unsure.draft_total == 0
+
+
 def test_sampled_output_keeps_the_seeded_stream(engine: GenerationEngine, drafters: dict[str, Any]) -> None:
     """A sampled request accepts drafts only where the target's own draw agrees, one draw per emitted token,
     so with a fixed seed even sampled output matches the run without a draft."""

@@ -316,6 +316,7 @@ class GenerationEngine:
             slot.cached.append(token)  # its KV came with the batch
             i += 1
             token = chain.sample(self.context, slot.batch_index + i)
+        spec.verified(accepted=i)
         if len(slot.cached) < start + len(drafted) and not self.context.seq_remove(slot.seq, len(slot.cached), -1):
             if slot.request is not None:
                 self._finish(slot, "error", error="could not remove rejected draft tokens from the KV cache")

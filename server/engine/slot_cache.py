@@ -179,8 +179,10 @@ class SlotCaches:
         in_cache = max((min(common_prefix(s.cached, prompt), last) for s in self.slots if s.cached), default=0)
         found = self.host.take_longest(prompt, max(keep, in_cache), limit=last)
         if found is None:
-            if keep < len(slot.cached):
-                self._save(slot)  # the part about to be trimmed away may serve a later prompt
+            if keep < len(slot.cached) // 2:
+                # Another conversation takes this slot: keep the old one for its next turn. (Not when a
+                # continuation trims a few tokens: saving costs ~5 µs per cell, in this request's TTFT.)
+                self._save(slot)
             return keep
         entry, shared = found
         self._save(slot)

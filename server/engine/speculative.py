@@ -17,6 +17,12 @@ even its seeded random stream. A sampled request accepts a drafted token only wh
 token equals it (no rejection sampling against the draft's probabilities), so its acceptance rate is
 lower than a greedy request's.
 
+A draft that does not help backs off: after a round that drafted nothing (the draft was never sure
+enough) or had nothing accepted, the slot skips drafting for 2, 4, ... up to 32 steps, and the draft cache
+catches up with the skipped tokens in one batch when drafting resumes. Without that, a draft model that
+never agrees (or is never confident) costs a draft decode every step for nothing: 2.5x slower measured
+on the 2-core box with a random-weight pair.
+
 Counts (LM Studio's stats): `total` drafted tokens put to the target, `accepted` those the target agreed
 with, `rejected` the first one it disagreed with in a round, `ignored` = total - accepted - rejected (the
 tokens after a rejection, or past the point where the generation ended).
@@ -32,8 +38,11 @@ from pathlib import Path
 import numpy as np
 
 from . import llama_lib as lib
+from .prefixes import common_prefix
 
 log = logging.getLogger(__name__)
+
+MAX_BACKOFF_STEPS = 32
 
 # llama.cpp's compatibility rules (common_speculative_are_compatible).
 VOCAB_MAX_SIZE_DIFFERENCE = 128
@@ -145,7 +154,7 @@ class Drafter:
         """Brings each job's draft sequence to its history and picks the first candidate."""
         for job in jobs:
             cached = self.cached[job.seq]
-            keep = min(_common_prefix(cached, job.history), len(job.history) - 1)
+            keep = min(common_prefix(cached, job.history), len(job.history) - 1)
             if keep < len(cached):
                 if not self.context.seq_remove(job.seq, keep, -1):
                     self.context.seq_remove(job.seq)
@@ -194,6 +203,18 @@ class Speculation:
     total: int = 0
     accepted: int = 0
     rejected: int = 0
+    misses: int = 0  # rounds in a row that drafted nothing or had nothing accepted
+    skip: int = 0  # steps left without drafting
+
+    def missed(self) -> None:
+        self.misses += 1
+        self.skip = min(1 << self.misses, MAX_BACKOFF_STEPS)
+
+    def verified(self, accepted: int) -> None:
+        if accepted:
+            self.misses = 0
+        else:
+            self.missed()
 
     def finish_fields(self) -> dict[str, object]:
         return {"draft_model": self.draft.drafter.name, "draft_total": self.total,
@@ -208,6 +229,9 @@ def plan_drafts(slots: list[object], n_ctx: int) -> None:
         if spec is None or slot.request is None or slot.pending < 0:  # type: ignore[attr-defined]
             continue
         spec.tokens = []
+        if spec.skip:
+            spec.skip -= 1
+            continue
         settings = spec.draft.settings
         cached: list[int] = slot.cached  # type: ignore[attr-defined]
         limit = min(settings.max_tokens, n_ctx - len(cached) - 2)  # the pending token and a bonus one must fit
@@ -223,6 +247,8 @@ def plan_drafts(slots: list[object], n_ctx: int) -> None:
         drafter.draft([job for _, job in pairs])
         for slot, job in pairs:
             slot.spec.tokens = job.tokens  # type: ignore[attr-defined]
+            if not job.tokens:
+                slot.spec.missed()  # type: ignore[attr-defined]
 
 
 def load_drafter(name: str, path: Path, target: lib.LlamaModel, config: lib.ContextConfig,
@@ -257,10 +283,3 @@ class DraftPool:
                 drafter.close()
             self._drafters.clear()
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
