@@ -176,6 +176,7 @@ def write_llama_model(
     emit_bytes: bool = False,
     emit_eos: bool = False,
     eos_gain: float = 1.0,
+    layer_gain: float = 2.5,
 ) -> Path:
     """Write a random-weight ``llama`` GGUF with a byte-fallback SentencePiece vocab; returns ``path``.
 
@@ -184,6 +185,9 @@ def write_llama_model(
     ``emit_bytes`` lets byte tokens through (raw, often invalid UTF-8, as real random models emit);
     ``emit_eos`` lets ``</s>`` through so generations also end on their own; ``eos_gain`` scales its
     logit so they end sooner (2.0 gives a couple of dozen tokens on average at the demo's shape).
+    ``layer_gain`` scales the blocks' weights (std ``layer_gain / sqrt(fan_in)``); a small one leaves the
+    residual stream close to the token embedding, so models with the same seed, width and vocabulary but
+    different depths predict alike (a draft model for a deeper target).
     """
     s = shape
     head_dim, rem = divmod(s.n_embd, s.n_head)
@@ -261,9 +265,9 @@ def write_llama_model(
         "ffn_up": (s.n_ff, s.n_embd),
         "ffn_down": (s.n_embd, s.n_ff),
     }
-    # At std 1/sqrt(fan_in) some seeds fell into one-token greedy loops; 2.5x lets attention mix in enough
-    # context that 48 greedy tokens stayed varied for every seed/prompt/shape tried (24 seeds x 5 prompts).
-    gain = 2.5
+    # At std 1/sqrt(fan_in) some seeds fell into one-token greedy loops; the default 2.5x lets attention mix
+    # in enough context that 48 greedy tokens stayed varied for every seed/prompt/shape tried (24 seeds x 5).
+    gain = layer_gain
     for i in range(s.n_layer):
         tensors += [_fill(f"blk.{i}.attn_norm.weight", (s.n_embd,), 1.0)]
         tensors += [_fill(f"blk.{i}.ffn_norm.weight", (s.n_embd,), 1.0)]
