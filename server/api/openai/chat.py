@@ -168,7 +168,7 @@ async def _stream(
 
     def encode(delta: ChatDelta) -> bytes:
         if not delta.reasoning and not delta.tool_calls:
-            return content_open + orjson.dumps(delta.content) + frame_close if delta.content else b""
+            return b"".join((content_open, orjson.dumps(delta.content), frame_close)) if delta.content else b""
         out = b""
         if delta.reasoning:
             out += delta_open + orjson.dumps({"role": "assistant", "reasoning_content": delta.reasoning,
@@ -184,17 +184,17 @@ async def _stream(
     with instance.in_use():
         try:
             async for events in generation:
-                out = bytearray()
+                parts: list[bytes] = []  # every pending event's frames, one join, one write
                 for event in events:
                     if isinstance(event, TextDelta):
-                        out += encode(output.feed(event.text))
+                        parts.append(encode(output.feed(event.text)))
                     elif event.reason == "error":
-                        out += error_event(f"Generation failed: {event.error}") + DONE
+                        parts += (error_event(f"Generation failed: {event.error}"), DONE)
                     else:
-                        out += encode(output.finish())
-                        out += _closing(head, instance, event, output.result, include_usage)
-                if out:
-                    yield bytes(out)
+                        parts += (encode(output.finish()), _closing(head, instance, event, output.result,
+                                                                    include_usage))
+                if out := b"".join(parts):
+                    yield out
         finally:
             generation.cancel()
 

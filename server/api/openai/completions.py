@@ -113,20 +113,21 @@ async def _stream(
             if echo:
                 yield text_open + orjson.dumps(echo) + text_close
             async for events in generation:
-                out = bytearray()
+                # The hot path: every pending event's frame pieces into one list, one join, one write.
+                parts: list[bytes] = []
                 for event in events:
                     if isinstance(event, TextDelta):
-                        out += text_open + orjson.dumps(event.text) + text_close
+                        parts += (text_open, orjson.dumps(event.text), text_close)
                     elif event.reason == "error":
-                        out += error_event(f"Generation failed: {event.error}") + DONE
+                        parts += (error_event(f"Generation failed: {event.error}"), DONE)
                     else:
                         reason = inference.finish_reason(event).encode()
-                        out += (b"data: " + head + b',"choices":[{"index":0,"text":"","logprobs":null,'
-                                b'"finish_reason":"' + reason + b'"}]}\n\n')
+                        parts.append(b"data: " + head + b',"choices":[{"index":0,"text":"","logprobs":null,'
+                                     b'"finish_reason":"' + reason + b'"}]}\n\n')
                         if include_usage:
                             stats = inference.draft_stats(event) if event.draft_model is not None else None
-                            out += usage_chunk(head, inference.usage(event), stats)
-                        out += DONE
-                yield bytes(out)
+                            parts.append(usage_chunk(head, inference.usage(event), stats))
+                        parts.append(DONE)
+                yield b"".join(parts)
         finally:
             generation.cancel()
