@@ -1,4 +1,4 @@
-"""The raw-socket streaming client: OpenAI-style streaming ``/v1/completions`` requests, every event stamped
+"""The raw-socket streaming client: OpenAI-style streaming ``/v1/completions`` (or chat) requests, every event stamped
 when its bytes arrive, plus the percentile helper the metrics use.
 """
 
@@ -43,11 +43,23 @@ class Stream:
 def completion_request(server: Server, max_tokens: int, prompt: str = PROMPT,
                        extra: dict[str, Any] | None = None) -> bytes:
     """`extra` adds fields only some servers take (llama-server's `cache_prompt`, a `draft_model`)."""
-    body = orjson.dumps({
-        "model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-        "logit_bias": {str(EOS_TOKEN): -100}, "stream_options": {"include_usage": True}, **(extra or {}),
-    })
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: application/json\r\n"
+    return post_request(server, "/v1/completions", {"prompt": prompt, **_streaming_fields(max_tokens, extra)})
+
+
+def chat_request(server: Server, max_tokens: int, prompt: str = PROMPT, extra: dict[str, Any] | None = None) -> bytes:
+    """The same as a streaming /v1/chat/completions request with one user message."""
+    messages = [{"role": "user", "content": prompt}]
+    return post_request(server, "/v1/chat/completions", {"messages": messages, **_streaming_fields(max_tokens, extra)})
+
+
+def _streaming_fields(max_tokens: int, extra: dict[str, Any] | None) -> dict[str, Any]:
+    return {"max_tokens": max_tokens, "temperature": 0.0, "stream": True, "logit_bias": {str(EOS_TOKEN): -100},
+            "stream_options": {"include_usage": True}, **(extra or {})}
+
+
+def post_request(server: Server, path: str, fields: dict[str, Any]) -> bytes:
+    body = orjson.dumps({"model": server.model, **fields})
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: application/json\r\n"
             f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
     return head.encode() + body
 
@@ -88,7 +100,7 @@ def on_event(stream: Stream, data: bytes, now: float) -> None:
         stream.usage_tokens = usage.get("completion_tokens")
         stream.prompt_tokens = usage.get("prompt_tokens")
     for choice in event.get("choices") or ():
-        if choice.get("text"):
+        if choice.get("text") or (choice.get("delta") or {}).get("content"):  # completions or chat
             stream.token_times.append(now)
         else:
             stream.empty_chunks += 1
@@ -135,8 +147,10 @@ async def stream_completion(server: Server, request: bytes) -> Stream:
     return stream
 
 
-async def burst(server: Server, clients: int, max_tokens: int, extra: dict[str, Any] | None = None) -> list[Stream]:
-    request = completion_request(server, max_tokens, extra=extra)
+async def burst(server: Server, clients: int, max_tokens: int, extra: dict[str, Any] | None = None,
+                request: bytes | None = None) -> list[Stream]:
+    """`clients` simultaneous streaming requests (each on its own connection); by default /v1/completions."""
+    request = request or completion_request(server, max_tokens, extra=extra)
     tasks = [stream_completion(server, request) for _ in range(clients)]
     # asyncio.timeout, not wait_for: wait_for leaves a cancelled gather behind on Ctrl+C ("never retrieved").
     async with asyncio.timeout(REQUEST_TIMEOUT_S):

@@ -39,13 +39,9 @@ from servers import (
     server_deps_missing,
     wait_ready,
 )
+from stream_overhead import Cost, loop_costs, thread_cpu_ns
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def thread_cpu(pid: int, tid: int) -> float:
-    stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -55,20 +51,19 @@ class Run(RunResult):
 
 def measure(server: Server, clients: int, tokens: int, extra: dict[str, Any] | None) -> Run:
     pid = server.process.pid if server.process else 0
-    before, loop_before = cpu_sample(pid), thread_cpu(pid, pid)
+    before, loop_before = cpu_sample(pid), thread_cpu_ns(pid, pid)
     streams = asyncio.run(burst(server, clients, tokens, extra))
-    after, loop_after = cpu_sample(pid), thread_cpu(pid, pid)
-    return Run(clients, streams, CpuUse.between(before, after), loop_after - loop_before)
+    after, loop_after = cpu_sample(pid), thread_cpu_ns(pid, pid)
+    return Run(clients, streams, CpuUse.between(before, after), (loop_after - loop_before) / 1e9)
 
 
-def marginal_loop_cost(server: Server, clients: int = 16, short: int = 8, long: int = 64) -> float:
-    """Event-loop CPU per extra streamed token (seconds): the slope between short and long requests, so the
-    per-request costs (HTTP parsing, validation, tokenizing) cancel out and what is left is streaming."""
-    cost = {}
-    for tokens in (short, long, short, long):
-        run = measure(server, clients, tokens, None)
-        cost[tokens] = min(cost.get(tokens, float("inf")), run.loop_cpu_s)
-    return (cost[long] - cost[short]) / (clients * (long - short))
+def streaming_costs(server: Server, tokens: int) -> tuple[list[Cost], str | None]:
+    """Event-loop CPU per extra streamed token, both OpenAI endpoints at 1 and 16 clients (stream_overhead.py):
+    the median slope between 8-token and `tokens`-token bursts, so per-request costs cancel out."""
+    try:
+        return loop_costs(server, (1, 16), short=8, long=tokens, pairs=3), None
+    except (OSError, RuntimeError, ValueError) as exc:
+        return [], f"{type(exc).__name__}: {exc}"
 
 
 def prepare_lmkube_model(server: Server, key: str) -> None:
@@ -128,7 +123,8 @@ def bench_model(model: BenchModel, bin_dir: Path, args: argparse.Namespace, logs
                         print_run(e.label, run, args.tokens)
         result.servers = [e.runs for e in entries]
         if lmkube_entry := next((e for e in entries if e.label == "lmkube" and e.runs.error is None), None):
-            result.loop_marginal_s = marginal_loop_cost(lmkube_entry.server)
+            print("  streaming overhead ...", flush=True)
+            result.loop_costs, result.loop_error = streaming_costs(lmkube_entry.server, args.tokens)
         prompt_tokens = next((e.runs.warmup.prompt_tokens for e in entries if e.runs.warmup
                               and e.runs.warmup.prompt_tokens), 34)
         print(f"  prefix-cache demo ({args.prefix_words} words) ...", flush=True)
