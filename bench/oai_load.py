@@ -21,6 +21,12 @@ PROMPT = (
     "when the time has come to see what it is like"
 )
 REQUEST_TIMEOUT_S = 600.0
+_FIRST_WORDS = sorted(set(PROMPT.split()))  # single pieces: one per client makes prompts share only BOS
+
+
+def client_prompt(client: int) -> str:
+    """Client `client`'s own prompt: a different first word, then PROMPT (for up to 29 clients)."""
+    return f"{_FIRST_WORDS[client]} {PROMPT}"
 
 
 @dataclass
@@ -148,10 +154,16 @@ async def stream_completion(server: Server, request: bytes) -> Stream:
 
 
 async def burst(server: Server, clients: int, max_tokens: int, extra: dict[str, Any] | None = None,
-                request: bytes | None = None) -> list[Stream]:
-    """`clients` simultaneous streaming requests (each on its own connection); by default /v1/completions."""
-    request = request or completion_request(server, max_tokens, extra=extra)
-    tasks = [stream_completion(server, request) for _ in range(clients)]
+                request: bytes | None = None, distinct: bool = False) -> list[Stream]:
+    """`clients` simultaneous streaming requests (each on its own connection); by default /v1/completions of
+    PROMPT, or with `distinct` each client's own prompt (`client_prompt`)."""
+    if request is not None:
+        requests = [request] * clients
+    elif distinct:
+        requests = [completion_request(server, max_tokens, client_prompt(i), extra) for i in range(clients)]
+    else:
+        requests = [completion_request(server, max_tokens, extra=extra)] * clients
+    tasks = [stream_completion(server, r) for r in requests]
     # asyncio.timeout, not wait_for: wait_for leaves a cancelled gather behind on Ctrl+C ("never retrieved").
     async with asyncio.timeout(REQUEST_TIMEOUT_S):
         return list(await asyncio.gather(*tasks))

@@ -177,7 +177,11 @@ def report(results: Sequence[ModelResult], args: argparse.Namespace, build_note:
     lines += ["", f"Streaming /v1/completions, {args.tokens} tokens per request (EOS banned with logit_bias "
               f"{{{EOS_TOKEN}: -100}}), temperature 0, {THREADS} threads everywhere, ctx {CTX}, {PARALLEL} slots; "
               f"each cell is the fastest of the repeats (lmkube and llama-server {args.repeat}, llama-cpp-python "
-              f"{args.python_repeat}), runs interleaved across servers. Total time {elapsed_s / 60:.1f} min."]
+              f"{args.python_repeat}), runs interleaved across servers. Total time {elapsed_s / 60:.1f} min.",
+              "", "Prompts: " + ("each client its own (a different first word, so they share only BOS)."
+                                 if args.distinct_prompts else
+                                 "the same for every client (lmkube computes a prompt that concurrent requests "
+                                 "share once; `--distinct-prompts` gives each client its own).")]
     for r in results:
         lines += ["", f"## {r.model.describe()}", "", *main_table(r, args.clients), "",
                   "### Ceiling: llama-batched-bench", "", *batched_lines(r), "",

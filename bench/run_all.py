@@ -1,5 +1,6 @@
 """The whole benchmark: lmkube vs llama.cpp's `llama-server -np 16 -kvu` vs llama-cpp-python's server, plus
-`llama-batched-bench` as the ceiling and a prefix-cache demo, on two generated models. `make bench` runs it.
+`llama-batched-bench` as the ceiling and a prefix-cache demo, on two generated models, then speculative decoding
+(lmkube and llama-server, each with and without the same draft: bench/speculative_bench.py). `make bench` runs it.
 
     .venv/bin/python bench/run_all.py [--clients 1,4,8,16] [--tokens 64] [--repeat 2] [--draft-model KEY]
 
@@ -23,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import speculative_bench
 from llama_tools import BenchModel, batched_bench, build_tools, ensure_models, llama_server, prepare_llama_server
 from oai_load import burst
 from prefix_cache import prefix_demo
@@ -42,6 +44,7 @@ from servers import (
 from stream_overhead import Cost, loop_costs, thread_cpu_ns
 
 ROOT = Path(__file__).resolve().parent.parent
+SPECULATIVE_CLIENTS = (1, 4)  # drafting pays off at low concurrency; a full batch is compute-bound already
 
 
 @dataclass
@@ -49,10 +52,10 @@ class Run(RunResult):
     loop_cpu_s: float = 0.0  # CPU of the server's main thread (lmkube: the asyncio loop: HTTP, JSON, SSE)
 
 
-def measure(server: Server, clients: int, tokens: int, extra: dict[str, Any] | None) -> Run:
+def measure(server: Server, clients: int, tokens: int, extra: dict[str, Any] | None, distinct: bool) -> Run:
     pid = server.process.pid if server.process else 0
     before, loop_before = cpu_sample(pid), thread_cpu_ns(pid, pid)
-    streams = asyncio.run(burst(server, clients, tokens, extra))
+    streams = asyncio.run(burst(server, clients, tokens, extra, distinct=distinct))
     after, loop_after = cpu_sample(pid), thread_cpu_ns(pid, pid)
     return Run(clients, streams, CpuUse.between(before, after), (loop_after - loop_before) / 1e9)
 
@@ -118,7 +121,7 @@ def bench_model(model: BenchModel, bin_dir: Path, args: argparse.Namespace, logs
                 # Rotate the order so no server always runs right after another's burst.
                 for e in live[rep % len(live):] + live[:rep % len(live)]:
                     if rep < e.repeat:
-                        run = measure(e.server, n, args.tokens, e.extra)
+                        run = measure(e.server, n, args.tokens, e.extra, args.distinct_prompts)
                         e.runs.repeats.setdefault(n, []).append(run)
                         print_run(e.label, run, args.tokens)
         result.servers = [e.runs for e in entries]
@@ -152,6 +155,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", default="all", help="all, or comma-separated keys of the bench models")
     parser.add_argument("--draft-model", default=None,
                         help="lmkube model key sent as `draft_model` in an extra lmkube column (speculative decoding)")
+    parser.add_argument("--distinct-prompts", action="store_true",
+                        help="each client its own prompt (they share only BOS) instead of one prompt for all")
+    parser.add_argument("--skip-speculative", action="store_true",
+                        help="leave out the speculative-decoding table (bench/speculative_bench.py)")
     parser.add_argument("--prefix-words", type=int, default=900, help="shared prefix length (~tokens)")
     parser.add_argument("--prefix-trials", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="default bench/results/<UTC timestamp>.md")
@@ -175,14 +182,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs = out.parent / "logs"
     load_before = os.getloadavg()
     results = []
+    speculative = ""
     try:
         for model in models:
             print(f"== {model.key} ({model.quant})", flush=True)
             results.append(bench_model(model, bin_dir, args, logs))
+        if not args.skip_speculative:
+            print("== speculative decoding", flush=True)
+            speculative_bench.ensure_pair()
+            columns = speculative_bench.run(bin_dir, SPECULATIVE_CLIENTS, 2 * args.tokens, args.repeat, logs)
+            speculative = "\n" + speculative_bench.report(columns, SPECULATIVE_CLIENTS, 2 * args.tokens)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    text = report(results, args, build_note, load_before, os.getloadavg(), time.monotonic() - started)
+    text = report(results, args, build_note, load_before, os.getloadavg(), time.monotonic() - started) + speculative
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print("\n" + text + f"\nwritten to {out}")
