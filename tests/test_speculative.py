@@ -130,7 +130,7 @@ def test_greedy_output_is_identical_with_and_without_drafts(engine: GenerationEn
 
 
 def test_a_draft_that_never_agrees_backs_off(engine: GenerationEngine, drafters: dict[str, Any]) -> None:
-    # The small random draft disagrees with the target nearly always: after each fruitless round the slot
+    # The small random draft disagrees with the target nearly always: after three fruitless rounds the slot
     # skips 2, 4, ... 32 steps, so 120 tokens see a handful of rounds instead of one per step.
     small = Draft(drafters[DRAFT_SMALL], DraftSettings(max_tokens=4, p_min=0.0))
     never_sure = Draft(drafters[SAME], DraftSettings(p_min=1.01))  # no draft token is ever likely enough
@@ -143,8 +143,8 @@ def test_a_draft_that_never_agrees_backs_off(engine: GenerationEngine, drafters:
     assert text == unsure_text == plain
     consistent(backed_off)
     rounds = backed_off.draft_rejected + (backed_off.draft_accepted > 0)
-    assert backed_off.draft_accepted <= 2 and 3 <= rounds <= 8, backed_off
-    assert backed_off.draft_total <= 4 * 8
+    assert backed_off.draft_accepted <= 2 and 3 <= rounds <= 10, backed_off
+    assert backed_off.draft_total <= 4 * 10
     assert unsure.draft_total == 0
 
 

@@ -17,11 +17,11 @@ even its seeded random stream. A sampled request accepts a drafted token only wh
 token equals it (no rejection sampling against the draft's probabilities), so its acceptance rate is
 lower than a greedy request's.
 
-A draft that does not help backs off: after a round that drafted nothing (the draft was never sure
-enough) or had nothing accepted, the slot skips drafting for 2, 4, ... up to 32 steps, and the draft cache
-catches up with the skipped tokens in one batch when drafting resumes. Without that, a draft model that
-never agrees (or is never confident) costs a draft decode every step for nothing: 2.5x slower measured
-on the 2-core box with a random-weight pair.
+A draft that does not help backs off: after three rounds in a row that drafted nothing (the draft was
+never sure enough) or had nothing accepted, the slot skips drafting for 2, then 4, ... up to 32 steps,
+and the draft cache catches up with the skipped tokens in one batch when drafting resumes. Without that,
+a draft model that never agrees (or is never confident) costs a draft decode every step for nothing:
+2.5x slower measured on the 2-core box with a random-weight pair.
 
 Counts (LM Studio's stats): `total` drafted tokens put to the target, `accepted` those the target agreed
 with, `rejected` the first one it disagreed with in a round, `ignored` = total - accepted - rejected (the
@@ -43,6 +43,8 @@ from .prefixes import common_prefix
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_STEPS = 32
+FREE_MISSES = 2  # fruitless rounds in a row that cost no skipped steps yet (a good draft has some too)
+DRAFT_TOP_K = 10
 
 # llama.cpp's compatibility rules (common_speculative_are_compatible).
 VOCAB_MAX_SIZE_DIFFERENCE = 128
@@ -117,7 +119,9 @@ class Drafter:
         logits = self.context.logits(batch_index, self.model.n_vocab)
         best = int(logits.argmax())
         job.candidate = best
-        job.probability = float(1.0 / np.exp(logits - logits[best]).sum())
+        # llama.cpp's draft sampler keeps the top 10 and takes the softmax over them: p_min means the same here.
+        top = np.partition(logits, -DRAFT_TOP_K)[-DRAFT_TOP_K:]
+        job.probability = float(1.0 / np.exp(top - logits[best]).sum())
 
     def draft(self, jobs: list[DraftJob]) -> None:
         """Fills each job's `tokens` with its draft (possibly empty)."""
@@ -208,7 +212,8 @@ class Speculation:
 
     def missed(self) -> None:
         self.misses += 1
-        self.skip = min(1 << self.misses, MAX_BACKOFF_STEPS)
+        if self.misses > FREE_MISSES:
+            self.skip = min(1 << (self.misses - FREE_MISSES), MAX_BACKOFF_STEPS)
 
     def verified(self, accepted: int) -> None:
         if accepted:
