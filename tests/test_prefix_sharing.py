@@ -165,3 +165,22 @@ def test_host_cache_keeps_the_longest_prompts_within_its_budget() -> None:
     assert found is not None and found[0].tokens == [7, 8] and found[1] == 2
     assert cache.take_longest([7, 8, 9], at_least=0, limit=2) is None  # taken means gone
     assert cache.take_longest([9, 1], at_least=1, limit=1) is None  # shares 1, not more than 1
+
+
+def test_a_cache_larger_than_the_host_budget_is_dropped_not_parked(chat_model: lib.LlamaModel) -> None:
+    prompt = filler(80, start=11)
+
+    async def main() -> tuple[int, Result, Result]:
+        with running(chat_model, parallel=2, host_cache_bytes=1024) as engine:  # far below one sequence's KV
+            first = await collect(engine.submit(prompt, greedy(8)))
+            busy = engine.submit(filler(40, start=90), greedy(400))
+            await first_text(busy)
+            parked = engine.host_cache_tokens
+            again = await collect(engine.submit(prompt, greedy(8)))
+            busy.cancel()
+            await collect(busy)
+            return parked, first, again
+
+    parked, first, again = asyncio.run(main())
+    assert parked == 0
+    assert again.text == first.text and again.finish.cached_tokens <= 1  # computed anew (BOS may be shared)

@@ -216,9 +216,12 @@ class LlamaContext:
         same cells with both sequences, so nothing is computed or copied."""
         C.llama_memory_seq_cp(self.memory, source, target, start, end)
 
+    def sequence_state_size(self, seq: int) -> int:
+        return int(C.llama_state_seq_get_size(self.ptr, seq))
+
     def save_sequence(self, seq: int) -> npt.NDArray[np.uint8]:
         """One sequence's KV cells (positions and K/V rows) as a host buffer for `restore_sequence`."""
-        size = C.llama_state_seq_get_size(self.ptr, seq)
+        size = self.sequence_state_size(seq)
         buffer = np.empty(size, np.uint8)  # not zero-filled first: a third of the time for a ctypes array
         written = C.llama_state_seq_get_data(self.ptr, buffer.ctypes.data_as(_BYTES), size, seq)
         if written != size:

@@ -196,5 +196,6 @@ class SlotCaches:
 
     def _save(self, slot: Slot) -> None:
         assert self.host is not None and slot.cached is not None
-        if self.host.wants(slot.cached):
+        # Sized first: a long context's cache can be gigabytes, more than the whole budget.
+        if self.host.wants(slot.cached) and self.context.sequence_state_size(slot.seq) <= self.host.budget_bytes:
             self.host.put(CachedPrompt(list(slot.cached), self.context.save_sequence(slot.seq)))
