@@ -73,7 +73,16 @@ class ChatOutput:
             if prepared.registry is not None and prepared.tool_format is not None
             else None
         )
-        self.result = ChatResult()
+        self._result = ChatResult()
+        # Pieces, joined when read: `result.content += piece` copied the whole text on every token.
+        self._content: list[str] = []
+        self._reasoning_text: list[str] = []
+
+    @property
+    def result(self) -> ChatResult:
+        self._result.content = "".join(self._content)
+        self._result.reasoning = "".join(self._reasoning_text)
+        return self._result
 
     def feed(self, text: str) -> ChatDelta:
         return self._route(self._reasoning.feed(text), final=False)
@@ -93,10 +102,12 @@ class ChatOutput:
                 parsed.tool_calls.extend(tail.tool_calls)
             delta.content = parsed.content
             delta.tool_calls = parsed.tool_calls
-        self.result.content += delta.content
-        self.result.reasoning += delta.reasoning
+        if delta.content:
+            self._content.append(delta.content)
+        if delta.reasoning:
+            self._reasoning_text.append(delta.reasoning)
         if final and self._tools is not None:
-            self.result.tool_calls = list(self._tools.calls)
+            self._result.tool_calls = list(self._tools.calls)
         return delta
 
 
