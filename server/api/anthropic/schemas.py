@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..draft_fields import DraftFields
+
 
 class _Block(BaseModel):
     model_config = ConfigDict(extra="ignore")  # cache_control, citations, ...
@@ -139,7 +141,7 @@ class MessagesInput(BaseModel):
     ttl: int | None = Field(default=None, ge=1, description="lmkube: idle seconds for a model this request JIT-loads")
 
 
-class MessagesRequest(MessagesInput):
+class MessagesRequest(MessagesInput, DraftFields):
     max_tokens: int = Field(ge=1)
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)  # Anthropic's range is 0..1; 2 as OpenAI's
@@ -147,11 +149,6 @@ class MessagesRequest(MessagesInput):
     top_k: int | None = Field(default=None, ge=0)
     seed: int | None = None  # lmkube extension, as on /v1/chat/completions
     stream: bool = False
-    # lmkube extensions, as on /v1/chat/completions: speculative decoding with a draft model.
-    draft_model: str | None = Field(default=None, min_length=1)
-    draft_max: int | None = Field(default=None, ge=0, le=64)
-    draft_min: int | None = Field(default=None, ge=0, le=64)
-    draft_p_min: float | None = Field(default=None, ge=0.0, le=1.0)
 
     @field_validator("stop_sequences")
     @classmethod

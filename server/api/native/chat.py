@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from ...chat.session import ChatOutput, ChatSpec, prepare_chat
 from ...conversations import ConversationStore
@@ -33,6 +33,7 @@ from ...store.model_store import ModelNotFound, ModelVariant
 from ...streaming import EventStreamResponse, sse_event, unless_disconnected
 from .. import inference
 from ..deps import get_conversations, get_manager
+from ..draft_fields import DraftFields
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ router = APIRouter(prefix="/api/v1")
 Event = tuple[str, dict[str, Any]]
 
 
-class NativeChatRequest(BaseModel):
+class NativeChatRequest(DraftFields):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
@@ -64,10 +65,6 @@ class NativeChatRequest(BaseModel):
     store: bool = True
     previous_response_id: str | None = None
     ttl: float | None = Field(default=None, gt=0, description="idle seconds for a model this request JIT-loads")
-    draft_model: str | None = Field(default=None, min_length=1)  # speculative decoding
-    draft_max: int | None = Field(default=None, ge=0, le=64)  # lmkube extensions, as on /v1/chat/completions
-    draft_min: int | None = Field(default=None, ge=0, le=64)
-    draft_p_min: float | None = Field(default=None, ge=0.0, le=1.0)
     # lmkube extension: tool_choice for the first round of the MCP tool loop (later rounds: "auto").
     tool_choice: str | dict[str, Any] | None = None
 

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import APIError, bad_request
+from ..draft_fields import DraftFields
 
 
 class ReasoningConfig(BaseModel):
@@ -33,7 +34,7 @@ class TextConfig(BaseModel):
     verbosity: str | None = None
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(DraftFields):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
@@ -61,11 +62,6 @@ class ResponsesRequest(BaseModel):
     repeat_penalty: float | None = Field(default=None, gt=0.0)
     seed: int | None = None
     ttl: int | None = Field(default=None, ge=1, description="idle seconds for a model this request JIT-loads")
-    # Speculative decoding, as on /v1/chat/completions: LM Studio's draft_model and lmkube's knobs.
-    draft_model: str | None = Field(default=None, min_length=1)
-    draft_max: int | None = Field(default=None, ge=0, le=64)
-    draft_min: int | None = Field(default=None, ge=0, le=64)
-    draft_p_min: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 def _invalid(message: str, param: str = "input") -> APIError:

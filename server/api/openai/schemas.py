@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ...engine.sampling import SamplingParams
 from ...errors import bad_request
+from ..draft_fields import DraftFields
 from ..inference import sampling_params
 
 
@@ -15,7 +16,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(DraftFields):
     """Parameters shared by chat and text completions (OpenAI's plus llama.cpp's extras)."""
 
     model_config = ConfigDict(extra="ignore")
@@ -36,11 +37,6 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ttl: int | None = Field(default=None, ge=1, description="idle seconds for a model this request JIT-loads")
-    # Speculative decoding: LM Studio's draft_model, plus lmkube's knobs (llama.cpp's --draft-max/-min/-p-min).
-    draft_model: str | None = Field(default=None, min_length=1)
-    draft_max: int | None = Field(default=None, ge=0, le=64)
-    draft_min: int | None = Field(default=None, ge=0, le=64)
-    draft_p_min: float | None = Field(default=None, ge=0.0, le=1.0)
 
     @field_validator("stop")
     @classmethod
