@@ -33,13 +33,12 @@ from serve_throughput import CpuUse, RunResult, client_counts, cpu_sample, print
 from servers import (
     SERVER_DEPS_INSTALL,
     Server,
-    http_json,
     llama_cpp_server,
     lmkube_server,
     prepare_llama_cpp,
+    prepare_lmkube,
     running,
     server_deps_missing,
-    wait_ready,
 )
 from stream_overhead import Cost, loop_costs, thread_cpu_ns
 
@@ -69,13 +68,6 @@ def streaming_costs(server: Server, tokens: int) -> tuple[list[Cost], str | None
         return [], f"{type(exc).__name__}: {exc}"
 
 
-def prepare_lmkube_model(server: Server, key: str) -> None:
-    wait_ready(server)
-    body = {"model": key, "parallel": 16, "context_length": 8192}
-    http_json(f"{server.url}/api/v1/models/load", body, timeout=300)
-    server.model = key
-
-
 @dataclass
 class Entry:
     """One column of the table: a server, and the request fields that make it this variant."""
@@ -103,7 +95,7 @@ def bench_model(model: BenchModel, bin_dir: Path, args: argparse.Namespace, logs
     with contextlib.ExitStack() as stack:
         stack.enter_context(running(lmkube))
         stack.enter_context(running(peer))
-        prepare_lmkube_model(lmkube, model.key)
+        prepare_lmkube(lmkube, model.key)
         prepare_llama_server(peer)
         if not args.skip_python:
             stack.enter_context(running(pyserver))

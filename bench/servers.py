@@ -149,12 +149,12 @@ def llama_cpp_server(model_file: Path, logs: Path) -> Server:
     return Server("llama-cpp-python", command, port, logs / "llama-cpp-python.log")
 
 
-def prepare_lmkube(server: Server) -> None:
+def prepare_lmkube(server: Server, key: str = MODEL_KEY) -> None:
     wait_ready(server)
     # Load explicitly so the load time stays out of the warm-up and the timed runs.
-    body = {"model": MODEL_KEY, "parallel": PARALLEL, "context_length": CTX}
+    body = {"model": key, "parallel": PARALLEL, "context_length": CTX}
     http_json(f"{server.url}/api/v1/models/load", body, timeout=READY_TIMEOUT_S)
-    server.model = MODEL_KEY
+    server.model = key
 
 
 def prepare_llama_cpp(server: Server) -> None:

@@ -24,21 +24,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from llama_tools import build_tools
+from llama_tools import build_tools, llama_server, prepare_llama_server
 from oai_load import burst
 from serve_throughput import RunResult, client_counts
-from servers import (
-    CTX,
-    MODELS_DIR,
-    PARALLEL,
-    THREADS,
-    Server,
-    free_port,
-    http_json,
-    lmkube_server,
-    running,
-    wait_ready,
-)
+from servers import MODELS_DIR, THREADS, Server, http_json, lmkube_server, prepare_lmkube, running
 
 from lmkube.synthetic_gguf import SMOLLM_135M, write_llama_model
 
@@ -57,14 +46,14 @@ def ensure_pair() -> None:
 
 
 def llama_server_pair(bin_dir: Path, logs: Path, draft: bool) -> Server:
-    port = free_port()
-    command = [str(bin_dir / "llama-server"), "-m", str(TARGET_FILE), "--host", "127.0.0.1", "--port", str(port),
-               "-c", str(CTX), "-np", str(PARALLEL), "-kvu", "-t", str(THREADS), "-tb", str(THREADS), "--no-webui"]
+    server = llama_server(bin_dir, TARGET_FILE, logs)
     if draft:
-        command += ["-md", str(DRAFT_FILE), "--spec-type", "draft-simple", "--spec-draft-n-max", str(DRAFT_MAX),
-                    "--spec-draft-n-min", "0", "--spec-draft-p-min", str(DRAFT_P_MIN), "-td", str(THREADS)]
-    name = "llama-server draft" if draft else "llama-server"
-    return Server(name, command, port, logs / f"{name.replace(' ', '-')}-spec.log")
+        server.name = "llama-server draft"
+        server.command += ["-md", str(DRAFT_FILE), "--spec-type", "draft-simple", "--spec-draft-n-max",
+                           str(DRAFT_MAX), "--spec-draft-n-min", "0", "--spec-draft-p-min", str(DRAFT_P_MIN),
+                           "-td", str(THREADS)]
+    server.log_path = logs / f"{server.name.replace(' ', '-')}-spec.log"
+    return server
 
 
 @dataclass
@@ -105,12 +94,9 @@ def run(bin_dir: Path, clients: Sequence[int], tokens: int, repeat: int, logs: P
     with contextlib.ExitStack() as stack:
         for server in (lmkube, plain_peer, draft_peer):
             stack.enter_context(running(server))
-        wait_ready(lmkube)
-        http_json(f"{lmkube.url}/api/v1/models/load", {"model": TARGET, "parallel": PARALLEL, "context_length": CTX},
-                  timeout=300)
-        lmkube.model = TARGET
+        prepare_lmkube(lmkube, TARGET)
         for peer in (plain_peer, draft_peer):
-            peer.model = wait_ready(peer)["data"][0]["id"]
+            prepare_llama_server(peer)
         for column in columns:  # warm-up, and the draft model loads on lmkube's first drafted request
             asyncio.run(burst(column.server, 1, tokens, column.extra))
             column.acceptance = acceptance(column, tokens) if "draft" in column.label else ""
