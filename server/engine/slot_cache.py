@@ -128,21 +128,27 @@ class SlotCaches:
     def _borrow(self, slot: Slot) -> None:
         """Extends the slot's prompt with the longest run of it another sequence holds (no compute, no copy)."""
         assert slot.request is not None and slot.cached is not None
-        if not self.shares:
-            return
         prompt = slot.request.prompt
-        last = len(prompt) - 1  # the last prompt token is always decoded here: its logits start the reply
-        donor, reach = None, slot.prompt_pos
-        for other in self.slots:
-            if other is not slot and other.cached and len(other.cached) > reach:
-                shared = min(common_prefix(other.cached, prompt), last)
-                if shared > reach:
-                    donor, reach = other, shared
+        donor, reach = self._longest_held_elsewhere(slot, prompt, slot.prompt_pos)
         if donor is not None:
             self.context.seq_copy(donor.seq, slot.seq, slot.prompt_pos, reach)
             slot.cached.extend(prompt[slot.prompt_pos : reach])
             slot.cached_at_start += reach - slot.prompt_pos
             slot.prompt_pos = reach
+
+    def _longest_held_elsewhere(self, slot: Slot, prompt: list[int], beyond: int) -> tuple[Slot | None, int]:
+        """The other sequence holding the longest run of `prompt` that `slot` could take (longer than
+        `beyond`), and that run's length; (None, beyond) when none does or sequences cannot share."""
+        donor, reach = None, beyond
+        if not self.shares:
+            return donor, reach
+        last = len(prompt) - 1  # the last prompt token is always decoded here: its logits start the reply
+        for other in self.slots:
+            if other is not slot and other.cached and len(other.cached) > reach:
+                shared = min(common_prefix(other.cached, prompt), last)
+                if shared > reach:
+                    donor, reach = other, shared
+        return donor, reach
 
     def offload_idle(self) -> None:
         """Moves idle slots' caches to host memory while requests run, which keeps their attention span short.
@@ -175,9 +181,8 @@ class SlotCaches:
         """Brings back the host entry sharing the most with `prompt` if it beats what the KV cache holds;
         returns how much of the prompt the slot then holds."""
         assert self.host is not None and slot.cached is not None
-        last = len(prompt) - 1
-        in_cache = max((min(common_prefix(s.cached, prompt), last) for s in self.slots if s.cached), default=0)
-        found = self.host.take_longest(prompt, max(keep, in_cache), limit=last)
+        _, in_cache = self._longest_held_elsewhere(slot, prompt, keep)  # what `_borrow` will take instead
+        found = self.host.take_longest(prompt, in_cache, limit=len(prompt) - 1)
         if found is None:
             if keep < len(slot.cached) // 2:
                 # Another conversation takes this slot: keep the old one for its next turn. (Not when a
