@@ -159,5 +159,11 @@ def draft_stats(finish: Finish) -> dict[str, object]:
             "generation_time": finish.generation_seconds, **finish.draft_stats()}
 
 
+def add_draft_stats(totals: dict[str, Any], finish: Finish) -> None:
+    """Adds one generation's draft counts to `totals`, a tool loop's stats over all its rounds."""
+    for key, value in finish.draft_stats().items():
+        totals[key] = value if isinstance(value, str) else totals.get(key, 0) + value
+
+
 def finish_reason(finish: Finish) -> str:
     return "length" if finish.reason == "length" else "stop"

@@ -307,8 +307,7 @@ class NativeChat:
         stats["tokens_per_second"] = finish.tokens_per_second
         if first:
             stats["time_to_first_token_seconds"] = finish.time_to_first_token or 0.0
-        for key, value in finish.draft_stats().items():  # speculative decoding: counts summed over the rounds
-            stats[key] = value if first or not isinstance(value, int) else stats.get(key, 0) + value
+        inference.add_draft_stats(stats, finish)
 
     def _store(self, instance: ModelInstance, output: ChatOutput | None) -> None:
         if not self.body.store or output is None:

@@ -203,8 +203,7 @@ class ResponseRun:
         usage["output_tokens_details"]["reasoning_tokens"] += inference.reasoning_tokens(
             self.instance, output.result.reasoning, finish.completion_tokens)
         usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
-        for key, value in finish.draft_stats().items():
-            self.draft[key] = value if isinstance(value, str) else self.draft.get(key, 0) + value
+        inference.add_draft_stats(self.draft, finish)
 
     def _record(self, output: ChatOutput, calls: list[ToolCall]) -> None:
         result = output.result
