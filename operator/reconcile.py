@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import secrets
-import string
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -27,12 +25,13 @@ from lmkube.operator.observe import PodView
 from lmkube.operator.podclient import LoadedInstance, PodAuthError, PodClient, PodError, PodUnreachable
 from lmkube.operator.spec import LocalModelSpec, OperatorSettings, parse_spec
 
+from lmkube.random_ids import new_token
+
 log = logging.getLogger("lmkube.operator")
 
 # emit(body, type, reason, message): a Kubernetes Event on the LocalModel.
 Emit = Callable[[Mapping[str, Any], str, str, str], None]
 MAX_BACKOFF = 300.0
-_ALPHANUMERIC = string.ascii_letters + string.digits
 
 
 @dataclass
@@ -40,13 +39,6 @@ class Options:
     settings: OperatorSettings = field(default_factory=OperatorSettings)
     retry_seconds: float = 5.0  # first retry after a failure; doubles up to MAX_BACKOFF
     pod_url: Callable[[PodView, OperatorSettings], str] = lambda pod, s: f"http://{pod.ip}:{s.port}"
-
-
-def new_token() -> str:
-    """A token in LM Studio's shape (sk-lm-<8>:<20>), as `lmkube token new` prints."""
-    head = "".join(secrets.choice(_ALPHANUMERIC) for _ in range(8))
-    tail = "".join(secrets.choice(_ALPHANUMERIC) for _ in range(20))
-    return f"sk-lm-{head}:{tail}"
 
 
 def fingerprint(body: Mapping[str, Any]) -> str:

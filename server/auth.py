@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import hmac
-import secrets
-import string
 
 from fastapi import Request
 
+from lmkube.random_ids import new_token
+
 from .errors import APIError
 
+__all__ = ["new_token", "presented_token"]
+
 LEARN_MORE = "Learn more at: https://lmstudio.ai/docs/developer/core/authentication."
-_ALPHANUMERIC = string.ascii_letters + string.digits
-
-
-def new_token() -> str:
-    """A fresh token in LM Studio's shape: sk-lm-<8 alphanumerics>:<20 alphanumerics>."""
-    head = "".join(secrets.choice(_ALPHANUMERIC) for _ in range(8))
-    tail = "".join(secrets.choice(_ALPHANUMERIC) for _ in range(20))
-    return f"sk-lm-{head}:{tail}"
-
-
 def presented_token(request: Request) -> str | None:
     authorization = request.headers.get("authorization")
     if authorization:

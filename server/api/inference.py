@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import string
 from collections.abc import Sequence
 from typing import Any
+
+from lmkube.random_ids import random_string
 
 from ..engine.events import Finish, TextDelta
 from ..engine.generation import GenerationEngine, GenerationRequest
@@ -23,7 +24,7 @@ _ID_ALPHABET = string.ascii_lowercase + string.digits
 
 
 def random_id(prefix: str, length: int = 21) -> str:
-    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+    return prefix + random_string(_ID_ALPHABET, length)
 
 
 def model_not_found(exc: ModelNotFound) -> APIError:

@@ -11,12 +11,12 @@ import copy
 import hashlib
 import json
 import re
-import secrets
-import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+
+from lmkube.random_ids import ALPHANUMERIC, random_string
 
 from .structured import JsonSchemaConverter
 
@@ -144,13 +144,13 @@ class ToolRegistry:
 
 # -- history --------------------------------------------------------------------------------------
 
-_ID_ALPHABET = string.ascii_letters + string.digits
+_ID_ALPHABET = ALPHANUMERIC
 _MISTRAL_ID = re.compile(r"[A-Za-z0-9]{9}")
 
 
 def new_call_id() -> str:
     """OpenAI-style call id: `call_` and 24 random alphanumerics."""
-    return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
+    return "call_" + random_string(_ID_ALPHABET, 24)
 
 
 def mistral_call_id(call_id: str) -> str:
