@@ -8,6 +8,10 @@ and after each burst of streaming requests. Per-request work (HTTP parsing, vali
 closing chunks) cancels out of the slope between a short and a long burst: (CPU(long) - CPU(short)) /
 (clients * (long - short)). Short and long bursts alternate `--pairs` times; the median slope is reported.
 
+Each cell is measured again on `bare_sse.py`, the least a Python server on uvicorn can do per streamed token,
+stepping at the pace lmkube's engine stepped in that cell (the slope of the bursts' wall time per token): both
+pay the same loop wake-ups, so the difference is lmkube's own stack.
+
 The default model is a tiny synthetic one (lmkube.synthetic_gguf's default shape, generated into a temporary
 store), so decoding is cheap, a burst takes well under a second and the event loop hardly sleeps: what is left
 is the Python path's own cost. `--model smollm` uses run_all.py's `bench/smollm-135m` F16 instead; its 12 ms
@@ -22,8 +26,9 @@ import asyncio
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from oai_load import Stream, burst, chat_request, completion_request
@@ -49,24 +54,31 @@ class Cost:
     clients: int
     slope_s: list[float]  # per extra token, one per short/long pair
     whole_s: list[float]  # per token of a long burst, per-request work included
+    step_s: list[float] = field(default_factory=list)  # wall time per extra token: the engine's pace
+    bare_slope_s: list[float] = field(default_factory=list)  # bare_sse.py at that pace, per extra token
 
     @property
     def per_token_s(self) -> float:
         return statistics.median(self.slope_s)
 
     @property
+    def bare_per_token_s(self) -> float:
+        return statistics.median(self.bare_slope_s) if self.bare_slope_s else float("nan")
+
+    @property
     def with_request_s(self) -> float:
         return statistics.median(self.whole_s)
 
 
-def _burst_cpu(server: Server, clients: int, tokens: int, request: bytes) -> float:
+def _burst_cpu(server: Server, clients: int, tokens: int, request: bytes) -> tuple[float, float]:
+    """The event loop's CPU seconds and the wall seconds of one burst."""
     assert server.process is not None
     pid = server.process.pid
-    before = thread_cpu_ns(pid, pid)  # uvicorn runs the event loop in the main thread
+    before, started = thread_cpu_ns(pid, pid), time.perf_counter()  # uvicorn's event loop is the main thread
     streams = asyncio.run(burst(server, clients, tokens, request=request))
-    after = thread_cpu_ns(pid, pid)
+    after, wall = thread_cpu_ns(pid, pid), time.perf_counter() - started
     _check(streams, tokens)
-    return (after - before) / 1e9
+    return (after - before) / 1e9, wall
 
 
 def _check(streams: list[Stream], tokens: int) -> None:
@@ -81,24 +93,47 @@ def loop_cost(server: Server, endpoint: str, clients: int, short: int, long: int
     _burst_cpu(server, clients, short, requests[short])  # warm-up: first-request costs stay out
     cost = Cost(endpoint, clients, [], [])
     for _ in range(pairs):
-        low = _burst_cpu(server, clients, short, requests[short])
-        high = _burst_cpu(server, clients, long, requests[long])
+        low, low_wall = _burst_cpu(server, clients, short, requests[short])
+        high, high_wall = _burst_cpu(server, clients, long, requests[long])
         cost.slope_s.append((high - low) / (clients * (long - short)))
         cost.whole_s.append(high / (clients * long))
+        cost.step_s.append((high_wall - low_wall) / (long - short))
     return cost
 
 
+def bare_cost(bare: Server, cost: Cost, short: int, long: int, pairs: int) -> None:
+    """The same bursts on bare_sse.py, stepping at the pace lmkube's engine kept in this cell."""
+    step_ms = statistics.median(cost.step_s) * 1000
+    requests = {n: completion_request(bare, n, extra={"step_ms": step_ms}) for n in (short, long)}
+    _burst_cpu(bare, cost.clients, short, requests[short])
+    for _ in range(pairs):
+        low, _ = _burst_cpu(bare, cost.clients, short, requests[short])
+        high, _ = _burst_cpu(bare, cost.clients, long, requests[long])
+        cost.bare_slope_s.append((high - low) / (cost.clients * (long - short)))
+
+
 def loop_costs(server: Server, clients: Sequence[int], short: int, long: int, pairs: int) -> list[Cost]:
-    return [loop_cost(server, e, n, short, long, pairs) for e in ENDPOINTS for n in clients]
+    """lmkube's cells, then each again on bare_sse.py (run after lmkube's, so the two never share the cores)."""
+    costs = [loop_cost(server, e, n, short, long, pairs) for e in ENDPOINTS for n in clients]
+    port = free_port()
+    bare = Server("bare-sse", [sys.executable, str(Path(__file__).with_name("bare_sse.py")), "--port", str(port)],
+                  port, server.log_path.with_name("bare-sse.log"), model="bare")
+    with running(bare):
+        wait_ready(bare)
+        for cost in costs:
+            bare_cost(bare, cost, short, long, pairs)
+    return costs
 
 
 def format_costs(costs: Sequence[Cost], short: int, long: int) -> list[str]:
-    lines = [f"| endpoint | clients | µs/token (slope {short}→{long} tokens, median) | spread | "
-             "µs/token incl. per-request work |", "|---|---:|---:|---:|---:|"]
+    lines = [f"| endpoint | clients | engine step | µs/token (slope {short}→{long} tokens, median) | spread | "
+             "bare uvicorn µs/token | lmkube − bare | µs/token incl. per-request work |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in costs:
         spread = f"{min(c.slope_s) * 1e6:.1f}–{max(c.slope_s) * 1e6:.1f}"
-        lines.append(f"| {c.endpoint} | {c.clients} | {c.per_token_s * 1e6:.1f} | {spread} | "
-                     f"{c.with_request_s * 1e6:.1f} |")
+        lines.append(f"| {c.endpoint} | {c.clients} | {statistics.median(c.step_s) * 1e3:.2f} ms | "
+                     f"{c.per_token_s * 1e6:.1f} | {spread} | {c.bare_per_token_s * 1e6:.1f} | "
+                     f"{(c.per_token_s - c.bare_per_token_s) * 1e6:+.1f} | {c.with_request_s * 1e6:.1f} |")
     return lines
 
 
