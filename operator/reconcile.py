@@ -193,6 +193,10 @@ def _examine(client: PodClient, pod: PodView, spec: LocalModelSpec, record: dict
                 return _failure(record, pod.name, progress.state.reason, progress.state.message, want_dl, now,
                                 retry_seconds)
             return progress
+        if listing is None and not spec.variant:
+            # The files arrived during this pass, after the listing above was read: it did not have them yet.
+            listing = next((m for m in client.models() if m.key == spec.model_key), None)
+            variant = _variant_of(listing.selected_variant if listing else None)
     record.update(phase=st.LOADING, message="")
     return PodWork(st.PodState(pod.name, st.LOADING, "Loading", f"loading {resources.load_model_id(spec)} "
                                                                   f"on pod {pod.name}", variant=variant),

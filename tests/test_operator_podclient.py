@@ -12,14 +12,14 @@ from hf_hub_server import FakeHub
 from lmkube.operator import reconcile as rc
 from lmkube.operator import status as st
 from lmkube.operator.observe import PodView
-from lmkube.operator.podclient import PodAuthError, PodClient, PodError, PodUnreachable
+from lmkube.operator.podclient import ModelListing, PodAuthError, PodClient, PodError, PodUnreachable
 from lmkube.operator.spec import parse_spec
 from support import ServerProcess, free_port
 
 from lmkube.synthetic_gguf import LlamaShape, write_llama_model
 
 TOKEN = "sk-lm-Op3rator:abcdefghijABCDEFGHIJ"
-REPO, BIG_REPO, FLAKY_REPO = "pc-org/Tiny-GGUF", "pc-org/Big-GGUF", "pc-org/Flaky-GGUF"
+REPO, BIG_REPO, FLAKY_REPO, LATE_REPO = "pc-org/Tiny-GGUF", "pc-org/Big-GGUF", "pc-org/Flaky-GGUF", "pc-org/Late-GGUF"
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
     big = write_llama_model(d / "big-Q4_K_M.gguf", LlamaShape(n_vocab=4096, n_embd=128), seed=33, name="B")
     hub.add_repo(BIG_REPO, {"big-Q4_K_M.gguf": big})
     hub.add_repo(FLAKY_REPO, {"flaky-Q4_K_M.gguf": write_llama_model(d / "flaky-Q4_K_M.gguf", seed=34, name="F")})
+    hub.add_repo(LATE_REPO, {"late-Q4_K_M.gguf": write_llama_model(d / "late-Q4_K_M.gguf", seed=35, name="L")})
     yield hub
     hub.stop()
 
@@ -177,3 +178,41 @@ def test_failed_download_job_is_retried_with_a_new_job(pod_server: ServerProcess
             assert time.monotonic() < deadline
             time.sleep(0.1)
     assert work.record["jobId"] != first_job and work.record.get("downloaded")
+
+
+class ListingReadBefore(PodClient):
+    """A client whose first models() answer is one read earlier: the pass's listing predates the download."""
+
+    def __init__(self, base_url: str, token: str, earlier: list[ModelListing]) -> None:
+        super().__init__(base_url, token)
+        self.earlier: list[ModelListing] | None = earlier
+
+    def models(self) -> list[ModelListing]:
+        if self.earlier is not None:
+            earlier, self.earlier = self.earlier, None
+            return earlier
+        return super().models()
+
+
+def test_a_download_that_ends_during_the_pass_still_reports_its_variant(pod_server: ServerProcess,
+                                                                        hub: FakeHub) -> None:
+    """The pass reads the listing, then finds the download job completed. A listing read before the files
+    arrived has no variant; the pass reads it again, so Loading (and the Ready after it) says which one."""
+    pod = PodView("p-4", "uid-4", "127.0.0.1", True, True, False, "server-1", "h", None)
+    spec = parse_spec({"model": LATE_REPO, "gpu": {"count": 0}})
+    hub.bytes_per_second = 1_000_000  # the first pass must find the download still running
+    try:
+        with client(pod_server) as c:
+            before = c.models()
+            assert not any(m.key == "pc-org/late-gguf" for m in before)
+            work = rc.examine_pod(c, pod, spec, {"name": "p-4"}, time.time(), 1.0)
+            assert work.state.stage == st.DOWNLOADING and work.state.variant is None
+            deadline = time.monotonic() + 30
+            while c.download_status(work.record["jobId"]).status != "completed":  # type: ignore[union-attr]
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        hub.bytes_per_second = None
+    with ListingReadBefore(pod_server.base_url, TOKEN, before) as late:
+        work = rc.examine_pod(late, pod, spec, work.record, time.time(), 1.0)
+    assert work.load and work.state.stage == st.LOADING and work.state.variant == "q4_k_m", work.state
