@@ -6,13 +6,11 @@ import hmac
 
 from fastapi import Request
 
-from lmkube.random_ids import new_token
-
 from .errors import APIError
 
-__all__ = ["new_token", "presented_token"]
-
 LEARN_MORE = "Learn more at: https://lmstudio.ai/docs/developer/core/authentication."
+
+
 def presented_token(request: Request) -> str | None:
     authorization = request.headers.get("authorization")
     if authorization:

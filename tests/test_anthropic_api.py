@@ -11,9 +11,9 @@ import anthropic
 import httpx
 import jsonschema
 import pytest
-from lmkube.server.auth import new_token
 from support import ServerProcess
 
+from lmkube.random_ids import new_token
 from lmkube.synthetic_gguf import LlamaShape, write_llama_model
 
 TEMPLATES = Path(__file__).parent / "templates"

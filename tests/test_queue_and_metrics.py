@@ -14,10 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
-from lmkube.server.auth import new_token
 from prometheus_client.parser import text_string_to_metric_families
 from support import EMBED_MODEL, ServerProcess
 
+from lmkube.random_ids import new_token
 from lmkube.synthetic_gguf import LlamaShape, write_llama_model
 
 MODEL = "acme/queue-chat"

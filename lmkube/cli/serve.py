@@ -86,7 +86,7 @@ def register(commands: Any) -> None:
 
 
 def new_token(_args: argparse.Namespace) -> int:
-    from lmkube.server.auth import new_token as make_token
+    from lmkube.random_ids import new_token as make_token
 
     print(make_token())
     return 0
