@@ -39,7 +39,6 @@ EngineStatus = Literal["idle", "processingPrompt", "generating"]
 PARK_BEFORE_PREFILLING = 32
 
 
-
 class GenerationRequest:
     """A prompt and its sampling parameters, as seen by both the engine thread and its event loop."""
 
@@ -358,10 +357,7 @@ class GenerationEngine:
             predicted_seconds=(now - started) if started else 0.0,
             sequence_length=slot.prompt_pos + slot.generated,
         )
-        if slot.spec is not None:
-            spec = slot.spec
-            self.stats.drafted(spec.accepted, spec.rejected, spec.total - spec.accepted - spec.rejected)
-        self._emit(request, Finish(
+        finish = Finish(
             reason,
             prompt_tokens=len(request.prompt),
             completion_tokens=slot.generated,
@@ -371,7 +367,10 @@ class GenerationEngine:
             generation_seconds=(now - started) if started else 0.0,
             error=error,
             **(slot.spec.finish_fields() if slot.spec is not None else {}),
-        ))
+        )
+        if finish.draft_model is not None:
+            self.stats.drafted(finish.draft_accepted, finish.draft_rejected, finish.draft_ignored)
+        self._emit(request, finish)
         if slot.chain is not None:
             slot.chain.close()
         slot.request = None
