@@ -117,11 +117,12 @@ def estimate_memory(
     headers = _headers(files)
     shape = _Shape.of(headers[0])
     # The context and batch exactly as instance.py and llama_lib.py create them.
+    trained = shape.trained or default_context
     if embedding:
-        n_ctx = min(context_length or shape.trained or default_context, shape.trained or default_context)
+        n_ctx = min(context_length or trained, trained)
         n_ub = n_ctx
     else:
-        n_ctx = min(context_length or default_context, shape.trained or default_context)
+        n_ctx = min(context_length or default_context, trained)
         n_ub = max(min(eval_batch_size, n_ctx), parallel)
     settings = _Settings(n_ctx=-(-n_ctx // CTX_PAD) * CTX_PAD, n_ub=n_ub, parallel=parallel,
                          fa=True if flash_attention is None else flash_attention,  # llama.cpp's "auto": on
