@@ -21,12 +21,14 @@ PROMPT = (
     "when the time has come to see what it is like"
 )
 REQUEST_TIMEOUT_S = 600.0
-_FIRST_WORDS = sorted(set(PROMPT.split()))  # single pieces: one per client makes prompts share only BOS
+# Each a single piece in the synthetic vocab (one word ≈ one token): a different first word per client makes
+# prompts share only BOS, and random runs of them make prompts of a known length (prefix_cache.py).
+PROMPT_WORDS = sorted(set(PROMPT.split()))
 
 
 def client_prompt(client: int) -> str:
     """Client `client`'s own prompt: a different first word, then PROMPT (for up to 29 clients)."""
-    return f"{_FIRST_WORDS[client]} {PROMPT}"
+    return f"{PROMPT_WORDS[client]} {PROMPT}"
 
 
 @dataclass

@@ -9,15 +9,13 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from oai_load import PROMPT, completion_request, stream_completion
+from oai_load import PROMPT_WORDS, completion_request, stream_completion
 from servers import Server
-
-_WORDS = sorted(set(PROMPT.split()))  # single pieces in the synthetic vocab: one word ≈ one token
 
 
 def long_prefix(seed: int, words: int) -> str:
     rng = random.Random(seed)
-    return " ".join(rng.choice(_WORDS) for _ in range(words))
+    return " ".join(rng.choice(PROMPT_WORDS) for _ in range(words))
 
 
 @dataclass
