@@ -152,7 +152,6 @@ def test_fingerprint_is_stable() -> None:
     assert rc.new_token().startswith("sk-lm-") and len(rc.new_token()) == 35
 
 
-
 def test_failed_download_job_is_retried_with_a_new_job(pod_server: ServerProcess, hub: FakeHub) -> None:
     pod = PodView("p-3", "uid-3", "127.0.0.1", True, True, False, "server-1", "h", None)
     spec = parse_spec({"model": FLAKY_REPO, "gpu": {"count": 0}})

@@ -65,7 +65,6 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
-
 def register(commands: Any) -> None:
     serve_parser = commands.add_parser(
         "serve", help="run the model server", epilog=SERVE_EXAMPLES,

@@ -77,7 +77,6 @@ async def start_message(body: MessagesRequest, manager: ModelManager) -> Message
     return MessageCall(instance, prepared, generation, builder)
 
 
-
 async def _stream(call: MessageCall) -> AsyncIterator[bytes]:
     try:
         async for events in call.events():

@@ -321,7 +321,6 @@ class NativeChat:
         self.response_id = node.id
 
 
-
 async def _stream(chat: NativeChat) -> AsyncIterator[bytes]:
     try:
         async for events in chat.events():
