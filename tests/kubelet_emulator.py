@@ -95,18 +95,6 @@ ROOT = Path(__file__).resolve().parent.parent
 MERGE_PATCH = "application/merge-patch+json"
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.1, message: str = "") -> Any:
-    """Polls `predicate` until it returns something truthy (returned) or raises TimeoutError after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(message or f"condition not met within {timeout}s")
-        time.sleep(interval)
-
-
 def _random_loopback(taken: set[str], ports: list[int]) -> str:
     for _ in range(1000):
         ip = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{random.randint(1, 254)}"

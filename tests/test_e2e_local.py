@@ -26,8 +26,9 @@ import pytest
 import yaml
 from hf_hub_server import FakeHub
 from kube_cluster import ROOT, KubeCluster
-from kubelet_emulator import KubeletEmulator, wait_until
+from kubelet_emulator import KubeletEmulator
 from lmkube.operator import resources
+from support import wait_until
 
 from lmkube.synthetic_gguf import write_llama_model
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 from kube_cluster import ROOT, KubeCluster
-from kubelet_emulator import wait_until
 from lmkube.operator import rbac
+from support import wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 

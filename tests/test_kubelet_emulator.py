@@ -16,11 +16,11 @@ import kubernetes.client
 import kubernetes.config
 import pytest
 from kube_cluster import KubeCluster
-from kubelet_emulator import KubeletEmulator, wait_until
+from kubelet_emulator import KubeletEmulator
 from kubernetes.client.exceptions import ApiException
 from lmkube.operator import resources
 from lmkube.operator.spec import parse_spec
-from support import CHAT_MODEL
+from support import CHAT_MODEL, wait_until
 
 from lmkube.synthetic_gguf import write_llama_model
 

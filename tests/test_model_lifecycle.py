@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from support import BYTES_MODEL, CHAT_MODEL, EMBED_MODEL, OTHER_CHAT_MODEL, ServerProcess
+from support import BYTES_MODEL, CHAT_MODEL, EMBED_MODEL, OTHER_CHAT_MODEL, ServerProcess, wait_until
 
 ServerFactory = Callable[..., ServerProcess]
 ALL_MODELS = {CHAT_MODEL, OTHER_CHAT_MODEL, BYTES_MODEL, EMBED_MODEL}
@@ -59,15 +59,6 @@ def unload(server: ServerProcess, instance_id: str) -> httpx.Response:
 def ok(response: httpx.Response) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()
 
 
 def load_lines(server: ServerProcess) -> list[str]:
@@ -146,7 +137,7 @@ def test_request_ttl_sets_the_idle_ttl_of_the_instance_it_jit_loads(
     last_request = time.monotonic()
     assert instances(server)[CHAT_MODEL]["ttl"] == 1
 
-    assert wait_until(lambda: CHAT_MODEL not in instances(server), timeout=8), "idle TTL did not unload the model"
+    wait_until(lambda: CHAT_MODEL not in instances(server), timeout=8, message="idle TTL did not unload the model")
     assert time.monotonic() - last_request >= 1.0
     assert f"unloading {CHAT_MODEL}: idle TTL passed" in server.log()
 
@@ -169,7 +160,7 @@ def test_each_request_resets_the_idle_timer(start_server: ServerFactory, models_
     assert len(load_lines(server)) == 1
     assert list(instances(server)) == [CHAT_MODEL]
 
-    assert wait_until(lambda: CHAT_MODEL not in instances(server), timeout=8)
+    wait_until(lambda: CHAT_MODEL not in instances(server), timeout=8)
     assert time.monotonic() - last_request >= 2.0
 
 
@@ -183,7 +174,7 @@ def test_server_ttl_is_the_default_for_jit_loads_but_not_for_explicit_loads(
     assert loaded[CHAT_MODEL]["ttl"] == 1
     assert loaded[OTHER_CHAT_MODEL]["ttl"] is None  # explicit loads have no TTL unless they ask for one
 
-    assert wait_until(lambda: CHAT_MODEL not in instances(server), timeout=8)
+    wait_until(lambda: CHAT_MODEL not in instances(server), timeout=8)
     assert list(instances(server)) == [OTHER_CHAT_MODEL]
 
 
@@ -207,7 +198,7 @@ def test_explicit_load_ttl_unloads_it_when_idle(start_server: ServerFactory, mod
     ok(load(server, CHAT_MODEL, ttl=1))
     instance = instances(server)[CHAT_MODEL]
     assert (instance["jit"], instance["ttl"]) == (False, 1)
-    assert wait_until(lambda: instances(server) == {}, timeout=8)
+    wait_until(lambda: instances(server) == {}, timeout=8)
 
 
 # -- auto-evict --------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from hf_hub_server import FakeHub
 from kube_cluster import KubeCluster
-from kubelet_emulator import KubeletEmulator, wait_until
+from kubelet_emulator import KubeletEmulator
 from lmkube.operator import peering, resources
 from operator_support import (
     OPERATOR_ACCOUNT,
@@ -30,6 +30,7 @@ from operator_support import (
     grant_operator_rules,
     install_crd,
 )
+from support import wait_until
 
 from lmkube.synthetic_gguf import LlamaShape, write_llama_model
 

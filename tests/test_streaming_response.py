@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -20,7 +20,7 @@ from lmkube.server.streaming import EventStreamResponse
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Route
-from support import free_port
+from support import free_port, wait_until
 
 
 @dataclass
@@ -80,13 +80,6 @@ def served() -> Iterator[tuple[str, Record]]:
     thread.join(timeout=10)
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def test_a_finished_stream_is_written_whole(served: tuple[str, Record]) -> None:
     url, record = served
     record.done.clear()
@@ -111,7 +104,7 @@ def test_a_client_that_leaves_cancels_the_waiting_producer(served: tuple[str, Re
             assert first == f"data: {name} 0\n\n".encode()
         # The producer waits on something that never comes; only the disconnect can end it.
         assert record.done.wait(5), "the request never ended after its client left"
-        wait_for(lambda name=name: name in record.closed)
+        wait_until(lambda name=name: name in record.closed, timeout=5.0, interval=0.01)
         assert record.closed[name] == "cancelled"
         assert record.finished[-1].status == 200 and record.finished[-1].path == "/endless"
 
