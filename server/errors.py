@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -127,6 +128,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     message = first.get("msg", "invalid request")
     if first.get("type") == "extra_forbidden":
         message = f"Unrecognized key '{param}' in request body."
+    elif first.get("type") == "missing" and param is None:  # the body itself
+        message = "The request needs a JSON body (content-type: application/json)."
     elif first.get("type") == "missing":
         message = f"Missing required parameter: '{param}'."
     elif param:
@@ -152,6 +155,22 @@ async def _unauthorized(request: Request) -> APIError | None:
     return None
 
 
+def _allowed_methods(request: Request) -> str:
+    """The Allow header of a 405: the methods of every route on this path (Starlette's router sets none here).
+
+    The table comes from the app's own OpenAPI description, built on the first 405; a path parameter
+    matches any text, slashes included (model keys have them)."""
+    app = request.app
+    table: list[tuple[re.Pattern[str], set[str]]] | None = getattr(app.state, "route_methods", None)
+    if table is None:
+        spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        table = app.state.route_methods = [
+            (re.compile(re.sub(r"\\\{[^}]+\\\}", ".+", re.escape(path)) + "$"), {m.upper() for m in operations})
+            for path, operations in spec["paths"].items()]
+    path = request.url.path
+    return ", ".join(sorted({m for pattern, methods in table if pattern.match(path) for m in methods}))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
@@ -172,7 +191,8 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(request, APIError(404, message, code="not_found"))
         if exc.status_code == 405:
             message = f"Method {request.method} is not allowed on {request.url.path}."
-            return error_response(request, APIError(405, message, code="method_not_allowed"))
+            return error_response(request, APIError(405, message, code="method_not_allowed"),
+                                  headers={"Allow": _allowed_methods(request)})
         if (denied := await _unauthorized(request)) is not None:  # e.g. a body that could not be read
             return error_response(request, denied)
         return error_response(request, APIError(exc.status_code, str(exc.detail)), headers=exc.headers)
