@@ -69,6 +69,18 @@ def bad_request(message: str, *, param: str | None = None, code: str | None = No
     return APIError(400, message, param=param, code=code)
 
 
+def context_length_exceeded(n_ctx: int, prompt_tokens: int, *, param: str, at_least: bool = False) -> APIError:
+    """The 400 for a prompt that leaves no room in the context (`at_least`: counted from a lower bound)."""
+    count = f"at least {prompt_tokens}" if at_least else str(prompt_tokens)
+    return APIError(
+        400,
+        f"This model's maximum context length is {n_ctx} tokens. However, your request has {count} "
+        "prompt tokens. Shorten the prompt or load the model with a larger context_length.",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
 def family(path: str) -> str:
     if path.startswith("/v1/messages"):
         return "anthropic"

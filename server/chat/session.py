@@ -17,10 +17,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine.llama_lib import check_grammar
 from ..errors import APIError
 from ..runtime.instance import ModelInstance
 from .deltas import ChatDelta, ChatResult
-from .prompt import normalize_messages, prompt_tokens, render_chat
+from .prompt import normalize_messages, prompt_tokens, refuse_oversized, render_chat
 from .reasoning import (
     ReasoningSplitter,
     ReasoningStyle,
@@ -125,7 +126,9 @@ def _named_tool(choice: ToolChoice) -> str | None:
     return None
 
 
-def prepare_chat(instance: ModelInstance, spec: ChatSpec) -> PreparedChat:
+def prepare_chat(instance: ModelInstance, spec: ChatSpec, *, param: str = "messages") -> PreparedChat:
+    """Blocks for as long as templating and tokenizing the conversation take (a long one: seconds); routes
+    run it off the event loop (`asyncio.to_thread`). `param` names the request field of the prompt in errors."""
     template_source = instance.template.source
     named = _named_tool(spec.tool_choice)
     registry: ToolRegistry | None = None
@@ -141,6 +144,7 @@ def prepare_chat(instance: ModelInstance, spec: ChatSpec) -> PreparedChat:
     tool_format = detect_tool_format(template_source) if registry is not None else None
 
     messages = normalize_messages(spec.messages)
+    refuse_oversized(instance, (m["content"] for m in messages if isinstance(m["content"], str)), param=param)
     if registry is not None:
         messages = rewrite_history_tool_names(messages, registry, fmt=tool_format)
     kwargs = {**template_kwargs_for_effort(spec.reasoning_effort), **spec.template_kwargs}
@@ -152,9 +156,16 @@ def prepare_chat(instance: ModelInstance, spec: ChatSpec) -> PreparedChat:
     elif spec.response_format is not None:
         grammar = response_format_grammar(dict(spec.response_format), model=instance.model)
 
+    if grammar is not None:
+        try:
+            check_grammar(instance.model, grammar)
+        except ValueError:
+            what = "tools" if registry is not None and spec.response_format is None else "response_format"
+            raise APIError(400, f"The request's {what} cannot be turned into a grammar llama.cpp accepts (too large "
+                           "or too deeply nested); simplify the schemas.", param=what) from None
     style = detect_reasoning_style(template_source)
     return PreparedChat(
-        prompt=prompt_tokens(instance, text),
+        prompt=prompt_tokens(instance, text, param=param),
         prompt_text=text,
         grammar=grammar,
         # Tool-call and channel markers are control tokens in real GGUFs; the parsers need their text.

@@ -262,6 +262,11 @@ def _until(rules: dict[str, str], name: str, literal: str) -> str:
     return f"{name}-0"
 
 
+# Each further call nests one more optional group; llama.cpp's grammar parser refuses (or recurses too
+# deep on) hundreds of them, which a request with that many tools produced.
+MAX_PARALLEL_CALLS = 16
+
+
 def _repeat(item: str, sep: str, count: int) -> str:
     """`item`, then up to `count - 1` more, each after `sep`."""
     tail = ""
@@ -341,9 +346,9 @@ def tool_call_grammar(
     """GBNF that makes the model emit at least one valid call in `fmt`, arguments following each schema.
 
     `only` (either spelling of a tool name) restricts the calls to that tool. With `parallel` up to
-    `max_calls` calls (default: one per allowed tool), else exactly one; gpt-oss always makes one,
-    because harmony ends a call with an end-of-generation token. `reasoning` lets a thinking model
-    reason first (`<think>...</think>`, for gpt-oss an analysis message).
+    `max_calls` calls (default: one per allowed tool, at most MAX_PARALLEL_CALLS), else exactly one;
+    gpt-oss always makes one, because harmony ends a call with an end-of-generation token. `reasoning`
+    lets a thinking model reason first (`<think>...</think>`, for gpt-oss an analysis message).
     """
     if only is not None:
         name = registry.resolve(only)
@@ -361,7 +366,7 @@ def tool_call_grammar(
         for key, rule in tool_rules.items():
             # Tool rules are prefixed per tool; anything shared is one of the converter's fixed primitives.
             assert rules.setdefault(key, rule) == rule, f"grammar rule {key} defined twice"
-    limit = max(1, max_calls or len(names)) if parallel else 1
+    limit = max(1, max_calls or min(len(names), MAX_PARALLEL_CALLS)) if parallel else 1
     body = _FORMATS[fmt](rules, args, limit)
     rules["root"] = (_reasoning_prefix(fmt, rules) if reasoning else "") + body
     return "\n".join(f"{key} ::= {rule}" for key, rule in rules.items()) + "\n"
