@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.llama_lib import check_grammar
 from ..errors import APIError
 from ..runtime.instance import ModelInstance
 from .deltas import ChatDelta, ChatResult
@@ -29,7 +28,7 @@ from .reasoning import (
     prompt_opens_reasoning,
     template_kwargs_for_effort,
 )
-from .structured import response_format_grammar
+from .structured import check_grammar, response_format_grammar
 from .tool_parsers import ToolCallParser
 from .tools import ToolFormat, ToolRegistry, detect_tool_format, rewrite_history_tool_names, tool_call_grammar
 
@@ -153,16 +152,10 @@ def prepare_chat(instance: ModelInstance, spec: ChatSpec, *, param: str = "messa
     grammar: str | None = None
     if registry is not None and tool_format is not None and (named is not None or spec.tool_choice == "required"):
         grammar = tool_call_grammar(tool_format, registry, only=named, parallel=spec.parallel_tool_calls)
+        check_grammar(instance.model, grammar, param="tools")  # a 400 now rather than a failed generation
     elif spec.response_format is not None:
         grammar = response_format_grammar(dict(spec.response_format), model=instance.model)
 
-    if grammar is not None:
-        try:
-            check_grammar(instance.model, grammar)
-        except ValueError:
-            what = "tools" if registry is not None and spec.response_format is None else "response_format"
-            raise APIError(400, f"The request's {what} cannot be turned into a grammar llama.cpp accepts (too large "
-                           "or too deeply nested); simplify the schemas.", param=what) from None
     style = detect_reasoning_style(template_source)
     return PreparedChat(
         prompt=prompt_tokens(instance, text, param=param),

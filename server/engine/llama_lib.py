@@ -364,11 +364,6 @@ def grammar_sampler(model: LlamaModel, grammar: str, root: str = "root") -> ctyp
     return sampler
 
 
-def check_grammar(model: LlamaModel, grammar: str) -> None:
-    """Raises ValueError if llama.cpp refuses the grammar, so a request learns it before it is queued."""
-    C.llama_sampler_free(grammar_sampler(model, grammar))
-
-
 top_k_sampler = C.llama_sampler_init_top_k
 top_p_sampler = C.llama_sampler_init_top_p
 min_p_sampler = C.llama_sampler_init_min_p
