@@ -30,6 +30,10 @@ class LoadRequest(BaseModel):
     draft_model: Name | None = None
     # lmkube extension (LM Studio's `lms load --estimate-only`): report the memory a load would take, load nothing.
     estimate_only: bool = False
+    # lmkube extensions for a load whose estimate does not fit the free memory (refused by default):
+    # unload other instances first, least recently used first, until it fits; or load it anyway.
+    evict: bool = False
+    force: bool = False
 
 
 class UnloadRequest(BaseModel):
