@@ -21,9 +21,12 @@ from support import ServerProcess
 ServerFactory = Callable[..., ServerProcess]
 
 TOKEN = "sk-lm-fuzzfuzz:0123456789abcdefghij"
-# Schemathesis' own generation dominates the run on a small machine; this budget bounds the whole run
-# (its coverage phase, then fuzzing until the time is spent), so the request count depends on the machine.
-FUZZ_SECONDS = 75
+EXAMPLES_PER_OPERATION = 30
+# An endless SSE stream by design (lmkube log stream): every request would wait for the timeout.
+ENDLESS = "/api/v1/logs/stream"
+# Schemathesis' coverage phase fails inside hypothesis on this operation's schema ("AST constructor
+# recursion depth mismatch", a tool error, not a finding); the fuzzing phase covers it.
+NO_COVERAGE_PHASE = "/api/v0/chat/completions"
 SCHEMATHESIS = str(Path(sys.executable).with_name("st"))
 
 
@@ -66,20 +69,22 @@ def test_generated_requests_never_get_a_server_error(
     spec = tmp_path / "openapi.json"
     spec.write_text(json.dumps(document))
     before = http_requests(server)
-    run = subprocess.run(
-        [SCHEMATHESIS, "run", str(spec), "--url", server.base_url, "--checks", "not_a_server_error",
-         "--header", f"Authorization: Bearer {TOKEN}", "--max-time", str(FUZZ_SECONDS), "--seed", "15",
-         "--no-shrink", "--workers", "2", "--request-timeout", "120", "--warnings", "off"],
-        capture_output=True, text=True, timeout=600,
-    )
+    common = [SCHEMATHESIS, "run", str(spec), "--url", server.base_url, "--checks", "not_a_server_error",
+              "--header", f"Authorization: Bearer {TOKEN}", "--seed", "15", "--no-shrink", "--workers", "2",
+              "--request-timeout", "120", "--warnings", "off", "--exclude-path", ENDLESS]
+    runs = [subprocess.run(command, capture_output=True, text=True, timeout=600) for command in (
+        [*common, "--phases", "coverage", "--exclude-path", NO_COVERAGE_PHASE],
+        [*common, "--phases", "examples,fuzzing,stateful", "--max-examples", str(EXAMPLES_PER_OPERATION)],
+    )]
     sent = http_requests(server) - before
     statuses = Counter[int]()
     for (_route, status), count in sent.items():
         statuses[status] += count
     print(f"schemathesis sent {sum(statuses.values())} requests; statuses {dict(sorted(statuses.items()))}")
     # Failures (5xx), network errors (a dropped connection) and timeouts all make schemathesis exit non-zero.
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    for run in runs:
+        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert not [status for status in statuses if status >= 500], statuses
-    routes = {route for route, _ in sent}
-    assert len(routes - {"unmatched"}) >= len(document["paths"]), sorted(routes)  # every operation was reached
+    routes = {route for route, _ in sent} - {"unmatched", ENDLESS}
+    assert len(routes) >= len(document["paths"]) - 1, sorted(routes)  # every operation was reached
     assert server.process.poll() is None, server.log()[-3000:]
