@@ -75,5 +75,5 @@ def refuse_oversized(instance: ModelInstance, texts: Iterable[str], *, param: st
     if chars < n_ctx:  # cannot be decided from the length; the common case skips the vocabulary scan
         return
     fewest = chars // instance.model.longest_token_bytes
-    if fewest >= n_ctx:
+    if fewest > n_ctx:  # at the boundary, tokenizing gives the exact count
         raise context_length_exceeded(n_ctx, fewest, param=param, at_least=True)
