@@ -149,24 +149,6 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     return bad_request(message, param=param)
 
 
-async def _unauthorized(request: Request) -> APIError | None:
-    """The auth error for a request whose body failed to parse, unless it went to a public probe.
-
-    FastAPI parses a JSON body before it runs the route's dependencies (the token check among
-    them), so without this a malformed body would get a 400, not a 401, from a server that
-    requires a token."""
-    from .api import system  # the unauthenticated routes
-    from .auth import require_api_token  # auth imports this module
-
-    if request.url.path in {getattr(route, "path", None) for route in system.router.routes}:
-        return None
-    try:
-        await require_api_token(request)
-    except APIError as exc:
-        return exc
-    return None
-
-
 def _allowed_methods(request: Request) -> str:
     """The Allow header of a 405: the methods of every route on this path (Starlette's router sets none here).
 
@@ -194,7 +176,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(request, await _unauthorized(request) or _validation_error(exc))
+        return error_response(request, _validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -205,8 +187,6 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"Method {request.method} is not allowed on {request.url.path}."
             return error_response(request, APIError(405, message, code="method_not_allowed"),
                                   headers={"Allow": _allowed_methods(request)})
-        if (denied := await _unauthorized(request)) is not None:  # e.g. a body that could not be read
-            return error_response(request, denied)
         return error_response(request, APIError(exc.status_code, str(exc.detail)), headers=exc.headers)
 
     @app.exception_handler(Exception)
