@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
 from starlette.responses import Response
 
 from .api import anthropic, legacy, native, openai, system
@@ -18,6 +19,7 @@ from .downloads.manager import DownloadManager
 from .errors import install_error_handlers
 from .logs import log_request
 from .metrics import HttpMetrics
+from .request_guard import RequestGuardMiddleware
 from .request_observer import RequestObserverMiddleware
 from .runtime.manager import ModelManager
 from .store.model_store import ModelStore
@@ -59,6 +61,12 @@ def create_app(config: ServerConfig) -> FastAPI:
                        dependencies=[] if config.public_metrics else [Depends(require_api_token)])
     for family in (openai.router, anthropic.router, native.router, legacy.router):
         app.include_router(family, dependencies=[Depends(require_api_token)])
+    public_paths = {route.path for route in system.router.routes if isinstance(route, APIRoute)}
+    if config.public_metrics:
+        public_paths |= {route.path for route in metrics_api.router.routes if isinstance(route, APIRoute)}
+    # Added first, so it runs inside the observer: refused requests still show in /metrics and the logs.
+    app.add_middleware(RequestGuardMiddleware, tokens=app.state.api_tokens, public_paths=public_paths,
+                       max_body_bytes=config.max_body_bytes)
     app.add_middleware(RequestObserverMiddleware, observers=[app.state.http_metrics.observe, log_request])
     if config.cors:
         app.add_middleware(

@@ -30,13 +30,13 @@ def token_matches(presented: str, accepted: tuple[bytes, ...]) -> bool:
     return matched
 
 
-async def require_api_token(request: Request) -> None:
-    accepted: tuple[bytes, ...] = request.app.state.api_tokens
+def token_error(request: Request, accepted: tuple[bytes, ...]) -> APIError | None:
+    """The 401 for a request without one of the `accepted` tokens (none configured: nothing needed)."""
     if not accepted:
-        return
+        return None
     token = presented_token(request)
     if token is None:
-        raise APIError(
+        return APIError(
             401,
             "An LM Studio API token is required to make requests to this server, but none was provided "
             "using the Authorization header using the 'Bearer' scheme (i.e., 'Authorization: Bearer "
@@ -46,9 +46,15 @@ async def require_api_token(request: Request) -> None:
         )
     if not token_matches(token, accepted):
         # Never echo more than a prefix of what the client sent: it may be a real secret elsewhere.
-        raise APIError(
+        return APIError(
             401,
             f"Invalid LM Studio API token provided: {token[:10]}... Ensure you are using a valid token.",
             type="invalid_request",
             code="invalid_api_key",
         )
+    return None
+
+
+async def require_api_token(request: Request) -> None:
+    if (error := token_error(request, request.app.state.api_tokens)) is not None:
+        raise error

@@ -10,6 +10,8 @@ from pathlib import Path
 from .runtime.manager import RuntimeSettings
 from .store.paths import default_models_dir, lmkube_home
 
+DEFAULT_MAX_BODY_BYTES = 32 << 20  # Anthropic's own limit for a Messages request
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -22,6 +24,7 @@ class ServerConfig:
     cors: bool = False
     public_metrics: bool = False  # GET /metrics without an API token (for token-less Prometheus scrapes)
     allow_remote_mcp: bool = False  # per-request MCP servers (`ephemeral_mcp` integrations on /api/v1/chat)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413 (request_guard.py)
 
 
 def collect_api_tokens(flags: Iterable[str], files: Iterable[Path], env: str | None = None) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -66,6 +67,18 @@ def queue_full(exc: QueueFull) -> APIError:
 
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def context_length_exceeded(n_ctx: int, prompt_tokens: int, *, param: str, at_least: bool = False) -> APIError:
+    """The 400 for a prompt that leaves no room in the context (`at_least`: counted from a lower bound)."""
+    count = f"at least {prompt_tokens}" if at_least else str(prompt_tokens)
+    return APIError(
+        400,
+        f"This model's maximum context length is {n_ctx} tokens. However, your request has {count} "
+        "prompt tokens. Shorten the prompt or load the model with a larger context_length.",
+        param=param,
+        code="context_length_exceeded",
+    )
 
 
 def family(path: str) -> str:
@@ -127,6 +140,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     message = first.get("msg", "invalid request")
     if first.get("type") == "extra_forbidden":
         message = f"Unrecognized key '{param}' in request body."
+    elif first.get("type") == "missing" and param is None:  # the body itself
+        message = "The request needs a JSON body (content-type: application/json)."
     elif first.get("type") == "missing":
         message = f"Missing required parameter: '{param}'."
     elif param:
@@ -134,22 +149,20 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     return bad_request(message, param=param)
 
 
-async def _unauthorized(request: Request) -> APIError | None:
-    """The auth error for a request whose body failed to parse, unless it went to a public probe.
+def _allowed_methods(request: Request) -> str:
+    """The Allow header of a 405: the methods of every route on this path (Starlette's router sets none here).
 
-    FastAPI parses a JSON body before it runs the route's dependencies (the token check among
-    them), so without this a malformed body would get a 400, not a 401, from a server that
-    requires a token."""
-    from .api import system  # the unauthenticated routes
-    from .auth import require_api_token  # auth imports this module
-
-    if request.url.path in {getattr(route, "path", None) for route in system.router.routes}:
-        return None
-    try:
-        await require_api_token(request)
-    except APIError as exc:
-        return exc
-    return None
+    The table comes from the app's own OpenAPI description, built on the first 405; a path parameter
+    matches any text, slashes included (model keys have them)."""
+    app = request.app
+    table: list[tuple[re.Pattern[str], set[str]]] | None = getattr(app.state, "route_methods", None)
+    if table is None:
+        spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        table = app.state.route_methods = [
+            (re.compile(re.sub(r"\\\{[^}]+\\\}", ".+", re.escape(path)) + "$"), {m.upper() for m in operations})
+            for path, operations in spec["paths"].items()]
+    path = request.url.path
+    return ", ".join(sorted({m for pattern, methods in table if pattern.match(path) for m in methods}))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -163,7 +176,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(request, await _unauthorized(request) or _validation_error(exc))
+        return error_response(request, _validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -172,9 +185,8 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(request, APIError(404, message, code="not_found"))
         if exc.status_code == 405:
             message = f"Method {request.method} is not allowed on {request.url.path}."
-            return error_response(request, APIError(405, message, code="method_not_allowed"))
-        if (denied := await _unauthorized(request)) is not None:  # e.g. a body that could not be read
-            return error_response(request, denied)
+            return error_response(request, APIError(405, message, code="method_not_allowed"),
+                                  headers={"Allow": _allowed_methods(request)})
         return error_response(request, APIError(exc.status_code, str(exc.detail)), headers=exc.headers)
 
     @app.exception_handler(Exception)

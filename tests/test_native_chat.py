@@ -287,17 +287,14 @@ def test_unknown_previous_response_id_is_a_native_404(http: httpx.Client) -> Non
 # -- errors ----------------------------------------------------------------------------------------
 
 
-def test_errors_after_the_stream_started_are_error_events(http: httpx.Client) -> None:
+def test_errors_before_generation_starts_are_http_errors_when_streaming_too(http: httpx.Client) -> None:
+    # A streamed chat starts its response only once its generation is submitted, so what refuses the
+    # request (here a prompt past the context; a full queue alike) is an HTTP error as on every other route.
     long_input = "lorem ipsum " * 3000  # past the tiny model's context
-    plain = http.post("/api/v1/chat", json={"model": REASONING_MODEL, "input": long_input})
-    assert_native_error(plain, 400, "context_length_exceeded")
-    events = stream(http, model=REASONING_MODEL, input=long_input)
-    names = [name for name, _ in events]
-    assert names[0] == "chat.start" and names[-2:] == ["error", "chat.end"]
-    error = events[-2][1]["error"]
-    assert error["type"] == "invalid_request" and error["code"] == "context_length_exceeded"
-    result = events[-1][1]["result"]
-    assert result["output"] == [] and "response_id" not in result
+    for streamed in (False, True):
+        response = http.post("/api/v1/chat", json={"model": REASONING_MODEL, "input": long_input, "stream": streamed})
+        error = assert_native_error(response, 400, "context_length_exceeded")
+        assert error["param"] == "input"
 
 
 def test_image_input_is_rejected_for_a_model_without_vision(http: httpx.Client) -> None:

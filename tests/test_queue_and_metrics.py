@@ -114,6 +114,9 @@ def test_a_full_queue_answers_503_with_retry_after_in_each_family(srv: ServerPro
                 await client.post("/v1/chat/completions", json=chat),
                 await client.post("/api/v1/chat", json={"model": MODEL, "input": "one more", "max_output_tokens": 4}),
                 await client.post("/v1/messages", json={**chat, "max_tokens": 4}),
+                # Streamed, the native chat is refused before its stream starts too (not a 200 with an error event).
+                await client.post("/api/v1/chat", json={"model": MODEL, "input": "one more", "max_output_tokens": 4,
+                                                        "stream": True}),
             ])
             assert not any(s.done() for s in streams), "the rejections raced a finishing request"
             return await asyncio.gather(*streams)
@@ -122,15 +125,17 @@ def test_a_full_queue_answers_503_with_retry_after_in_each_family(srv: ServerPro
     # The admitted requests all ran to the end, the queued ones after the running ones.
     assert finished == [("length", LONG)] * (PARALLEL + MAX_QUEUE)
 
-    openai_plain, openai_stream, openai_chat, native, anthropic = rejections
+    openai_plain, openai_stream, openai_chat, native, anthropic, native_stream = rejections
     for response in (openai_plain, openai_stream, openai_chat):
         assert response.status_code == 503, response.text
         assert response.headers["content-type"].startswith("application/json")
         error = response.json()["error"]
         assert (error["type"], error["code"]) == ("server_error", "queue_full")
         assert "busy" in error["message"]
-    assert native.status_code == 503, native.text
-    assert native.json()["error"]["code"] == "queue_full"
+    for response in (native, native_stream):
+        assert response.status_code == 503, response.text
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.json()["error"]["code"] == "queue_full"
     assert anthropic.status_code == 529, anthropic.text
     assert anthropic.json() == {"type": "error", "error": {"type": "overloaded_error",
                                                           "message": anthropic.json()["error"]["message"]}}

@@ -73,6 +73,9 @@ def register(commands: Any) -> None:
     load.add_argument("--draft-model", metavar="KEY",
                       help="speculative decoding: a smaller model with the same vocabulary drafts tokens")
     load.add_argument("--estimate-only", action="store_true", help="print the memory estimate; load nothing")
+    load.add_argument("--evict", action="store_true",
+                      help="if it does not fit the free memory, unload other models first (least recently used)")
+    load.add_argument("--force", action="store_true", help="load even if the estimate does not fit the free memory")
     load.add_argument("-y", "--yes", action="store_true", help="no questions: take the first model if none is named")
     load.add_argument("--json", action="store_true", help="print the server's answer as JSON")
     add_connection_arguments(load)
@@ -191,6 +194,9 @@ def load_model(args: argparse.Namespace) -> int:
     if not args.json and sys.stderr.isatty():
         print(f"Loading {model} ...", file=sys.stderr, flush=True)
     body["echo_load_config"] = True
+    for flag in ("evict", "force"):
+        if getattr(args, flag):
+            body[flag] = True
     result = client.post("/api/v1/models/load", body)
     if args.json:
         print_json(result)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# llama.cpp's LLAMA_MAX_SEQ: a context with more sequences is refused.
+MAX_PARALLEL = 256
+
+
+def _slot_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_PARALLEL:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_PARALLEL}, got {value}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -34,8 +46,8 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=1234, help="port (default 1234)")
     serve.add_argument("--models-dir", type=Path, help="model store (default $LMKUBE_HOME/models)")
-    serve.add_argument("--parallel", type=_positive_int, default=4,
-                       help="concurrent requests per model instance (default 4)")
+    serve.add_argument("--parallel", type=_slot_count, default=4,
+                       help=f"concurrent requests per model instance, 1-{MAX_PARALLEL} (default 4)")
     serve.add_argument("--ctx-size", type=_positive_int, default=4096,
                        help="default context length, capped at the model's trained context (default 4096)")
     serve.add_argument("--ttl", type=float, default=3600.0,
@@ -47,6 +59,8 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                        help="host memory per model for prompt caches of finished requests, kept out of the KV "
                             "cache while others run and brought back for a prompt that continues them; "
                             "0: keep them in the KV cache (default 1024)")
+    serve.add_argument("--max-body-size", type=_positive_int, default=None, metavar="MIB",
+                       help="largest request body in MiB; a larger one gets 413 before it is read (default 32)")
     serve.add_argument("--no-jit", action="store_true", help="do not load models on first request")
     serve.add_argument("--no-auto-evict", action="store_true",
                        help="keep earlier JIT-loaded models when JIT-loading another")
@@ -135,6 +149,8 @@ def serve(args: argparse.Namespace) -> int:
         public_metrics=args.public_metrics,
         allow_remote_mcp=args.allow_remote_mcp,
     )
+    if args.max_body_size is not None:
+        config = replace(config, max_body_bytes=args.max_body_size << 20)
     print(f"lmkube {__version__} serving {models_dir} on http://{args.host}:{args.port}"
           + (f" ({len(tokens)} API token(s) required)" if tokens else ""), flush=True)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level,

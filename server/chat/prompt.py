@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ..errors import APIError
+from ..engine.llama_lib import TooManyTokens
+from ..errors import APIError, context_length_exceeded
 from ..runtime.instance import ModelInstance
 from .template import ChatTemplateError
 
@@ -51,10 +52,28 @@ def render_chat(
         raise APIError(400, str(exc), param="messages", code="chat_template_error") from exc
 
 
-def prompt_tokens(instance: ModelInstance, text: str) -> list[int]:
-    """Tokenizes rendered chat text; templates that already start with BOS do not get a second one."""
+def prompt_tokens(instance: ModelInstance, text: str, *, param: str = "messages") -> list[int]:
+    """Tokenizes rendered chat text; templates that already start with BOS do not get a second one.
+
+    Raises the context_length_exceeded 400 for a prompt that leaves no room in the context."""
     model = instance.model
     bos = instance.template.bos_token
-    add_bos = model.add_bos and not (bos and text.startswith(bos))
-    tokens = model.tokenize(text, add_special=False, parse_special=True)
-    return [model.bos_id, *tokens] if add_bos and model.bos_id >= 0 else tokens
+    add_bos = model.add_bos and not (bos and text.startswith(bos)) and model.bos_id >= 0
+    n_ctx = instance.context_length
+    try:
+        tokens = model.tokenize(text, add_special=False, parse_special=True, limit=n_ctx - 1 - add_bos)
+    except TooManyTokens as exc:
+        raise context_length_exceeded(n_ctx, exc.count + add_bos, param=param) from None
+    return [model.bos_id, *tokens] if add_bos else tokens
+
+
+def refuse_oversized(instance: ModelInstance, texts: Iterable[str], *, param: str = "messages") -> None:
+    """Refuses, before any templating or tokenizing, text so long it cannot fit the context whatever its
+    tokens: each token stands for at most `longest_token_bytes` bytes (so characters)."""
+    chars = sum(len(text) for text in texts)
+    n_ctx = instance.context_length
+    if chars < n_ctx:  # cannot be decided from the length; the common case skips the vocabulary scan
+        return
+    fewest = chars // instance.model.longest_token_bytes
+    if fewest > n_ctx:  # at the boundary, tokenizing gives the exact count
+        raise context_length_exceeded(n_ctx, fewest, param=param, at_least=True)

@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import APIError
 from ..runtime.instance import ModelInstance
 from .deltas import ChatDelta, ChatResult
-from .prompt import normalize_messages, prompt_tokens, render_chat
+from .prompt import normalize_messages, prompt_tokens, refuse_oversized, render_chat
 from .reasoning import (
     ReasoningSplitter,
     ReasoningStyle,
@@ -28,7 +28,7 @@ from .reasoning import (
     prompt_opens_reasoning,
     template_kwargs_for_effort,
 )
-from .structured import response_format_grammar
+from .structured import check_grammar, response_format_grammar
 from .tool_parsers import ToolCallParser
 from .tools import ToolFormat, ToolRegistry, detect_tool_format, rewrite_history_tool_names, tool_call_grammar
 
@@ -125,7 +125,9 @@ def _named_tool(choice: ToolChoice) -> str | None:
     return None
 
 
-def prepare_chat(instance: ModelInstance, spec: ChatSpec) -> PreparedChat:
+def prepare_chat(instance: ModelInstance, spec: ChatSpec, *, param: str = "messages") -> PreparedChat:
+    """Blocks for as long as templating and tokenizing the conversation take (a long one: seconds); routes
+    run it off the event loop (`asyncio.to_thread`). `param` names the request field of the prompt in errors."""
     template_source = instance.template.source
     named = _named_tool(spec.tool_choice)
     registry: ToolRegistry | None = None
@@ -141,6 +143,7 @@ def prepare_chat(instance: ModelInstance, spec: ChatSpec) -> PreparedChat:
     tool_format = detect_tool_format(template_source) if registry is not None else None
 
     messages = normalize_messages(spec.messages)
+    refuse_oversized(instance, (m["content"] for m in messages if isinstance(m["content"], str)), param=param)
     if registry is not None:
         messages = rewrite_history_tool_names(messages, registry, fmt=tool_format)
     kwargs = {**template_kwargs_for_effort(spec.reasoning_effort), **spec.template_kwargs}
@@ -149,12 +152,13 @@ def prepare_chat(instance: ModelInstance, spec: ChatSpec) -> PreparedChat:
     grammar: str | None = None
     if registry is not None and tool_format is not None and (named is not None or spec.tool_choice == "required"):
         grammar = tool_call_grammar(tool_format, registry, only=named, parallel=spec.parallel_tool_calls)
+        check_grammar(instance.model, grammar, param="tools")  # a 400 now rather than a failed generation
     elif spec.response_format is not None:
         grammar = response_format_grammar(dict(spec.response_format), model=instance.model)
 
     style = detect_reasoning_style(template_source)
     return PreparedChat(
-        prompt=prompt_tokens(instance, text),
+        prompt=prompt_tokens(instance, text, param=param),
         prompt_text=text,
         grammar=grammar,
         # Tool-call and channel markers are control tokens in real GGUFs; the parsers need their text.

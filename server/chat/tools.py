@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from jsonschema import Draft7Validator
+
 from lmkube.random_ids import ALPHANUMERIC, random_string
 
 from .structured import JsonSchemaConverter
@@ -64,6 +66,13 @@ class _Tool:
     parameters: dict[str, Any]
 
 
+# Checks a tool's `parameters` against the JSON Schema meta-schema (Draft 7: later drafts' keywords pass as
+# unknown ones; about half a millisecond a tool). Unlike `response_format`, a valid schema the grammar
+# converter cannot express is still accepted (a forced call then gets any JSON object).
+_META_SCHEMA = Draft7Validator(Draft7Validator.META_SCHEMA)
+MAX_TOOLS = 1024  # per request: each costs template text, a meta-schema check and grammar rules
+
+
 def _parse_tool(tool: Any, i: int) -> _Tool:
     if not isinstance(tool, dict):
         raise ValueError(f"tools[{i}] must be an object")
@@ -82,6 +91,10 @@ def _parse_tool(tool: Any, i: int) -> _Tool:
         parameters = _empty_parameters()
     elif not isinstance(parameters, dict):
         raise ValueError(f"tools[{i}] ({name!r}): 'parameters' must be a JSON Schema object")
+    elif (problem := next(_META_SCHEMA.iter_errors(parameters), None)) is not None:
+        where = "".join(f"[{p!r}]" for p in problem.absolute_path)
+        raise ValueError(f"tools[{i}] ({name!r}): 'parameters' is not a valid JSON Schema: "
+                         f"{problem.message}{f' at parameters{where}' if where else ''}")
     description = fn.get("description")
     # Several templates concatenate the description unconditionally, so a missing one becomes "".
     return _Tool(name, normalize_tool_name(name), "" if description is None else str(description), parameters)
@@ -93,6 +106,8 @@ class ToolRegistry:
     def __init__(self, tools: list[dict]) -> None:
         if not isinstance(tools, list):
             raise ValueError("'tools' must be a list")
+        if len(tools) > MAX_TOOLS:
+            raise ValueError(f"a request may offer at most {MAX_TOOLS} tools, not {len(tools)}")
         self._tools: dict[str, _Tool] = {}
         self._by_caller: dict[str, str] = {}
         for i, raw in enumerate(tools):
@@ -262,6 +277,11 @@ def _until(rules: dict[str, str], name: str, literal: str) -> str:
     return f"{name}-0"
 
 
+# Each further call nests one more optional group; llama.cpp's grammar parser refuses (or recurses too
+# deep on) hundreds of them, which a request with that many tools produced.
+MAX_PARALLEL_CALLS = 16
+
+
 def _repeat(item: str, sep: str, count: int) -> str:
     """`item`, then up to `count - 1` more, each after `sep`."""
     tail = ""
@@ -341,9 +361,9 @@ def tool_call_grammar(
     """GBNF that makes the model emit at least one valid call in `fmt`, arguments following each schema.
 
     `only` (either spelling of a tool name) restricts the calls to that tool. With `parallel` up to
-    `max_calls` calls (default: one per allowed tool), else exactly one; gpt-oss always makes one,
-    because harmony ends a call with an end-of-generation token. `reasoning` lets a thinking model
-    reason first (`<think>...</think>`, for gpt-oss an analysis message).
+    `max_calls` calls (default: one per allowed tool, at most MAX_PARALLEL_CALLS), else exactly one;
+    gpt-oss always makes one, because harmony ends a call with an end-of-generation token. `reasoning`
+    lets a thinking model reason first (`<think>...</think>`, for gpt-oss an analysis message).
     """
     if only is not None:
         name = registry.resolve(only)
@@ -361,7 +381,7 @@ def tool_call_grammar(
         for key, rule in tool_rules.items():
             # Tool rules are prefixed per tool; anything shared is one of the converter's fixed primitives.
             assert rules.setdefault(key, rule) == rule, f"grammar rule {key} defined twice"
-    limit = max(1, max_calls or len(names)) if parallel else 1
+    limit = max(1, max_calls or min(len(names), MAX_PARALLEL_CALLS)) if parallel else 1
     body = _FORMATS[fmt](rules, args, limit)
     rules["root"] = (_reasoning_prefix(fmt, rules) if reasoning else "") + body
     return "\n".join(f"{key} ::= {rule}" for key, rule in rules.items()) + "\n"

@@ -105,6 +105,7 @@ def resolve(spec: Spec) -> DownloadPlan:
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -133,6 +134,9 @@ def resolve(spec: Spec) -> DownloadPlan:
     except RevisionNotFoundError:
         raise DownloadError(404, "model_not_found",
                             f"Revision '{spec.revision}' of Hugging Face repo '{repo_id}' was not found.") from None
+    except HFValidationError as exc:  # a name the Hub's own rules refuse (e.g. ending in '.'), asked of nobody
+        raise DownloadError(400, "invalid_model", f"'{repo_id}' is not a valid Hugging Face repo id: "
+                            f"{_first_line(exc)}") from None
     except OfflineModeIsEnabled:
         raise DownloadError(503, "hub_offline", "Downloads are disabled: HF_HUB_OFFLINE is set.") from None
     except HfHubHTTPError as exc:

@@ -74,6 +74,15 @@ class ModelLoadError(RuntimeError):
     pass
 
 
+class TooManyTokens(ValueError):
+    """Text that tokenizes to more tokens than the caller's limit."""
+
+    def __init__(self, count: int, limit: int) -> None:
+        super().__init__(f"{count} tokens, more than the limit of {limit}")
+        self.count = count
+        self.limit = limit
+
+
 class LlamaModel:
     """Weights and vocabulary of one GGUF; may back several contexts."""
 
@@ -96,6 +105,7 @@ class LlamaModel:
         self.add_bos: bool = bool(C.llama_vocab_get_add_bos(self.vocab))
         self._eog_ids: frozenset[int] | None = None
         self._pieces: dict[int, bytes] = {}  # the vocabulary never changes: render each piece once
+        self._longest_token: int | None = None
 
     def close(self) -> None:
         if self.ptr:
@@ -111,15 +121,29 @@ class LlamaModel:
             self._eog_ids = frozenset(t for t in range(self.n_vocab) if C.llama_vocab_is_eog(self.vocab, t))
         return self._eog_ids
 
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+    @property
+    def longest_token_bytes(self) -> int:
+        """The longest piece any token stands for: text of N bytes is at least N / this many tokens."""
+        if self._longest_token is None:
+            self._longest_token = max((len(self._render_piece(t, True)) for t in range(self.n_vocab)), default=1)
+        return max(self._longest_token, 1)
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True,
+                 limit: int | None = None) -> list[int]:
+        """The text's tokens; with `limit`, raises TooManyTokens instead of building a longer list (a huge
+        prompt would otherwise cost tens of bytes of Python objects per token only to be refused)."""
         data = text.encode("utf-8")
-        capacity = len(data) + 8
+        capacity = len(data) + 8 if limit is None else min(len(data) + 8, limit + 1)
         buf = (C.llama_token * capacity)()
         n = C.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
         if n < 0:  # buffer too small: llama.cpp reports the size it needs as -n
+            if limit is not None and -n > limit:
+                raise TooManyTokens(-n, limit)
             capacity = -n
             buf = (C.llama_token * capacity)()
             n = C.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
+        if limit is not None and n > limit:
+            raise TooManyTokens(n, limit)
         return list(buf[:n])
 
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:

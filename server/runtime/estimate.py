@@ -88,6 +88,19 @@ def n_gpu_layers(offload: GpuOffload, n_layers: int, gpu_supported: bool) -> int
     return min(n_layers + 1, round(float(offload) * (n_layers + 1)))
 
 
+def context_size(requested: int | None, *, default_context: int, trained: int | None, parallel: int,
+                 embedding: bool = False) -> int:
+    """The context a load asks llama.cpp for: the request's (else the server default, for embedding models
+    the trained one), capped at the trained context, and never fewer cells than parallel slots.
+
+    llama.cpp caps a causal model's batch at the requested context; a batch smaller than the slots that
+    each decode one token per step aborts the whole process (GGML_ASSERT on n_outputs_max), so a tiny
+    `context_length` or `--ctx-size` is raised rather than passed on."""
+    trained = trained or default_context
+    wanted = requested or (trained if embedding else default_context)
+    return max(min(wanted, trained), parallel)
+
+
 def _per_layer(value: Any, n_layers: int, default: int) -> list[int]:
     """A hyperparameter that may be one number or one per layer (several architectures vary it)."""
     if isinstance(value, list):
@@ -117,13 +130,9 @@ def estimate_memory(
     headers = _headers(files)
     shape = _Shape.of(headers[0])
     # The context and batch exactly as instance.py and llama_lib.py create them.
-    trained = shape.trained or default_context
-    if embedding:
-        n_ctx = min(context_length or trained, trained)
-        n_ub = n_ctx
-    else:
-        n_ctx = min(context_length or default_context, trained)
-        n_ub = max(min(eval_batch_size, n_ctx), parallel)
+    n_ctx = context_size(context_length, default_context=default_context, trained=shape.trained,
+                         parallel=parallel, embedding=embedding)
+    n_ub = n_ctx if embedding else max(min(eval_batch_size, n_ctx), parallel)
     settings = _Settings(n_ctx=-(-n_ctx // CTX_PAD) * CTX_PAD, n_ub=n_ub, parallel=parallel,
                          fa=True if flash_attention is None else flash_attention,  # llama.cpp's "auto": on
                          offload_kv_cache=offload_kv_cache, embedding=embedding)

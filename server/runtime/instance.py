@@ -17,6 +17,7 @@ from ..engine.generation import GenerationEngine
 from ..engine.speculative import Drafter, DraftPool, load_drafter
 from ..engine.stats import EngineStats
 from ..store.model_store import ModelVariant
+from .estimate import context_size
 
 # GPU offload: "max" puts every layer on the GPU, "off" none, a fraction that share of the layers.
 GpuOffload = Literal["max", "off"] | float
@@ -72,8 +73,9 @@ class ModelInstance:
         n_gpu_layers = gpu_layers(config.gpu, variant.block_count or 0)
         self.model = lib.LlamaModel(variant.path, n_gpu_layers=n_gpu_layers)
         try:
-            trained = self.model.n_ctx_train or default_context
-            n_ctx = min(config.context_length or default_context, trained)
+            n_ctx = context_size(config.context_length, default_context=default_context,
+                                 trained=self.model.n_ctx_train, parallel=config.parallel,
+                                 embedding=variant.is_embedding)
             settings = dict(
                 n_threads=n_threads,
                 flash_attention=config.flash_attention,
@@ -83,7 +85,6 @@ class ModelInstance:
             self.engine: GenerationEngine | EmbeddingEngine
             if variant.is_embedding:
                 # Non-causal models need each input inside one ubatch, so the batch spans the context.
-                n_ctx = min(config.context_length or trained, trained)
                 context = lib.LlamaContext(
                     self.model, lib.ContextConfig(n_ctx=n_ctx, n_batch=n_ctx, embeddings=True, **settings)
                 )

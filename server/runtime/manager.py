@@ -201,9 +201,9 @@ class ModelManager:
             n += 1
         return f"{base}:{n}"
 
-    async def unload(self, instance_id: str) -> ModelInstance:
+    async def unload(self, instance_id: str, *, drain: bool = False) -> ModelInstance:
         async with self._lock:
-            return await self._unload_locked(instance_id)
+            return await self._unload_locked(instance_id, drain=drain)
 
     async def _unload_locked(self, instance_id: str, *, drain: bool = False) -> ModelInstance:
         """Unloads at once (requests still running on it fail), or with `drain` once they are done."""

@@ -6,6 +6,7 @@ Clients set the base URL without `/v1` (`ANTHROPIC_BASE_URL=http://host:1234`); 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -66,7 +67,7 @@ async def start_message(body: MessagesRequest, manager: ModelManager) -> Message
     """Finds (or JIT-loads) the model, renders the prompt and submits it; errors here are plain HTTP errors."""
     instance = await inference.acquire(manager, body.model, ttl=body.ttl, kind="llm")
     with instance.in_use():
-        prepared = prepare_chat(instance, chat_spec(body))
+        prepared = await asyncio.to_thread(prepare_chat, instance, chat_spec(body))
         params = inference.sampling_params(body, max_tokens=body.max_tokens)
         params.stop = list(body.stop_sequences or ())
         params.grammar = prepared.grammar
@@ -110,5 +111,5 @@ async def count_tokens(
     """The prompt's length in tokens, rendered exactly as `/v1/messages` renders it; nothing is generated."""
     instance = await inference.acquire(manager, body.model, ttl=body.ttl, kind="llm")
     with instance.in_use():
-        prepared = prepare_chat(instance, chat_spec(body))
+        prepared = await asyncio.to_thread(prepare_chat, instance, chat_spec(body))
     return {"input_tokens": len(prepared.prompt)}

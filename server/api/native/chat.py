@@ -14,8 +14,9 @@ round only; later rounds run with "auto".
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -175,7 +176,7 @@ class NativeChat:
             events.append((f"{self._open}.end", {}))
             self._open = None
 
-    async def events(self) -> AsyncIterator[list[Event]]:
+    async def events(self) -> AsyncGenerator[list[Event], None]:
         """LM Studio's events for this request, a batch at a time; raises APIError on failure."""
         body = self.body
         yield [("chat.start", {"model_instance_id": self.instance_id})]
@@ -220,7 +221,7 @@ class NativeChat:
 
     async def _generate(self, instance: ModelInstance, spec: ChatSpec) -> AsyncIterator[list[Event] | ChatOutput]:
         """One model round: its events, then (last) its ChatOutput."""
-        prepared = prepare_chat(instance, spec)
+        prepared = await asyncio.to_thread(prepare_chat, instance, spec, param="input")
         params = self.body.sampling()
         params.grammar = prepared.grammar
         params.render_special = prepared.render_special
@@ -321,15 +322,44 @@ class NativeChat:
         self.response_id = node.id
 
 
-async def _stream(chat: NativeChat) -> AsyncIterator[bytes]:
+async def _admitted(chat: NativeChat) -> tuple[list[list[Event]], AsyncGenerator[list[Event], None]]:
+    """The chat's events up to its first generation's submission, and the iterator of the rest.
+
+    Streaming starts only after this, so a refused request (full queue, prompt too long, unknown model)
+    gets its HTTP status and Retry-After like every other family, not a 200 carrying `event: error`."""
+    events = chat.events()
+    head: list[list[Event]] = []
     try:
-        async for events in chat.events():
+        async for batch in events:
+            head.append(batch)
+            if any(name == "prompt_processing.start" for name, _ in batch):
+                break
+    except BaseException:
+        await events.aclose()
+        if chat.toolbox is not None:
+            await chat.toolbox.close()
+        raise
+    return head, events
+
+
+async def _stream(
+    chat: NativeChat, head: list[list[Event]], rest: AsyncGenerator[list[Event], None]
+) -> AsyncIterator[bytes]:
+    async def batches() -> AsyncIterator[list[Event]]:
+        for batch in head:
+            yield batch
+        async for batch in rest:
+            yield batch
+
+    try:
+        async for events in batches():
             yield b"".join(sse_event(name, data) for name, data in events)
     except APIError as exc:
         yield sse_event("error", {"error": error_body(router.prefix + "/chat", exc)["error"]})
     except Exception as exc:  # the stream has started: report it in-band, then still end it
         yield sse_event("error", {"error": {"type": "internal_error", "message": f"Internal server error: {exc}"}})
     finally:
+        await rest.aclose()
         if chat.toolbox is not None:
             await chat.toolbox.close()
     yield sse_event("chat.end", {"result": chat.result()})
@@ -396,5 +426,5 @@ async def chat(
                        param="tool_choice")
     native = NativeChat(manager, store, body, history, turn, instance_id, toolbox)
     if body.stream:
-        return EventStreamResponse(_stream(native))
+        return EventStreamResponse(_stream(native, *await _admitted(native)))
     return await unless_disconnected(request, _drain(native))

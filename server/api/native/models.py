@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 
 from ...chat.reasoning import ReasoningStyle, detect_reasoning_style
-from ...engine.llama_lib import gpu_offload_supported
+from ...engine.llama_lib import ModelLoadError, gpu_offload_supported
 from ...engine.speculative import DraftIncompatible
 from ...errors import APIError
 from ...runtime.estimate import available_memory, estimate_memory, fits
@@ -120,12 +121,16 @@ async def load_model(
         except ModelNotFound as exc:
             raise APIError(404, f"Draft model \"{body.draft_model}\" {exc.reason}.", param="draft_model",
                            code="model_not_found") from None
+    if not body.force:
+        await make_room(body.model, config, manager, evict=body.evict)
     try:
         instance = await manager.load(body.model, config)
     except ModelNotFound as exc:
         raise model_not_found(exc) from None
     except DraftIncompatible as exc:
         raise APIError(400, str(exc), param="draft_model", code="draft_model_incompatible") from None
+    except ModelLoadError as exc:  # a corrupt file, or a forced load llama.cpp could not allocate
+        raise APIError(422, str(exc), param="model", code="model_load_failed") from None
     response: dict[str, Any] = {
         "type": instance.type,
         "instance_id": instance.id,
@@ -135,6 +140,53 @@ async def load_model(
     if body.echo_load_config:
         response["load_config"] = instance_config(instance)
     return response
+
+
+def _gib(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / (1 << 30):.2f} GiB"
+
+
+async def make_room(name: str, config: LoadConfig, manager: ModelManager, *, evict: bool) -> None:
+    """Refuses (409) a load whose memory estimate does not fit the free host and GPU memory; with `evict`,
+    first unloads other instances, least recently used first (each after its running requests), until it fits."""
+    answer = await estimate_load(name, config, manager)
+    victims = sorted(manager.loaded(), key=lambda i: i.last_used) if evict else []
+    if not answer["fits"] and victims and not await _fits_after_evicting(answer, victims, manager):
+        victims = []  # unloading everything would not make room: keep the models loaded
+    while not answer["fits"] and victims:
+        await manager.unload(victims.pop(0).id, drain=True)
+        answer = await estimate_load(name, config, manager)
+    if answer["fits"]:
+        return
+    estimate, available = answer["estimate"], answer["available"]
+    needs = f"{_gib(estimate['total_bytes'])}"
+    free = f"{_gib(available['ram_bytes'])} of RAM"
+    if available["gpu_bytes"] is not None:
+        needs += f" ({_gib(estimate['host_bytes'])} host, {_gib(estimate['gpu_bytes'])} GPU)"
+        free += f" and {_gib(available['gpu_bytes'])} of GPU memory"
+    raise APIError(
+        409,
+        f"Not enough memory to load \"{answer['model']}\" with context_length {answer['context_length']}: it needs "
+        f"an estimated {needs}, and {free} {'are' if available['gpu_bytes'] is not None else 'is'} free. Load it "
+        "with a smaller context_length, unload a model, or send \"evict\": true (unload other models first) or "
+        "\"force\": true (load anyway).",
+        param="model",
+        code="insufficient_memory",
+    )
+
+
+async def _fits_after_evicting(answer: dict[str, Any], victims: list[ModelInstance], manager: ModelManager) -> bool:
+    """Whether the load's estimate fits the free memory plus the estimates of every instance in `victims`."""
+    freed_host = freed_gpu = 0
+    for instance in victims:
+        own = replace(instance.config, context_length=instance.context_length)
+        estimate = (await estimate_load(instance.variant.key, own, manager))["estimate"]
+        freed_host += estimate["host_bytes"]
+        freed_gpu += estimate["gpu_bytes"]
+    ram, gpu = answer["available"]["ram_bytes"], answer["available"]["gpu_bytes"]
+    wanted = answer["estimate"]
+    return ((ram is None or wanted["host_bytes"] <= ram + freed_host)
+            and (gpu is None or wanted["gpu_bytes"] <= gpu + freed_gpu))
 
 
 async def estimate_load(name: str, config: LoadConfig, manager: ModelManager) -> dict[str, Any]:

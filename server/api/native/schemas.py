@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from ...store.paths import check_name
+
+Name = Annotated[str, AfterValidator(check_name)]
 
 
 class LoadRequest(BaseModel):
     # LM Studio rejects unrecognised keys on load; so do we, so typos do not pass silently.
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1)
+    model: Name
     context_length: int | None = Field(default=None, ge=1)
     eval_batch_size: int | None = Field(default=None, ge=1)
     flash_attention: bool | None = None
@@ -19,16 +23,20 @@ class LoadRequest(BaseModel):
     num_experts: int | None = Field(default=None, ge=1)
     parallel: int | None = Field(default=None, ge=1, le=256)
     ttl: float | None = Field(default=None, gt=0)
-    identifier: str | None = Field(default=None, min_length=1, max_length=200)
+    identifier: Name | None = None
     echo_load_config: bool = False
     gpu: Literal["max", "off"] | float | None = None
     # Speculative decoding: the draft model requests to this instance use unless they name their own.
-    draft_model: str | None = Field(default=None, min_length=1)
+    draft_model: Name | None = None
     # lmkube extension (LM Studio's `lms load --estimate-only`): report the memory a load would take, load nothing.
     estimate_only: bool = False
+    # lmkube extensions for a load whose estimate does not fit the free memory (refused by default):
+    # unload other instances first, least recently used first, until it fits; or load it anyway.
+    evict: bool = False
+    force: bool = False
 
 
 class UnloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    instance_id: str = Field(min_length=1)
+    instance_id: Name

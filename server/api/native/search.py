@@ -39,7 +39,7 @@ async def search_models(q: str = Query(min_length=1), limit: int = Query(default
 
 def _variants(repo_id: str) -> dict[str, Any]:
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
 
     from ...downloads.resolver import RemoteFile, _variants
     from ...store.quant import pick_default
@@ -48,6 +48,9 @@ def _variants(repo_id: str) -> dict[str, Any]:
         info = HfApi().model_info(repo_id, files_metadata=True)
     except RepositoryNotFoundError:
         raise APIError(404, f"Hugging Face repo '{repo_id}' was not found.", code="model_not_found") from None
+    except HFValidationError as exc:  # the Hub's own naming rules (no trailing '.', at most 96 characters)
+        first = str(exc).strip().splitlines()[0]
+        raise APIError(400, f"'{repo_id}' is not a valid Hugging Face repo id: {first}", param="repo") from None
     files = [RemoteFile(s.rfilename, s.size, None) for s in info.siblings or []
              if s.rfilename.lower().endswith(".gguf") and "mmproj" not in s.rfilename.lower()]
     groups = _variants(files)

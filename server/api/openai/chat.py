@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ async def start_chat(body: ChatCompletionRequest, manager: ModelManager) -> Chat
     body = with_preset(body)
     instance = await inference.acquire(manager, body.model, ttl=body.ttl, kind="llm")
     with instance.in_use():
-        prepared = prepare_chat(instance, chat_spec(body))
+        prepared = await asyncio.to_thread(prepare_chat, instance, chat_spec(body))
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = body.sampling(instance.model.n_vocab, max_tokens=max_tokens)
         params.grammar = prepared.grammar

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -10,10 +11,12 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Request
 
+from ...chat.prompt import refuse_oversized
 from ...engine.events import Finish, TextDelta
 from ...engine.generation import GenerationRequest
+from ...engine.llama_lib import TooManyTokens
 from ...engine.sampling import SamplingParams
-from ...errors import bad_request
+from ...errors import bad_request, context_length_exceeded
 from ...runtime.instance import ModelInstance
 from ...runtime.manager import ModelManager
 from ...streaming import EventStreamResponse, unless_disconnected
@@ -29,7 +32,12 @@ def _prompt_tokens(instance: ModelInstance, prompt: Any) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return instance.model.tokenize(prompt, add_special=True, parse_special=False)
+        refuse_oversized(instance, [prompt], param="prompt")
+        n_ctx = instance.context_length
+        try:
+            return instance.model.tokenize(prompt, add_special=True, parse_special=False, limit=n_ctx - 1)
+        except TooManyTokens as exc:
+            raise context_length_exceeded(n_ctx, exc.count, param="prompt") from None
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         n_vocab = instance.model.n_vocab
         if not prompt or any(not 0 <= t < n_vocab for t in prompt):
@@ -56,7 +64,7 @@ async def start_completion(body: CompletionRequest, manager: ModelManager) -> Co
     The caller must start `complete_completion` or `stream_completion` before its next await."""
     instance = await inference.acquire(manager, body.model, ttl=body.ttl, kind="llm")
     with instance.in_use():
-        tokens = _prompt_tokens(instance, body.prompt)
+        tokens = await asyncio.to_thread(_prompt_tokens, instance, body.prompt)
         params = body.sampling(instance.model.n_vocab)
         await inference.load_draft(instance, params)
         generation = inference.submit(instance, tokens, params, param="prompt")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
 from typing import Annotated, Any
@@ -9,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 
 from ...engine.embedding import EmbeddingEngine, InputTooLong
+from ...engine.llama_lib import TooManyTokens
 from ...errors import bad_request
 from ...runtime.instance import ModelInstance
 from ...runtime.manager import ModelManager
@@ -26,11 +28,17 @@ def _inputs(instance: ModelInstance, raw: Any) -> list[list[int]]:
         raise bad_request("'input' must not be empty", param="input")
     tokenized: list[list[int]] = []
     n_vocab = instance.model.n_vocab
+    assert isinstance(instance.engine, EmbeddingEngine)
+    limit = instance.engine.context.config.n_batch  # the engine's own limit (EmbeddingEngine.embed)
     for item in items:
         if isinstance(item, str):
             if not item:
                 raise bad_request("'input' must not contain empty strings", param="input")
-            tokenized.append(instance.model.tokenize(item, add_special=True, parse_special=False))
+            try:
+                tokenized.append(instance.model.tokenize(item, add_special=True, parse_special=False, limit=limit))
+            except TooManyTokens as exc:
+                raise bad_request(f"input of {exc.count} tokens is longer than this model's context of {limit} "
+                                  "tokens", param="input", code="context_length_exceeded") from None
         elif item and all(isinstance(t, int) and 0 <= t < n_vocab for t in item):
             tokenized.append(list(item))
         else:
@@ -52,7 +60,7 @@ async def create_embeddings(
     engine = instance.engine
     assert isinstance(engine, EmbeddingEngine)
     with instance.in_use():
-        inputs = _inputs(instance, body.input)
+        inputs = await asyncio.to_thread(_inputs, instance, body.input)
         try:
             vectors = await unless_disconnected(request, engine.embed(inputs))
         except InputTooLong as exc:

@@ -100,6 +100,14 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None  # llama-server's extension, e.g. enable_thinking
     preset: str | None = None
 
+    @field_validator("max_tokens", "max_completion_tokens")
+    @classmethod
+    def _generates_something(cls, value: int | None) -> int | None:
+        # OpenAI refuses 0 (the other families' minimum is 1 too); -1 is LM Studio's "no limit".
+        if value == 0:
+            raise ValueError("must be at least 1, or -1 for no limit")
+        return value
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
