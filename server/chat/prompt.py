@@ -8,6 +8,7 @@ from typing import Any
 from ..errors import APIError
 from ..runtime.instance import ModelInstance
 from .template import ChatTemplateError
+from .tool_prompt import fold_late_system, has_late_system
 
 
 def _flatten_content(content: Any) -> Any:
@@ -45,9 +46,15 @@ def render_chat(
     tools: Sequence[Mapping[str, Any]] | None = None,
     **template_kwargs: Any,
 ) -> str:
+    normalized = normalize_messages(messages)
     try:
-        return instance.template.render(normalize_messages(messages), tools=tools, **template_kwargs)
+        return instance.template.render(normalized, tools=tools, **template_kwargs)
     except ChatTemplateError as exc:
+        if has_late_system(normalized):  # many templates allow a system message only first
+            try:
+                return instance.template.render(fold_late_system(normalized), tools=tools, **template_kwargs)
+            except ChatTemplateError:
+                pass
         raise APIError(400, str(exc), param="messages", code="chat_template_error") from exc
 
 

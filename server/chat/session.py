@@ -30,6 +30,7 @@ from .reasoning import (
 )
 from .structured import response_format_grammar
 from .tool_parsers import ToolCallParser
+from .tool_prompt import template_polyfills
 from .tools import ToolFormat, ToolRegistry, detect_tool_format, rewrite_history_tool_names, tool_call_grammar
 
 ToolChoice = str | Mapping[str, Any] | None
@@ -138,13 +139,16 @@ def prepare_chat(instance: ModelInstance, spec: ChatSpec) -> PreparedChat:
             raise APIError(400, f"tool_choice names {named!r}, which is not among the tools", param="tool_choice")
     elif named is not None or spec.tool_choice == "required":
         raise APIError(400, "tool_choice requires tools", param="tool_choice")
-    tool_format = detect_tool_format(template_source) if registry is not None else None
+    template_format = detect_tool_format(template_source)
+    tool_format = template_format if registry is not None else None
 
     messages = normalize_messages(spec.messages)
     if registry is not None:
         messages = rewrite_history_tool_names(messages, registry, fmt=tool_format)
+    template_tools = registry.for_template() if registry else None
+    messages = template_polyfills(instance.template, messages, template_tools, template_format)
     kwargs = {**template_kwargs_for_effort(spec.reasoning_effort), **spec.template_kwargs}
-    text = render_chat(instance, messages, tools=registry.for_template() if registry else None, **kwargs)
+    text = render_chat(instance, messages, tools=template_tools, **kwargs)
 
     grammar: str | None = None
     if registry is not None and tool_format is not None and (named is not None or spec.tool_choice == "required"):
