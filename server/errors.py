@@ -58,6 +58,29 @@ class APIError(Exception):
         self.headers = headers
 
 
+class ContextOverflow(APIError):
+    """The prompt does not fit the loaded context; worded per family (see `error_message`), since agent
+    clients match the text to decide to compact the conversation."""
+
+    def __init__(self, prompt_tokens: int, limit: int, *, param: str) -> None:
+        super().__init__(400, f"This model's maximum context length is {limit} tokens. However, your request has "
+                         f"{prompt_tokens} prompt tokens. Shorten the prompt or load the model with a larger "
+                         "context_length.", param=param, code="context_length_exceeded")
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit
+
+
+def error_message(path: str, error: APIError) -> str:
+    """The error's message in the called API's own wording."""
+    if isinstance(error, ContextOverflow):
+        if family(path) == "anthropic":  # Claude Code compacts on exactly this
+            return f"prompt is too long: {error.prompt_tokens} tokens > {error.limit} maximum"
+        if path.startswith("/v1/responses"):
+            return (f"Your input exceeds the context window of this model ({error.prompt_tokens} tokens > "
+                    f"{error.limit}). Please adjust your input and try again.")
+    return error.message
+
+
 def queue_full(exc: QueueFull) -> APIError:
     """503 (529 on /v1/messages, see error_status) with Retry-After: the instance's queue is full."""
     return APIError(503, str(exc), type="server_error", code="queue_full",
@@ -81,7 +104,7 @@ def error_body(path: str, error: APIError) -> dict[str, Any]:
         case "anthropic":
             status = error_status(path, error)
             kind = ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-            return {"type": "error", "error": {"type": kind, "message": error.message}}
+            return {"type": "error", "error": {"type": kind, "message": error_message(path, error)}}
         case "lmstudio":
             kind = NATIVE_TYPES.get(error.type, error.type)
             if error.code in ("model_not_found", "job_not_found"):  # their own types in the native enum
@@ -93,7 +116,7 @@ def error_body(path: str, error: APIError) -> dict[str, Any]:
                 body["param"] = error.param
             return {"error": body}
         case _:
-            return {"error": {"message": error.message, "type": error.type, "param": error.param,
+            return {"error": {"message": error_message(path, error), "type": error.type, "param": error.param,
                               "code": error.code}}
 
 
@@ -117,7 +140,7 @@ def error_response(request: Request, error: APIError, headers: dict[str, str] | 
 _UNION_MEMBER = re.compile(r"str|int|float|bool|bytes|none|dict|list|.*[\[\](),'\"].*")
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
+def _validation_error(exc: RequestValidationError, path: str) -> APIError:
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(part) for part in first.get("loc", ())
            if part != "body" and not (isinstance(part, str) and _UNION_MEMBER.fullmatch(part))]
@@ -125,6 +148,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         return bad_request(f"Request body is not valid JSON: {first.get('msg', 'parse error')}")
     param = ".".join(loc) or None
     message = first.get("msg", "invalid request")
+    if family(path) == "anthropic":  # Anthropic's own wording, which its clients match on: "max_tokens: Field required"
+        return bad_request(f"{param}: {message}" if param else message, param=param)
     if first.get("type") == "extra_forbidden":
         message = f"Unrecognized key '{param}' in request body."
     elif first.get("type") == "missing":
@@ -163,7 +188,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(request, await _unauthorized(request) or _validation_error(exc))
+        return error_response(request, await _unauthorized(request) or _validation_error(exc, request.url.path))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:

@@ -14,7 +14,7 @@ from ..engine.generation import GenerationEngine, GenerationRequest
 from ..engine.llama_lib import ModelLoadError
 from ..engine.sampling import SamplingParams
 from ..engine.speculative import Draft, DraftIncompatible, DraftSettings
-from ..errors import APIError
+from ..errors import APIError, ContextOverflow
 from ..logs import observe
 from ..runtime.instance import ModelInstance
 from ..runtime.manager import ModelManager
@@ -62,13 +62,7 @@ def submit(
     engine = instance.engine
     assert isinstance(engine, GenerationEngine)
     if len(prompt) >= engine.n_ctx:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {engine.n_ctx} tokens. However, your request has "
-            f"{len(prompt)} prompt tokens. Shorten the prompt or load the model with a larger context_length.",
-            param=param,
-            code="context_length_exceeded",
-        )
+        raise ContextOverflow(len(prompt), engine.n_ctx, param=param)
     return observe(instance, engine.submit(prompt, params, draft(instance, params)))
 
 
