@@ -26,13 +26,14 @@ CHATML_TEMPLATE = (
 
 # A name and a result no template writes by itself: finding them in a render shows the template used the input.
 _PROBE_TOOL = "lmkube_probe_tool"
+_PROBE_CALL = "lmkube_probe_call"  # another name than the listed tool's: some templates need `tools` to render
 _PROBE_RESULT = "lmkube-probe-result"
 _PROBE_TOOLS = [{"type": "function", "function": {
     "name": _PROBE_TOOL, "description": "", "parameters": {"type": "object", "properties": {}}}}]
 _PROBE_CALL_HISTORY = [
     {"role": "user", "content": "hi"},
     {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": _PROBE_TOOL, "arguments": {}}}]},
+        {"id": "call_1", "type": "function", "function": {"name": _PROBE_CALL, "arguments": {}}}]},
     {"role": "tool", "tool_call_id": "call_1", "content": _PROBE_RESULT},
 ]
 
@@ -117,9 +118,9 @@ class ChatTemplate:
     @cached_property
     def renders_tool_calls(self) -> bool:
         """Whether an assistant message's `tool_calls` appear in the prompt."""
-        return self._probe(_PROBE_CALL_HISTORY, _PROBE_TOOL)
+        return self._probe(_PROBE_CALL_HISTORY, _PROBE_CALL, tools=_PROBE_TOOLS)
 
     @cached_property
     def renders_tool_results(self) -> bool:
         """Whether `tool` messages (tool results) appear in the prompt."""
-        return self._probe(_PROBE_CALL_HISTORY, _PROBE_RESULT)
+        return self._probe(_PROBE_CALL_HISTORY, _PROBE_RESULT, tools=_PROBE_TOOLS)
