@@ -14,7 +14,7 @@ OpenAI's `/v1/chat/completions` and `/v1/responses`, Anthropic's `/v1/messages` 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import APIError
@@ -47,6 +47,26 @@ class ChatSpec:
     response_format: Mapping[str, Any] | None = None
     reasoning_effort: str | None = None
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+# lmkube extension: agent clients send no tool_choice (or "auto") and have no option for one, but can add
+# headers; this one forces a call (or picks the mode) for a small model that would not call by itself.
+TOOL_CHOICE_HEADER = "lmkube-tool-choice"
+
+
+def with_header_tool_choice(spec: ChatSpec, header: str | None) -> ChatSpec:
+    """`spec` with the `lmkube-tool-choice` header's choice ("required", "none", "auto" or a tool name) where
+    the request leaves it to the model. Turns that answer tool results stay the model's to end, so an agent
+    loop still finishes."""
+    if not header or not spec.tools or spec.tool_choice not in (None, "auto"):
+        return spec
+    for message in reversed(spec.messages):
+        if message.get("role") == "tool":
+            return spec
+        if message.get("role") == "assistant":
+            break
+    choice = header if header in ("auto", "none", "required") else {"type": "function", "function": {"name": header}}
+    return replace(spec, tool_choice=choice)
 
 
 @dataclass

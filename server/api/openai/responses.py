@@ -24,7 +24,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 
 from ...chat.deltas import ToolCall
-from ...chat.session import ChatOutput, ChatSpec, PreparedChat, prepare_chat
+from ...chat.session import (
+    TOOL_CHOICE_HEADER,
+    ChatOutput,
+    ChatSpec,
+    PreparedChat,
+    prepare_chat,
+    with_header_tool_choice,
+)
 from ...conversations import ConversationStore, new_response_id
 from ...engine.events import Finish, TextDelta
 from ...engine.generation import GenerationRequest
@@ -126,6 +133,7 @@ class ResponseRun:
         self.usage = _usage_zero()
         self.draft: dict[str, Any] = {}  # speculative decoding's counts, summed over the rounds
         self.first: tuple[PreparedChat, GenerationRequest] | None = None
+        self.header_tool_choice: str | None = None  # the lmkube-tool-choice header
 
     def spec(self, round_index: int) -> ChatSpec:
         mcp_tools = self.toolbox.openai_tools() if self.toolbox is not None else []
@@ -134,11 +142,12 @@ class ResponseRun:
         # answer the tool results freely.
         choice = chat_tool_choice(self.body.tool_choice) if round_index == 0 else "auto" if tools else None
         text = self.body.text
-        return ChatSpec(
+        spec = ChatSpec(
             messages=[*self.messages, *self.added], tools=tools or None, tool_choice=choice,
             parallel_tool_calls=self.body.parallel_tool_calls, response_format=response_format(text),
             reasoning_effort=self.body.reasoning.effort if self.body.reasoning else None,
         )
+        return with_header_tool_choice(spec, self.header_tool_choice) if round_index == 0 else spec
 
     def submit(self, round_index: int) -> tuple[PreparedChat, GenerationRequest]:
         try:
@@ -288,6 +297,7 @@ async def start_response(body: ResponsesRequest, request: Request, manager: Mode
             if toolbox is not None else {}
         builder = ResponseBuilder(_response_body(body, new_response_id(), instance.id), names, tools.namespaced)
         run = ResponseRun(body, instance, store, messages, turn, tools.functions, toolbox, builder)
+        run.header_tool_choice = request.headers.get(TOOL_CHOICE_HEADER)
         with instance.in_use():
             await inference.load_draft(instance, inference.sampling_params(body, max_tokens=None))
             run.first = run.submit(0)
