@@ -18,8 +18,8 @@ SMOLLM2_TEMPLATE = (
     "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-BASH = {"type": "function", "function": {"name": "Bash", "description": "Run a shell command",
-                                         "parameters": {"type": "object", "properties": {"command": {"type": "string"}}}}}
+COMMAND = {"type": "object", "properties": {"command": {"type": "string"}}}
+BASH = {"type": "function", "function": {"name": "Bash", "description": "Run a shell command", "parameters": COMMAND}}
 HISTORY = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "List files"},
@@ -70,7 +70,8 @@ def test_tool_section_call_format_and_history_are_written_for_a_template_that_ig
 def test_tool_results_become_one_user_turn_where_the_template_drops_them() -> None:
     messages = inline_tool_history([dict(m) for m in HISTORY], ToolFormat.HERMES, calls=True, results=True)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
-    assert messages[3]["content"] == "<tool_response>\na.txt\n</tool_response>\n<tool_response>\nb.txt\n</tool_response>"
+    assert messages[3]["content"] == \
+        "<tool_response>\na.txt\n</tool_response>\n<tool_response>\nb.txt\n</tool_response>"
     assert "tool_calls" not in messages[2]
 
 
