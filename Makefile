@@ -12,6 +12,7 @@ test: setup
 	.venv/bin/ruff check .
 	bash scripts/install-test-cluster.sh > /dev/null
 	bash scripts/install-image-tools.sh
+	bash scripts/install-agent-clients.sh > /dev/null
 	.venv/bin/pytest
 
 lint: setup

@@ -59,6 +59,31 @@ class APIError(Exception):
         self.headers = headers
 
 
+class ContextOverflow(APIError):
+    """The prompt does not fit the loaded context; worded per family (see `error_message`), since agent
+    clients match the text to decide to compact the conversation."""
+
+    def __init__(self, prompt_tokens: int, limit: int, *, param: str, at_least: bool = False) -> None:
+        """`at_least`: `prompt_tokens` is a lower bound (the prompt was refused before it was fully counted)."""
+        count = f"at least {prompt_tokens}" if at_least else str(prompt_tokens)
+        super().__init__(400, f"This model's maximum context length is {limit} tokens. However, your request has "
+                         f"{count} prompt tokens. Shorten the prompt or load the model with a larger "
+                         "context_length.", param=param, code="context_length_exceeded")
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit
+
+
+def error_message(path: str, error: APIError) -> str:
+    """The error's message in the called API's own wording."""
+    if isinstance(error, ContextOverflow):
+        if family(path) == "anthropic":  # Claude Code compacts on exactly this
+            return f"prompt is too long: {error.prompt_tokens} tokens > {error.limit} maximum"
+        if path.startswith("/v1/responses"):
+            return (f"Your input exceeds the context window of this model ({error.prompt_tokens} tokens > "
+                    f"{error.limit}). Please adjust your input and try again.")
+    return error.message
+
+
 def queue_full(exc: QueueFull) -> APIError:
     """503 (529 on /v1/messages, see error_status) with Retry-After: the instance's queue is full."""
     return APIError(503, str(exc), type="server_error", code="queue_full",
@@ -67,18 +92,6 @@ def queue_full(exc: QueueFull) -> APIError:
 
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
-
-
-def context_length_exceeded(n_ctx: int, prompt_tokens: int, *, param: str, at_least: bool = False) -> APIError:
-    """The 400 for a prompt that leaves no room in the context (`at_least`: counted from a lower bound)."""
-    count = f"at least {prompt_tokens}" if at_least else str(prompt_tokens)
-    return APIError(
-        400,
-        f"This model's maximum context length is {n_ctx} tokens. However, your request has {count} "
-        "prompt tokens. Shorten the prompt or load the model with a larger context_length.",
-        param=param,
-        code="context_length_exceeded",
-    )
 
 
 def family(path: str) -> str:
@@ -94,7 +107,7 @@ def error_body(path: str, error: APIError) -> dict[str, Any]:
         case "anthropic":
             status = error_status(path, error)
             kind = ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-            return {"type": "error", "error": {"type": kind, "message": error.message}}
+            return {"type": "error", "error": {"type": kind, "message": error_message(path, error)}}
         case "lmstudio":
             kind = NATIVE_TYPES.get(error.type, error.type)
             if error.code in ("model_not_found", "job_not_found"):  # their own types in the native enum
@@ -106,7 +119,7 @@ def error_body(path: str, error: APIError) -> dict[str, Any]:
                 body["param"] = error.param
             return {"error": body}
         case _:
-            return {"error": {"message": error.message, "type": error.type, "param": error.param,
+            return {"error": {"message": error_message(path, error), "type": error.type, "param": error.param,
                               "code": error.code}}
 
 
@@ -130,7 +143,7 @@ def error_response(request: Request, error: APIError, headers: dict[str, str] | 
 _UNION_MEMBER = re.compile(r"str|int|float|bool|bytes|none|dict|list|.*[\[\](),'\"].*")
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
+def _validation_error(exc: RequestValidationError, path: str) -> APIError:
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(part) for part in first.get("loc", ())
            if part != "body" and not (isinstance(part, str) and _UNION_MEMBER.fullmatch(part))]
@@ -138,6 +151,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         return bad_request(f"Request body is not valid JSON: {first.get('msg', 'parse error')}")
     param = ".".join(loc) or None
     message = first.get("msg", "invalid request")
+    if family(path) == "anthropic":  # Anthropic's own wording, which its clients match on: "max_tokens: Field required"
+        return bad_request(f"{param}: {message}" if param else message, param=param)
     if first.get("type") == "extra_forbidden":
         message = f"Unrecognized key '{param}' in request body."
     elif first.get("type") == "missing" and param is None:  # the body itself
@@ -176,7 +191,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(request, _validation_error(exc))
+        return error_response(request, _validation_error(exc, request.url.path))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:

@@ -319,10 +319,12 @@ def test_auth_x_api_key_bearer_and_401(msg_server: ServerProcess, token: str) ->
 
 def test_invalid_requests_are_400_invalid_request_error(client: anthropic.Anthropic, msg_server: ServerProcess) -> None:
     missing = post(msg_server, "/v1/messages", {"model": CHAT, "messages": USER})
-    assert "max_tokens" in anthropic_error(missing, 400, "invalid_request_error")
+    # Anthropic's own wording: clients match on it.
+    assert anthropic_error(missing, 400, "invalid_request_error") == "max_tokens: Field required"
     role = post(msg_server, "/v1/messages", {"model": CHAT, "max_tokens": 1,
-                                             "messages": [{"role": "system", "content": "x"}]})
-    assert "messages.0.role" in anthropic_error(role, 400, "invalid_request_error")
+                                             "messages": [{"role": "tool", "content": "x"}]})
+    assert anthropic_error(role, 400, "invalid_request_error") == \
+        "messages.0.role: Input should be 'user', 'assistant' or 'system'"
     block = post(msg_server, "/v1/messages", {"model": CHAT, "max_tokens": 1,
                                               "messages": [{"role": "user", "content": [{"type": "video"}]}]})
     assert "video" in anthropic_error(block, 400, "invalid_request_error")

@@ -18,7 +18,7 @@ from support import CHAT_MODEL, EMBED_MODEL, LMKUBE, ServerProcess
 ServerFactory = Callable[..., ServerProcess]
 
 TOKEN_SHAPE = re.compile(r"sk-lm-[A-Za-z0-9]{8}:[A-Za-z0-9]{20}")
-PUBLIC_ROUTES = {("GET", "/health"), ("GET", "/lmstudio-greeting")}
+PUBLIC_ROUTES = {("GET", "/health"), ("GET", "/lmstudio-greeting"), ("GET", "/"), ("HEAD", "/")}
 MISSING_TOKEN_MESSAGE = (  # LM Studio's own wording (captured from a 0.4.x server log)
     "An LM Studio API token is required to make requests to this server, but none was provided using the "
     "Authorization header using the 'Bearer' scheme (i.e., 'Authorization: Bearer $LM_API_TOKEN'). "

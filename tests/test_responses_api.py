@@ -408,7 +408,7 @@ def test_mcp_tools_need_allow_remote_mcp(server: ServerProcess) -> None:
     ({"input": [{"type": "function_call_output", "output": "x"}]}, "input"),
     ({"input": 5}, "input"),
     ({"input": []}, "input"),
-    ({"input": "Hi", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"input": "Hi", "tools": [{"type": "namespace", "tools": []}]}, "tools[0].name"),
     ({"input": "Hi", "text": {"format": {"type": "yaml"}}}, "text.format.type"),
     ({"input": "Hi", "tool_choice": "required"}, "tool_choice"),
     ({"input": "Hi", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),

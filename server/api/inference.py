@@ -14,7 +14,7 @@ from ..engine.generation import GenerationEngine, GenerationRequest
 from ..engine.llama_lib import ModelLoadError
 from ..engine.sampling import SamplingParams
 from ..engine.speculative import Draft, DraftIncompatible, DraftSettings
-from ..errors import APIError, context_length_exceeded
+from ..errors import APIError, ContextOverflow
 from ..logs import observe
 from ..runtime.instance import ModelInstance
 from ..runtime.manager import ModelManager
@@ -62,7 +62,7 @@ def submit(
     engine = instance.engine
     assert isinstance(engine, GenerationEngine)
     if len(prompt) >= engine.n_ctx:
-        raise context_length_exceeded(engine.n_ctx, len(prompt), param=param)
+        raise ContextOverflow(len(prompt), engine.n_ctx, param=param)
     return observe(instance, engine.submit(prompt, params, draft(instance, params)))
 
 

@@ -6,9 +6,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..engine.llama_lib import TooManyTokens
-from ..errors import APIError, context_length_exceeded
+from ..errors import APIError, ContextOverflow
 from ..runtime.instance import ModelInstance
 from .template import ChatTemplateError
+from .tool_prompt import fold_late_system, has_late_system
 
 
 def _flatten_content(content: Any) -> Any:
@@ -46,16 +47,22 @@ def render_chat(
     tools: Sequence[Mapping[str, Any]] | None = None,
     **template_kwargs: Any,
 ) -> str:
+    normalized = normalize_messages(messages)
     try:
-        return instance.template.render(normalize_messages(messages), tools=tools, **template_kwargs)
+        return instance.template.render(normalized, tools=tools, **template_kwargs)
     except ChatTemplateError as exc:
+        if has_late_system(normalized):  # many templates allow a system message only first
+            try:
+                return instance.template.render(fold_late_system(normalized), tools=tools, **template_kwargs)
+            except ChatTemplateError:
+                pass
         raise APIError(400, str(exc), param="messages", code="chat_template_error") from exc
 
 
 def prompt_tokens(instance: ModelInstance, text: str, *, param: str = "messages") -> list[int]:
     """Tokenizes rendered chat text; templates that already start with BOS do not get a second one.
 
-    Raises the context_length_exceeded 400 for a prompt that leaves no room in the context."""
+    Raises ContextOverflow (a 400) for a prompt that leaves no room in the context."""
     model = instance.model
     bos = instance.template.bos_token
     add_bos = model.add_bos and not (bos and text.startswith(bos)) and model.bos_id >= 0
@@ -63,7 +70,7 @@ def prompt_tokens(instance: ModelInstance, text: str, *, param: str = "messages"
     try:
         tokens = model.tokenize(text, add_special=False, parse_special=True, limit=n_ctx - 1 - add_bos)
     except TooManyTokens as exc:
-        raise context_length_exceeded(n_ctx, exc.count + add_bos, param=param) from None
+        raise ContextOverflow(exc.count + add_bos, n_ctx, param=param) from None
     return [model.bos_id, *tokens] if add_bos else tokens
 
 
@@ -76,4 +83,4 @@ def refuse_oversized(instance: ModelInstance, texts: Iterable[str], *, param: st
         return
     fewest = chars // instance.model.longest_token_bytes
     if fewest > n_ctx:  # at the boundary, tokenizing gives the exact count
-        raise context_length_exceeded(n_ctx, fewest, param=param, at_least=True)
+        raise ContextOverflow(fewest, n_ctx, param=param, at_least=True)

@@ -14,7 +14,7 @@ OpenAI's `/v1/chat/completions` and `/v1/responses`, Anthropic's `/v1/messages` 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import APIError
@@ -30,6 +30,7 @@ from .reasoning import (
 )
 from .structured import check_grammar, response_format_grammar
 from .tool_parsers import ToolCallParser
+from .tool_prompt import template_polyfills
 from .tools import ToolFormat, ToolRegistry, detect_tool_format, rewrite_history_tool_names, tool_call_grammar
 
 ToolChoice = str | Mapping[str, Any] | None
@@ -46,6 +47,26 @@ class ChatSpec:
     response_format: Mapping[str, Any] | None = None
     reasoning_effort: str | None = None
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+# lmkube extension: agent clients send no tool_choice (or "auto") and have no option for one, but can add
+# headers; this one forces a call (or picks the mode) for a small model that would not call by itself.
+TOOL_CHOICE_HEADER = "lmkube-tool-choice"
+
+
+def with_header_tool_choice(spec: ChatSpec, header: str | None) -> ChatSpec:
+    """`spec` with the `lmkube-tool-choice` header's choice ("required", "none", "auto" or a tool name) where
+    the request leaves it to the model. Turns that answer tool results stay the model's to end, so an agent
+    loop still finishes."""
+    if not header or not spec.tools or spec.tool_choice not in (None, "auto"):
+        return spec
+    for message in reversed(spec.messages):
+        if message.get("role") == "tool":
+            return spec
+        if message.get("role") == "assistant":
+            break
+    choice = header if header in ("auto", "none", "required") else {"type": "function", "function": {"name": header}}
+    return replace(spec, tool_choice=choice)
 
 
 @dataclass
@@ -140,14 +161,17 @@ def prepare_chat(instance: ModelInstance, spec: ChatSpec, *, param: str = "messa
             raise APIError(400, f"tool_choice names {named!r}, which is not among the tools", param="tool_choice")
     elif named is not None or spec.tool_choice == "required":
         raise APIError(400, "tool_choice requires tools", param="tool_choice")
-    tool_format = detect_tool_format(template_source) if registry is not None else None
+    template_format = detect_tool_format(template_source)
+    tool_format = template_format if registry is not None else None
 
     messages = normalize_messages(spec.messages)
     refuse_oversized(instance, (m["content"] for m in messages if isinstance(m["content"], str)), param=param)
     if registry is not None:
         messages = rewrite_history_tool_names(messages, registry, fmt=tool_format)
+    template_tools = registry.for_template() if registry else None
+    messages = template_polyfills(instance.template, messages, template_tools, template_format)
     kwargs = {**template_kwargs_for_effort(spec.reasoning_effort), **spec.template_kwargs}
-    text = render_chat(instance, messages, tools=registry.for_template() if registry else None, **kwargs)
+    text = render_chat(instance, messages, tools=template_tools, **kwargs)
 
     grammar: str | None = None
     if registry is not None and tool_format is not None and (named is not None or spec.tool_choice == "required"):

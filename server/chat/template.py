@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import jinja2
@@ -22,6 +22,20 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+
+# A name and a result no template writes by itself: finding them in a render shows the template used the input.
+_PROBE_TOOL = "lmkube_probe_tool"
+_PROBE_CALL = "lmkube_probe_call"  # another name than the listed tool's: some templates need `tools` to render
+_PROBE_RESULT = "lmkube-probe-result"
+_PROBE_TOOLS = [{"type": "function", "function": {
+    "name": _PROBE_TOOL, "description": "", "parameters": {"type": "object", "properties": {}}}}]
+_PROBE_CALL_HISTORY = [
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": _PROBE_CALL, "arguments": {}}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": _PROBE_RESULT},
+]
 
 
 class ChatTemplateError(ValueError):
@@ -89,3 +103,24 @@ class ChatTemplate:
             raise
         except Exception as exc:  # a template is untrusted code: whatever it raises is its failure, not ours
             raise ChatTemplateError(f"the model's chat template failed: {exc}") from exc
+
+    def _probe(self, messages: Sequence[Mapping[str, Any]], needle: str, **kwargs: Any) -> bool:
+        try:
+            return needle in self.render(messages, **kwargs)
+        except ChatTemplateError:
+            return False
+
+    @cached_property
+    def renders_tools(self) -> bool:
+        """Whether the template shows the model the request's tools (many, and the ChatML fallback, ignore them)."""
+        return self._probe([{"role": "user", "content": "hi"}], _PROBE_TOOL, tools=_PROBE_TOOLS)
+
+    @cached_property
+    def renders_tool_calls(self) -> bool:
+        """Whether an assistant message's `tool_calls` appear in the prompt."""
+        return self._probe(_PROBE_CALL_HISTORY, _PROBE_CALL, tools=_PROBE_TOOLS)
+
+    @cached_property
+    def renders_tool_results(self) -> bool:
+        """Whether `tool` messages (tool results) appear in the prompt."""
+        return self._probe(_PROBE_CALL_HISTORY, _PROBE_RESULT, tools=_PROBE_TOOLS)

@@ -180,7 +180,7 @@ def mistral_call_id(call_id: str) -> str:
     return "".join(chars)
 
 
-def _arguments_as_mapping(arguments: Any) -> Any:
+def arguments_as_mapping(arguments: Any) -> Any:
     # Templates write `arguments | tojson`: a JSON string would be quoted a second time.
     if arguments is None or arguments == "":
         return {}
@@ -202,7 +202,7 @@ def _rewrite_call(call: Any, registry: ToolRegistry, fmt: ToolFormat | None) -> 
         fn = dict(fn)
         if isinstance(fn.get("name"), str):
             fn["name"] = registry.model_name(fn["name"])
-        fn["arguments"] = _arguments_as_mapping(fn.get("arguments"))
+        fn["arguments"] = arguments_as_mapping(fn.get("arguments"))
         call["function"] = fn
     if fmt is ToolFormat.MISTRAL and isinstance(call.get("id"), str):
         call["id"] = mistral_call_id(call["id"])

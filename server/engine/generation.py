@@ -370,6 +370,11 @@ class GenerationEngine:
         )
         if finish.draft_model is not None:
             self.stats.drafted(finish.draft_accepted, finish.draft_rejected, finish.draft_ignored)
+        # Why a request was slow: a long prompt with little of it cached, or a wait for a slot.
+        log.info("request %s: %d prompt tokens (%d cached), waited %.2f s, prefill %.2f s, %d tokens generated "
+                 "in %.2f s", reason, finish.prompt_tokens, finish.cached_tokens,
+                 slot.started_at - request.submitted_at, (started or now) - slot.started_at,
+                 finish.completion_tokens, finish.generation_seconds)
         self._emit(request, finish)
         if slot.chain is not None:
             slot.chain.close()

@@ -20,6 +20,7 @@ from .schemas import (
     RedactedThinkingBlock,
     TextBlock,
     ThinkingBlock,
+    ToolReferenceBlock,
     ToolResultBlock,
     ToolUseBlock,
 )
@@ -91,6 +92,8 @@ def _tool_result(block: ToolResultBlock, where: str) -> dict[str, Any]:
         text = content
     else:
         parts = _parts(content, f"{where}.content")
+        parts += [{"type": "text", "text": f"Tool {b.tool_name} loaded."}
+                  for b in content if isinstance(b, ToolReferenceBlock)]
         if any(p["type"] != "text" for p in parts):
             raise _invalid(f"{where}: images in tool results are not supported.", where)
         text = "".join(p["text"] for p in parts)
@@ -140,6 +143,14 @@ def _assistant_turn(blocks: list[ContentBlock], where: str) -> dict[str, Any]:
     return message
 
 
+def _system_text(blocks: list[Any], where: str) -> str:
+    for i, block in enumerate(blocks):
+        if not isinstance(block, TextBlock):
+            raise _invalid(f"{where}.{i}: a system message can only contain text blocks, not '{block.type}'.",
+                           f"{where}.{i}")
+    return "\n\n".join(block.text for block in blocks)
+
+
 def _messages(body: MessagesInput) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     system = body.system if isinstance(body.system, str) else "\n\n".join(b.text for b in body.system or [])
@@ -150,6 +161,8 @@ def _messages(body: MessagesInput) -> list[dict[str, Any]]:
         content = message.content
         if isinstance(content, str):
             messages.append({"role": message.role, "content": content})
+        elif message.role == "system":  # a system turn where it stands (the chat layer folds it if it must)
+            messages.append({"role": "system", "content": _system_text(content, where)})
         elif message.role == "user":
             messages.extend(_user_turn(content, where))
         else:
@@ -157,11 +170,24 @@ def _messages(body: MessagesInput) -> list[dict[str, Any]]:
     return messages
 
 
+def _referenced_tools(body: MessagesInput) -> set[str]:
+    """Deferred tools that tool search has loaded: those a tool_result's `tool_reference` names."""
+    names: set[str] = set()
+    for message in body.messages:
+        for block in message.content if isinstance(message.content, list) else ():
+            if isinstance(block, ToolResultBlock) and isinstance(block.content, list):
+                names.update(b.tool_name for b in block.content if isinstance(b, ToolReferenceBlock))
+    return names
+
+
 def _tools(body: MessagesInput) -> list[dict[str, Any]] | None:
     if not body.tools:
         return None
+    loaded = _referenced_tools(body) if any(tool.defer_loading for tool in body.tools) else set()
     tools = []
     for i, tool in enumerate(body.tools):
+        if tool.defer_loading and tool.name not in loaded:
+            continue  # as on Anthropic's API: not in the prompt until tool search references it
         if tool.type not in (None, "custom"):
             raise _invalid(f"tools.{i}: server tool {tool.type!r} ({tool.name!r}) is not supported by this server; "
                            "only client tools (name, description, input_schema) are.", f"tools.{i}.type")

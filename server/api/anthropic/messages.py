@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 
-from ...chat.session import PreparedChat, prepare_chat
+from ...chat.session import TOOL_CHOICE_HEADER, PreparedChat, prepare_chat, with_header_tool_choice
 from ...engine.events import TextDelta
 from ...engine.generation import GenerationRequest
 from ...errors import APIError, error_body
@@ -63,11 +63,13 @@ class MessageCall:
                 self.generation.cancel()
 
 
-async def start_message(body: MessagesRequest, manager: ModelManager) -> MessageCall:
-    """Finds (or JIT-loads) the model, renders the prompt and submits it; errors here are plain HTTP errors."""
+async def start_message(body: MessagesRequest, manager: ModelManager, tool_choice: str | None = None) -> MessageCall:
+    """Finds (or JIT-loads) the model, renders the prompt and submits it; errors here are plain HTTP errors.
+    `tool_choice`: the lmkube-tool-choice header."""
     instance = await inference.acquire(manager, body.model, ttl=body.ttl, kind="llm")
     with instance.in_use():
-        prepared = await asyncio.to_thread(prepare_chat, instance, chat_spec(body))
+        spec = with_header_tool_choice(chat_spec(body), tool_choice)
+        prepared = await asyncio.to_thread(prepare_chat, instance, spec)
         params = inference.sampling_params(body, max_tokens=body.max_tokens)
         params.stop = list(body.stop_sequences or ())
         params.grammar = prepared.grammar
@@ -98,7 +100,7 @@ async def _drain(call: MessageCall) -> dict[str, Any]:
 async def create_message(
     body: MessagesRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
 ) -> dict[str, Any] | EventStreamResponse:
-    call = await start_message(body, manager)
+    call = await start_message(body, manager, request.headers.get(TOOL_CHOICE_HEADER))
     if body.stream:
         return EventStreamResponse(_stream(call))
     return await unless_disconnected(request, _drain(call))

@@ -41,10 +41,18 @@ class ToolUseBlock(_Block):
     input: dict[str, Any] = Field(default_factory=dict)
 
 
+class ToolReferenceBlock(_Block):
+    """Tool search's result (Claude Code's ToolSearch): the named deferred tool is now available."""
+
+    type: Literal["tool_reference"]
+    tool_name: str
+
+
 class ToolResultBlock(_Block):
     type: Literal["tool_result"]
     tool_use_id: str
-    content: str | list[Annotated[TextBlock | ImageBlock | DocumentBlock, Field(discriminator="type")]] | None = None
+    content: str | list[Annotated[TextBlock | ImageBlock | DocumentBlock | ToolReferenceBlock,
+                                  Field(discriminator="type")]] | None = None
     is_error: bool = False
 
 
@@ -71,7 +79,8 @@ BLOCK_TYPES = ("text", "image", "document", "tool_use", "tool_result", "thinking
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["user", "assistant"]
+    # "system": Claude Code 2.1 sends one in the middle of the conversation (it becomes a system turn there).
+    role: Literal["user", "assistant", "system"]
     content: str | list[ContentBlock]
 
     @field_validator("content", mode="before")
@@ -95,6 +104,7 @@ class Tool(BaseModel):
     name: str = Field(min_length=1)
     description: str | None = None
     input_schema: dict[str, Any] | None = None
+    defer_loading: bool = False  # tool search: shown to the model once a tool_reference names it
 
 
 class ToolChoice(BaseModel):

@@ -16,7 +16,7 @@ from ...engine.events import Finish, TextDelta
 from ...engine.generation import GenerationRequest
 from ...engine.llama_lib import TooManyTokens
 from ...engine.sampling import SamplingParams
-from ...errors import bad_request, context_length_exceeded
+from ...errors import ContextOverflow, bad_request
 from ...runtime.instance import ModelInstance
 from ...runtime.manager import ModelManager
 from ...streaming import EventStreamResponse, unless_disconnected
@@ -37,7 +37,7 @@ def _prompt_tokens(instance: ModelInstance, prompt: Any) -> list[int]:
         try:
             return instance.model.tokenize(prompt, add_special=True, parse_special=False, limit=n_ctx - 1)
         except TooManyTokens as exc:
-            raise context_length_exceeded(n_ctx, exc.count, param="prompt") from None
+            raise ContextOverflow(exc.count, n_ctx, param="prompt") from None
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         n_vocab = instance.model.n_vocab
         if not prompt or any(not 0 <= t < n_vocab for t in prompt):

@@ -24,11 +24,18 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 
 from ...chat.deltas import ToolCall
-from ...chat.session import ChatOutput, ChatSpec, PreparedChat, prepare_chat
+from ...chat.session import (
+    TOOL_CHOICE_HEADER,
+    ChatOutput,
+    ChatSpec,
+    PreparedChat,
+    prepare_chat,
+    with_header_tool_choice,
+)
 from ...conversations import ConversationStore, new_response_id
 from ...engine.events import Finish, TextDelta
 from ...engine.generation import GenerationRequest
-from ...errors import APIError, bad_request
+from ...errors import APIError, bad_request, error_message
 from ...mcp import MAX_TOOL_ROUNDS, McpToolbox, open_toolbox, parse_integrations
 from ...runtime.instance import ModelInstance
 from ...runtime.manager import ModelManager
@@ -90,13 +97,17 @@ def _integrations(tools: list[dict[str, Any]], request: Request) -> list[Any]:
 
 def _conversation(instructions: str | None, history: list[dict[str, Any]],
                   turn: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One system message first (templates want it there): `instructions`, else the latest one."""
-    messages = [*history, *turn]
-    systems = [m for m in messages if m.get("role") == "system"]
-    rest = [m for m in messages if m.get("role") != "system"]
-    if instructions is not None:
-        return [{"role": "system", "content": instructions}, *rest]
-    return [systems[-1], *rest] if systems else rest
+    """Every system and developer item where it stands, `instructions` before them all, as OpenAI's API
+    reads them; the leading ones (Codex sends its agent prompt and more as developer items) become one
+    system message, since most templates take a single system turn first."""
+    messages = [*([{"role": "system", "content": instructions}] if instructions else []), *history, *turn]
+    lead = 0
+    while lead < len(messages) and messages[lead].get("role") == "system":
+        lead += 1
+    if lead < 2:
+        return messages
+    joined = "\n\n".join(m.get("content") or "" for m in messages[:lead])
+    return [{"role": "system", "content": joined}, *messages[lead:]]
 
 
 def _usage_zero() -> dict[str, Any]:
@@ -122,6 +133,7 @@ class ResponseRun:
         self.usage = _usage_zero()
         self.draft: dict[str, Any] = {}  # speculative decoding's counts, summed over the rounds
         self.first: tuple[PreparedChat, GenerationRequest] | None = None
+        self.header_tool_choice: str | None = None  # the lmkube-tool-choice header
 
     def spec(self, round_index: int) -> ChatSpec:
         mcp_tools = self.toolbox.openai_tools() if self.toolbox is not None else []
@@ -130,11 +142,12 @@ class ResponseRun:
         # answer the tool results freely.
         choice = chat_tool_choice(self.body.tool_choice) if round_index == 0 else "auto" if tools else None
         text = self.body.text
-        return ChatSpec(
+        spec = ChatSpec(
             messages=[*self.messages, *self.added], tools=tools or None, tool_choice=choice,
             parallel_tool_calls=self.body.parallel_tool_calls, response_format=response_format(text),
             reasoning_effort=self.body.reasoning.effort if self.body.reasoning else None,
         )
+        return with_header_tool_choice(spec, self.header_tool_choice) if round_index == 0 else spec
 
     def submit(self, round_index: int) -> tuple[PreparedChat, GenerationRequest]:
         try:
@@ -262,8 +275,10 @@ async def start_response(body: ResponsesRequest, request: Request, manager: Mode
     """Validates the request, loads the model and submits the first round (so that bad input is an
     HTTP error, not an event in a started stream)."""
     turn = input_messages(body.input)
-    functions, mcp_tools = function_tools(body.tools)
-    integrations = _integrations(mcp_tools, request) if mcp_tools else []
+    tools = function_tools(body.tools)
+    if tools.dropped:
+        log.info("/v1/responses: left out tools this server cannot run: %s", ", ".join(tools.dropped))
+    integrations = _integrations(tools.mcp, request) if tools.mcp else []
     response_format(body.text)  # validated before anything loads
     history: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
@@ -280,8 +295,9 @@ async def start_response(body: ResponsesRequest, request: Request, manager: Mode
         instance = await inference.acquire(manager, body.model, ttl=body.ttl, kind="llm")
         names = {name: McpName(t.connection.integration.label, t.tool) for name, t in toolbox.tools.items()} \
             if toolbox is not None else {}
-        builder = ResponseBuilder(_response_body(body, new_response_id(), instance.id), names)
-        run = ResponseRun(body, instance, store, messages, turn, functions, toolbox, builder)
+        builder = ResponseBuilder(_response_body(body, new_response_id(), instance.id), names, tools.namespaced)
+        run = ResponseRun(body, instance, store, messages, turn, tools.functions, toolbox, builder)
+        run.header_tool_choice = request.headers.get(TOOL_CHOICE_HEADER)
         with instance.in_use():
             await inference.load_draft(instance, inference.sampling_params(body, max_tokens=None))
             run.first = run.submit(0)
@@ -299,7 +315,7 @@ async def _stream(run: ResponseRun) -> AsyncIterator[bytes]:
             async for batch in events:
                 yield encoder.encode(batch)
     except APIError as exc:  # the stream has started: report it in-band
-        yield encoder.encode(run.builder.fail(exc.message, exc.code or exc.type, exc.param))
+        yield encoder.encode(run.builder.fail(error_message("/v1/responses", exc), exc.code or exc.type, exc.param))
     except Exception as exc:
         log.exception("/v1/responses stream failed")
         yield encoder.encode(run.builder.fail(f"Internal server error: {exc}", "server_error"))

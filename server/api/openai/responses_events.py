@@ -36,9 +36,11 @@ class McpName:
 
 
 class ResponseBuilder:
-    def __init__(self, response: dict[str, Any], mcp_names: Mapping[str, McpName] | None = None) -> None:
+    def __init__(self, response: dict[str, Any], mcp_names: Mapping[str, McpName] | None = None,
+                 namespaced: Mapping[str, tuple[str, str]] | None = None) -> None:
         self.response = response  # status "in_progress", output [], usage None
         self.mcp_names = dict(mcp_names or {})
+        self.namespaced = dict(namespaced or {})  # flat tool name → (namespace, name), as the client declared it
         self._text: tuple[str, int] | None = None  # the open reasoning/message item: (type, output index)
         self._calls: dict[int, tuple[int, str]] = {}  # this round's tool-call index → (output index, call id)
 
@@ -124,6 +126,8 @@ class ResponseBuilder:
                 else:
                     item = {"id": item_id("fc"), "type": "function_call", "status": "in_progress",
                             "arguments": "", "call_id": piece.id, "name": piece.name}
+                    if piece.name in self.namespaced:
+                        item["namespace"], item["name"] = self.namespaced[piece.name]
                 index, added = self._add(item)
                 self._calls[piece.index] = (index, piece.id or "")
                 events.append(added)

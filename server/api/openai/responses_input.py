@@ -12,6 +12,7 @@ server (with `--allow-remote-mcp`); `text.format` becomes a `response_format` fo
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -148,8 +149,11 @@ def input_messages(value: str | list[dict[str, Any]] | None) -> list[dict[str, A
                     assistant()
                 messages.append({"role": "system" if role == "developer" else role, "content": text})
         elif kind == "function_call":
+            name = _string(item, "name", where)
+            if isinstance(item.get("namespace"), str) and item["namespace"]:
+                name = namespaced_name(item["namespace"], name)
             call = {"id": _string(item, "call_id", where), "type": "function",
-                    "function": {"name": _string(item, "name", where), "arguments": item.get("arguments") or "{}"}}
+                    "function": {"name": name, "arguments": item.get("arguments") or "{}"}}
             if not isinstance(call["function"]["arguments"], str):
                 raise _invalid(f"{where}.arguments must be a string (JSON text).")
             assistant().setdefault("tool_calls", []).append(call)
@@ -171,30 +175,61 @@ def input_messages(value: str | list[dict[str, Any]] | None) -> list[dict[str, A
     return messages
 
 
-def function_tools(tools: list[dict[str, Any]] | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(chat-format function tools, mcp tool entries) of the request's `tools`."""
-    functions: list[dict[str, Any]] = []
-    mcp: list[dict[str, Any]] = []
+def namespaced_name(namespace: str, name: str) -> str:
+    """The flat name a namespace's tool gets (Codex's spelling: `namespace__name`)."""
+    return f"{namespace.rstrip('_')}__{name.lstrip('_')}"
+
+
+def _function(tool: Mapping[str, Any], where: str, name: str | None = None) -> dict[str, Any]:
+    """A flat Responses function tool (or the chat-completions spelling) as a chat-format tool."""
+    if isinstance(tool.get("function"), Mapping):  # the chat-completions spelling, accepted as well
+        return dict(tool)
+    if not isinstance(tool.get("name"), str) or not tool["name"]:
+        raise bad_request(f"{where}.name must be a non-empty string.", param=f"{where}.name")
+    function = {"name": name or tool["name"]}
+    for key in ("description", "parameters", "strict"):
+        if tool.get(key) is not None:
+            function[key] = tool[key]
+    return {"type": "function", "function": function}
+
+
+@dataclass
+class RequestTools:
+    functions: list[dict[str, Any]] = field(default_factory=list)  # chat-format tools for the model
+    mcp: list[dict[str, Any]] = field(default_factory=list)  # `mcp` entries, run by the server
+    namespaced: dict[str, tuple[str, str]] = field(default_factory=dict)  # flat name → (namespace, name)
+    dropped: list[str] = field(default_factory=list)  # hosted tools this server cannot run
+
+
+def function_tools(tools: list[dict[str, Any]] | None) -> RequestTools:
+    """The request's `tools`: function tools (those inside a `namespace` flattened), MCP tools, and the
+    hosted tools (web_search, file_search, ...) left out, as the server cannot run them."""
+    found = RequestTools()
     for index, tool in enumerate(tools or []):
         kind = tool.get("type")
+        where = f"tools[{index}]"
         if kind == "function":
-            if isinstance(tool.get("function"), Mapping):  # the chat-completions spelling, accepted as well
-                functions.append(dict(tool))
-                continue
-            name = tool.get("name")
-            if not isinstance(name, str) or not name:
-                raise bad_request(f"tools[{index}].name must be a non-empty string.", param=f"tools[{index}].name")
-            function = {"name": name}
-            for key in ("description", "parameters", "strict"):
-                if tool.get(key) is not None:
-                    function[key] = tool[key]
-            functions.append({"type": "function", "function": function})
+            found.functions.append(_function(tool, where))
+        elif kind == "namespace":
+            namespace = tool.get("name")
+            if not isinstance(namespace, str) or not namespace or not isinstance(tool.get("tools"), list):
+                raise bad_request(f"{where}: a namespace needs a non-empty 'name' and a 'tools' array.",
+                                  param=f"{where}.name")
+            for inner_index, inner in enumerate(tool["tools"]):
+                inner_where = f"{where}.tools[{inner_index}]"
+                if not isinstance(inner, Mapping) or inner.get("type", "function") != "function":
+                    found.dropped.append(f"{namespace}.{inner.get('type') if isinstance(inner, Mapping) else '?'}")
+                    continue
+                function = _function(inner, inner_where)
+                flat = namespaced_name(namespace, function["function"]["name"])
+                found.namespaced[flat] = (namespace, function["function"]["name"])
+                function["function"] = {**function["function"], "name": flat}
+                found.functions.append(function)
         elif kind == "mcp":
-            mcp.append(tool)
+            found.mcp.append(tool)
         else:
-            raise bad_request(f"tools[{index}]: tool type {kind!r} is not supported by this server (supported: "
-                              "'function', and 'mcp' when the server allows remote MCP).", param=f"tools[{index}].type")
-    return functions, mcp
+            found.dropped.append(str(kind))
+    return found
 
 
 def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
