@@ -270,10 +270,17 @@ def test_the_smaller_holes(guarded: ServerProcess) -> None:
         too_many = client.post("/v1/chat/completions", json={"model": CHAT_MODEL, "messages": MESSAGES,
                                                              "tools": tools(1025, good)})
         assert too_many.status_code == 400 and "1024" in error_of(too_many)["message"]
-        # A thousand tools with a forced call: the grammar still parses (it nested one group per tool).
+        # A thousand tools with a forced call: the grammar still parses (it nested one group per tool). The
+        # grammar is checked before the prompt is counted, and the tools' descriptions written into the
+        # prompt (the test template ignores `tools`) then overflow the 2048-token context: a 400 about the
+        # prompt, not about the grammar.
         many = client.post("/v1/chat/completions", json={"model": CHAT_MODEL, "messages": MESSAGES, "max_tokens": 8,
                                                          "tools": tools(1000, good), "tool_choice": "required"})
-        assert many.status_code == 200, many.text[:500]
+        assert many.status_code == 400, many.text[:500]
+        assert (error_of(many)["code"], error_of(many)["param"]) == ("context_length_exceeded", "messages")
+        fewer = client.post("/v1/chat/completions", json={"model": CHAT_MODEL, "messages": MESSAGES, "max_tokens": 8,
+                                                          "tools": tools(5, good), "tool_choice": "required"})
+        assert fewer.status_code == 200 and fewer.json()["choices"][0]["message"]["tool_calls"], fewer.text[:500]
 
         for body, param in (({"model": CHAT_MODEL, "identifier": "../../etc/passwd"}, "identifier"),
                             ({"model": "../../etc/passwd"}, "model"),
