@@ -7,6 +7,7 @@ Everything above it deals in token ids, strings and plain Python values. All cal
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import threading
@@ -46,6 +47,25 @@ def default_thread_count() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+@functools.cache
+def _cpu_has_amx() -> bool:
+    """Whether this llama.cpp build carries ggml's AMX matmul (a native build on Sapphire Rapids or later)."""
+    init_backend()
+    return b"AMX_INT8 = 1" in C.llama_print_system_info()
+
+
+def default_model_params() -> C.llama_model_params:
+    """llama.cpp's defaults, safe on every CPU this build runs on.
+
+    Extra buffer types repack weights for faster CPU kernels; on AMX builds the AMX one is preferred for
+    Q4_0/Q4_1/Q8_0/K-quants, and its matmul segfaults on the first decode (llama.cpp#20824, unfixed; seen
+    here with SmolLM2's Q4_1). Without them those weights stay in the plain CPU buffer, which works.
+    """
+    params = C.llama_model_default_params()
+    params.use_extra_bufts = not _cpu_has_amx()
+    return params
+
+
 def gpu_offload_supported() -> bool:
     return bool(C.llama_supports_gpu_offload())
 
@@ -59,7 +79,7 @@ class LlamaModel:
 
     def __init__(self, path: Path, *, n_gpu_layers: int = 0, use_mmap: bool = True) -> None:
         init_backend()
-        params = C.llama_model_default_params()
+        params = default_model_params()
         params.n_gpu_layers = n_gpu_layers
         params.use_mmap = use_mmap
         self.path = path
