@@ -3,6 +3,8 @@ the random-weight lmkube/demo written once) and every endpoint working with them
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import openai
@@ -76,3 +78,12 @@ def test_link_real_model_redoes_a_dangling_link_and_keeps_a_real_file(tmp_path: 
     path.write_bytes(b"user's own copy")
     assert link_real_model(models, moved).read_bytes() == b"user's own copy"
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no partial links left behind
+
+
+def test_setup_rerun_needs_no_package_index() -> None:
+    # `make demo` runs set-up first; once it ran, nothing in it may need the network.
+    root = Path(__file__).resolve().parents[1]
+    offline = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""}
+    proc = subprocess.run(["bash", "scripts/setup-venv.sh"], cwd=root, env=offline, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"set-up wanted the package index (run `make setup` after changes):\n{proc.stderr}"
