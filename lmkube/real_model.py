@@ -85,7 +85,7 @@ def _fetch(target: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description="Print the path of the real demo model's GGUF, fetching it once.")
     parser.add_argument("--into", type=Path, help=f"directory to fetch into (default {cache_dir()})")
     args = parser.parse_args(argv)
     try:
