@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 from lmkube.real_model import REAL_MODEL_FILE, real_model_path
@@ -43,8 +44,8 @@ def link_real_model(models_dir: Path, source: Path | None = None) -> Path:
         return path
     source = source or real_model_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.part")  # hidden: the store skips it
-    partial.unlink(missing_ok=True)
+    # Hidden (the store skips it) and unique: two download requests may link it at once.
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
     try:
         os.symlink(source, partial)
     except OSError as exc:
