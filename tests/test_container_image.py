@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from openai import OpenAI
-from support import ServerProcess, free_port
+from support import REAL_MODEL, ServerProcess, free_port
 
 from lmkube import __version__
 
@@ -144,7 +144,7 @@ def test_container_serves_the_demo_model(image: BuiltImage, container: str, tmp_
     # chroot isolation shares the host's network, so the host reaches the server on 127.0.0.1.
     argv = image.buildah.argv("run", "--isolation", "chroot", "--network", "host", container, "--",
                               "lmkube", "serve", "--demo", "--host", "127.0.0.1", "--port", str(port),
-                              "--models-dir", "/models", "--threads", "2")
+                              "--models-dir", "/models", "--threads", "1")
     with log_path.open("wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = ServerProcess(process=process, port=port, log_path=log_path)
@@ -152,14 +152,20 @@ def test_container_serves_the_demo_model(image: BuiltImage, container: str, tmp_
         server.wait_ready(timeout=120)
         with server.client() as http:
             models = http.get("/v1/models").json()
-        assert "lmkube/demo" in [m["id"] for m in models["data"]]
+        # The real model is baked into the image (the build has network access, this run needs none).
+        assert [m["id"] for m in models["data"]] == [REAL_MODEL, "lmkube/demo"]
 
-        client = OpenAI(base_url=f"{server.base_url}/v1", api_key="lm-studio", timeout=120)
+        client = OpenAI(base_url=f"{server.base_url}/v1", api_key="lm-studio", timeout=300)
         reply = client.chat.completions.create(
             model="lmkube/demo", messages=[{"role": "user", "content": "hi"}], max_tokens=8, seed=1)
         assert reply.model == "lmkube/demo"
         assert isinstance(reply.choices[0].message.content, str)
         assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 8
+        answer = client.chat.completions.create(
+            model=REAL_MODEL, messages=[{"role": "user", "content": "Write one sentence about the sea."}],
+            temperature=0, max_tokens=100)
+        assert answer.choices[0].finish_reason == "stop"
+        assert "sea" in (answer.choices[0].message.content or "").lower()
         health = httpx.get(f"{server.base_url}/health", timeout=5)
         assert health.status_code == 200
     finally:

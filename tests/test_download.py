@@ -14,7 +14,7 @@ import pytest
 from conftest import ServerFactory
 from hf_hub_server import FakeHub
 from lmkube.server.downloads.resolver import DownloadError, parse_spec, select_files
-from support import ServerProcess
+from support import REAL_MODEL, ServerProcess
 
 from lmkube import synthetic_gguf as sg
 from lmkube.synthetic_gguf import LlamaShape, write_llama_model
@@ -216,6 +216,27 @@ def test_request_errors(dl_server: tuple[ServerProcess, Path], body: dict[str, A
     assert r.status_code == code, r.text
     error = r.json()["error"]
     assert words in error["message"] and set(error) >= {"type", "message"}
+
+
+@pytest.mark.real_model
+def test_real_model_repo_links_the_local_copy_without_asking_the_hub(
+        start_server: ServerFactory, hub: FakeHub, tmp_path: Path, real_model_file: Path) -> None:
+    # As a LocalModel of it on a cluster without internet: the image carries the file, the hub has no such repo.
+    models = tmp_path / "models"
+    server = start_server(models, "--threads", "1", env=hub_env(hub, tmp_path))
+    for body in ({"model": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+                 {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "quantization": "Q4_1"}):
+        r = post(server, body)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"status": "already_downloaded"}
+    assert (models / "HuggingFaceTB" / "SmolLM2-135M-Instruct").is_dir()
+    assert model_keys(server)[REAL_MODEL]["variants"] == [f"{REAL_MODEL}@q4_1"]
+    # Another quantization is not the local copy: that one is the hub's to answer (it has no such repo).
+    assert post(server, {"model": "HuggingFaceTB/SmolLM2-135M-Instruct@q8_0"}).status_code == 404
+    with server.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": REAL_MODEL, "max_tokens": 8,
+                                                 "messages": [{"role": "user", "content": "Hi"}]}, timeout=300)
+    assert r.status_code == 200, r.text
 
 
 def test_unknown_job_is_404_in_native_shape(dl_server: tuple[ServerProcess, Path]) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from lmkube import __version__
 
 SERVE_EXAMPLES = """examples:
-  lmkube serve --demo                      offline demo model, http://127.0.0.1:1234
+  lmkube serve --demo                      offline demo models (SmolLM2-135M-Instruct), http://127.0.0.1:1234
   lmkube serve --models-dir ~/models --parallel 8 --api-token "$(lmkube token new)"
 """
 
@@ -75,7 +75,8 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--allow-remote-mcp", action="store_true",
                        help="allow per-request MCP servers (ephemeral_mcp integrations on /api/v1/chat)")
     serve.add_argument("--demo", action="store_true",
-                       help="add the offline demo model lmkube/demo (random weights, gibberish output)")
+                       help="add the offline demo models: huggingfacetb/smollm2-135m-instruct (a small real "
+                            "instruct model, cached by set-up) and lmkube/demo (random weights, gibberish, fast)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -114,9 +115,10 @@ def run_operator(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from lmkube.real_model import RealModelUnavailable
     from lmkube.server.app import create_app
     from lmkube.server.config import ServerConfig, collect_api_tokens
-    from lmkube.server.demo import ensure_demo_model
+    from lmkube.server.demo import ensure_demo_model, link_real_model
     from lmkube.server.runtime.manager import RuntimeSettings
     from lmkube.server.store.paths import default_models_dir
 
@@ -125,6 +127,11 @@ def serve(args: argparse.Namespace) -> int:
     models_dir.mkdir(parents=True, exist_ok=True)
     if args.demo:
         ensure_demo_model(models_dir)
+        try:
+            link_real_model(models_dir)
+        except RealModelUnavailable as exc:
+            # Still serve the random-weight model, so the endpoints can be tried; say why answers are gibberish.
+            print(f"lmkube: warning: only lmkube/demo (random weights) is served: {exc}", file=sys.stderr)
     try:
         tokens = collect_api_tokens(args.api_token, args.api_token_file)
     except OSError as exc:

@@ -18,7 +18,11 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from lmkube.real_model import REAL_MODEL_FILE, REAL_MODEL_KEY, local_real_model_path
+
+from ..demo import link_real_model
 from ..store.model_store import ModelNotFound, ModelStore
+from ..store.quant import normalize_quant, quant_from_filename
 from .jobs import DownloadJob, JobTable, new_job_id
 from .resolver import DownloadError, DownloadPlan, Spec, parse_spec, resolve
 
@@ -80,6 +84,8 @@ class DownloadManager:
         spec = parse_spec(model, quantization)
         if not spec.is_url and self._known_locally(spec):
             return {"status": "already_downloaded"}
+        if self._link_real_model(spec):
+            return {"status": "already_downloaded"}
         if spec.repo_id is None:
             raise DownloadError(404, "model_not_found", f"'{model}' is neither a downloaded model nor a Hugging "
                                 "Face repo id (org/name) or URL.")
@@ -129,6 +135,20 @@ class DownloadManager:
             self.store.resolve(f"{name}@{spec.quantization}" if spec.quantization else name)
         except ModelNotFound:
             return False
+        return True
+
+    def _link_real_model(self, spec: Spec) -> bool:
+        """Links the real demo model's local copy (baked into the image, cached by set-up) into the store
+        when the request names its repo, instead of asking the hub (whose repo has no GGUF anyway): a
+        LocalModel of it runs on a cluster without internet access."""
+        if (spec.repo_id or "").lower() != REAL_MODEL_KEY or spec.filename or spec.revision:
+            return False
+        if spec.quantization and normalize_quant(spec.quantization) != quant_from_filename(REAL_MODEL_FILE.name):
+            return False
+        source = local_real_model_path()
+        if source is None:
+            return False
+        link_real_model(self.store.models_dir, source)
         return True
 
     def _shared_job(self, plan: DownloadPlan) -> DownloadJob | None:
