@@ -81,8 +81,11 @@ def real_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
     when a test first asks for it; the host is left as it was (tests/real_node.py)."""
     with KubeCluster(workdir=tmp_path_factory.mktemp("real-kube"), controllers=REAL_NODE_CONTROLLERS) as cluster, \
             RealNode(cluster, tmp_path_factory.mktemp("real-node")) as node:
-        print(f"real node ready: control plane {cluster.start_seconds:.1f}s, node {node.start_seconds:.1f}s")
+        print(f"\n[real-node] ready: control plane {cluster.start_seconds:.1f}s, node {node.start_seconds:.1f}s\n"
+              + cluster.kubectl("get", "nodes", "-o", "wide").stdout)
         yield node
+        began = time.monotonic()
+    print(f"[real-node] teardown {time.monotonic() - began:.1f}s")
 
 
 @pytest.fixture

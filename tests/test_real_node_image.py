@@ -28,16 +28,23 @@ HARDENED = {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
 WRITE_MODEL = ("from pathlib import Path; from lmkube.synthetic_gguf import write_llama_model; "
                f"write_llama_model(Path('/models/{CHAT_MODEL}/tiny-chat-F16.gguf'), dtype='f16', seed=1, "
                "name='Tiny Chat')")
-# The in-cluster client: finds the Service through the kubelet's service environment variables.
+# The in-cluster client: finds the Services through the kubelet's service environment variables.
 CLIENT = """
-import json, os, httpx
+import json, os, ssl, urllib.request, httpx
+# The apiserver, as an operator pod reaches it: the kubernetes Service, the ServiceAccount's token and CA.
+sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+api = f"https://{os.environ['KUBERNETES_SERVICE_HOST']}:{os.environ['KUBERNETES_SERVICE_PORT']}/version"
+request = urllib.request.Request(api, headers={"Authorization": "Bearer " + open(sa + "/token").read()})
+context = ssl.create_default_context(cafile=sa + "/ca.crt")
+kubernetes = json.load(urllib.request.urlopen(request, context=context, timeout=60))["gitVersion"]
 base = f"http://{os.environ['LMKUBE_SERVICE_HOST']}:{os.environ['LMKUBE_SERVICE_PORT']}"
 anonymous = httpx.get(base + "/v1/models", timeout=60)
 reply = httpx.post(base + "/v1/chat/completions", timeout=240,
                    headers={"Authorization": "Bearer " + os.environ["LMKUBE_TOKEN"]},
                    json={"model": os.environ["LMKUBE_MODEL"], "max_tokens": 8,
                          "messages": [{"role": "user", "content": "hi"}]})
-print(json.dumps({"anonymous": anonymous.status_code, "status": reply.status_code, "body": reply.json()}))
+print(json.dumps({"kubernetes": kubernetes, "anonymous": anonymous.status_code,
+                  "status": reply.status_code, "body": reply.json()}))
 """
 
 
@@ -116,6 +123,7 @@ def test_project_image_serves_an_in_cluster_client(real_node: RealNode, node_ima
                .get("phase") in ("Succeeded", "Failed"), timeout=POD_TIMEOUT, interval=1)
     logs = kubectl("logs", "client", "-n", namespace).stdout
     result = json.loads(logs.strip().splitlines()[-1])
+    assert result["kubernetes"] == "v1.37.2", result
     assert result["anonymous"] == 401, result
     assert result["status"] == 200, result
     assert result["body"]["object"] == "chat.completion" and result["body"]["model"] == CHAT_MODEL, result
