@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from real_node import BUSYBOX_IMAGE, STATE_FILE, RealNode, host_snapshot
+from real_node import BUSYBOX_IMAGE, STATE_FILE, RealNode, RealNodeUnavailable, host_snapshot, preflight
 from real_node_config import NODE_IP
 from support import wait_until
 
@@ -55,6 +55,16 @@ def _container_status(pod: dict[str, Any]) -> dict[str, Any]:
 
 def _condition(pod: dict[str, Any], kind: str) -> dict[str, Any]:
     return next((c for c in pod.get("status", {}).get("conditions") or [] if c["type"] == kind), {})
+
+
+def test_preflight_names_what_is_missing(tmp_path: Path) -> None:
+    not_executable = tmp_path / "kubelet"
+    not_executable.write_text("")
+    with pytest.raises(RealNodeUnavailable) as error:
+        preflight({"LMKUBE_KUBELET": str(not_executable)})
+    message = str(error.value)
+    for key in ("LMKUBE_KUBELET", "LMKUBE_KUBE_SCHEDULER", "LMKUBE_KUBE_PROXY", "LMKUBE_PAUSE", "LMKUBE_BUSYBOX"):
+        assert f"{key} missing from scripts/install-test-cluster.sh's output" in message, message
 
 
 def test_node_is_a_real_kubelet_on_containerd(real_node: RealNode, namespace: str) -> None:
