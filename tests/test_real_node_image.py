@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from project_image import build_image, export_oci_archive
+from project_image import BUILD_TIMEOUT, build_image, export_oci_archive
 from real_node import RealNode
 from support import CHAT_MODEL, wait_until
 
@@ -95,6 +95,7 @@ def _server(namespace: str, image: str) -> list[dict[str, Any]]:
     ]
 
 
+@pytest.mark.timeout(BUILD_TIMEOUT + 900)  # a source change rebuilds the image first (minutes, vfs storage)
 def test_project_image_serves_an_in_cluster_client(real_node: RealNode, node_image: str, namespace: str) -> None:
     kubectl = real_node.cluster.kubectl
     token = "sk-node-" + secrets.token_hex(8)
