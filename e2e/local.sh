@@ -14,10 +14,13 @@
 #      from the model's Secret;
 #   4. kubectl deletes the LocalModel (the server unloads, owned objects are garbage-collected) and
 #      helm uninstalls the release.
-# Timings are printed as [e2e-local] lines. Needs: the repo's .venv (scripts/setup-venv.sh) and Go for
+# Then the same image and failure modes on a real node (tests/test_real_node*.py: kubelet + containerd +
+# runc, kube-scheduler, kube-proxy; `kubectl get nodes -o wide` shows CONTAINER-RUNTIME containerd://...).
+# Timings are printed as [e2e-local] and [real-node] lines. Needs: the repo's .venv (scripts/setup-venv.sh) and Go for
 # the first build of the cluster binaries. For a real cluster, see e2e/cluster.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 [ -x .venv/bin/pytest ] || { echo "no .venv: run scripts/setup-venv.sh first" >&2; exit 1; }
-exec .venv/bin/pytest tests/test_e2e_local.py -s -v -p no:cacheprovider "$@"
+exec .venv/bin/pytest tests/test_e2e_local.py tests/test_real_node.py tests/test_real_node_image.py -s -v \
+  -p no:cacheprovider "$@"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Installs the binaries the operator/chart tests run against a real control plane: etcd,
-# kube-apiserver, kube-controller-manager, kubectl and helm. Everything is built from Go modules
-# fetched through the Go module proxy (no other network access is needed) into a cache outside the
+# Installs what the operator/chart tests run against: a real control plane (etcd, kube-apiserver,
+# kube-controller-manager, kube-scheduler, kubectl, helm) and a real node (kubelet, kube-proxy, the pod
+# sandbox "pause" binary; containerd, runc, the CNI plugins, nftables and busybox-static from Debian, see
+# tests/real_node.py). The Kubernetes binaries are built from Go modules fetched through the Go module
+# proxy (no other network access is needed), all in one Go build cache, into a cache outside the
 # repository:
 #
 #   ${LMKUBE_CACHE:-$HOME/.cache/lmkube}/bin/<name>-<version>   (the build, keyed by version)
@@ -11,11 +13,12 @@
 # On success it prints shell assignments on stdout (progress goes to stderr), e.g.
 #   set -a; eval "$(scripts/install-test-cluster.sh)"; set +a   # exports LMKUBE_ETCD, ...
 #
-# Usage: scripts/install-test-cluster.sh [--selftest] [--no-kubectl]
+# Usage: scripts/install-test-cluster.sh [--selftest] [--no-kubectl] [--no-node]
 #   --selftest    also start etcd + kube-apiserver on free loopback ports, wait for /readyz with a
 #                 static bearer token (user in system:masters, RBAC on), run kubectl and helm
 #                 against it, then stop both.
 #   --no-kubectl  skip building kubectl (the Python kubernetes client can replace it).
+#   --no-node     skip the real node's pieces (kubelet, kube-proxy, pause, the Debian packages).
 #
 # Versions can be overridden: K8S_VERSION, ETCD_VERSION (default: the etcd version that
 # k8s.io/kubernetes itself requires), HELM_VERSION; ETCD_BIN=/path/to/etcd skips the etcd build
@@ -28,11 +31,13 @@ ETCD_VERSION=${ETCD_VERSION:-}
 
 selftest=0
 with_kubectl=1
+with_node=1
 for arg in "$@"; do
   case "$arg" in
     --selftest) selftest=1 ;;
     --no-kubectl) with_kubectl=0 ;;
-    -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --no-node) with_node=0 ;;
+    -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -93,10 +98,45 @@ for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 done
 build kube-apiserver "$K8S_VERSION" "$k8s_dir" k8s.io/kubernetes/cmd/kube-apiserver "$k8s_ldflags"
 # The real controllers (Deployment -> ReplicaSet -> Pods, garbage collection, ServiceAccounts, ...);
-# tests/kube_cluster.py starts it with only the controllers that suit tests/kubelet_emulator.py.
+# tests/kube_cluster.py picks the controllers (more of them with a real node: REAL_NODE_CONTROLLERS).
 build kube-controller-manager "$K8S_VERSION" "$k8s_dir" k8s.io/kubernetes/cmd/kube-controller-manager "$k8s_ldflags"
+build kube-scheduler "$K8S_VERSION" "$k8s_dir" k8s.io/kubernetes/cmd/kube-scheduler "$k8s_ldflags"
 if [ "$with_kubectl" = 1 ]; then
   build kubectl "$K8S_VERSION" "$k8s_dir" k8s.io/kubernetes/cmd/kubectl "$k8s_ldflags"
+fi
+
+# --- the real node (tests/real_node.py): kubelet and kube-proxy from the same module and build cache;
+# the pod sandbox binary from Kubernetes' own build/pause/linux/pause.c (shipped in the module zip: the
+# pause image cannot be pulled here), static so a one-file image runs it; the container runtime and the
+# CNI plugins from Debian (installed only when missing).
+node_packages=(containerd runc containernetworking-plugins nftables busybox-static)
+if [ "$with_node" = 1 ]; then
+  build kubelet "$K8S_VERSION" "$k8s_dir" k8s.io/kubernetes/cmd/kubelet "$k8s_ldflags"
+  build kube-proxy "$K8S_VERSION" "$k8s_dir" k8s.io/kubernetes/cmd/kube-proxy "$k8s_ldflags"
+  pause=$bin/pause-$K8S_VERSION
+  if [ ! -x "$pause" ]; then
+    command -v gcc >/dev/null || { log "gcc is needed to build the pause binary"; exit 1; }
+    (cd "$cache/go/src" && go mod download k8s.io/kubernetes@"$K8S_VERSION")  # the extracted module
+    gcc -Os -static -o "$pause.tmp" "$GOMODCACHE/k8s.io/kubernetes@$K8S_VERSION/build/pause/linux/pause.c"
+    mv -f "$pause.tmp" "$pause"
+    log "built pause $K8S_VERSION"
+  fi
+  ln -sfn "pause-$K8S_VERSION" "$bin/pause"
+  missing=()
+  for package in "${node_packages[@]}"; do
+    dpkg-query -W -f '${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" -eq 0 ]; then
+      log "apt-get install ${missing[*]} ..."
+      apt_install=(env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq
+                   --no-install-recommends "${missing[@]}")
+      "${apt_install[@]}" >&2 || { apt-get update -qq >&2 && "${apt_install[@]}" >&2; } \
+        || log "apt-get install ${missing[*]} failed: the real test node will not start"
+    else  # tests/real_node.py's preflight then names what is missing
+      log "the real test node needs the Debian packages ${missing[*]} (install them as root)"
+    fi
+  fi
 fi
 
 # --- etcd: the server version kubernetes itself is built and tested against (Debian bookworm's
@@ -202,6 +242,13 @@ fi
 echo "LMKUBE_ETCD=$bin/etcd"
 echo "LMKUBE_KUBE_APISERVER=$bin/kube-apiserver"
 echo "LMKUBE_KUBE_CONTROLLER_MANAGER=$bin/kube-controller-manager"
+echo "LMKUBE_KUBE_SCHEDULER=$bin/kube-scheduler"
+if [ "$with_node" = 1 ]; then
+  echo "LMKUBE_KUBELET=$bin/kubelet"
+  echo "LMKUBE_KUBE_PROXY=$bin/kube-proxy"
+  echo "LMKUBE_PAUSE=$bin/pause"
+  echo "LMKUBE_BUSYBOX=$(command -v busybox || echo /bin/busybox)"
+fi
 [ "$with_kubectl" = 1 ] && echo "LMKUBE_KUBECTL=$bin/kubectl"
 echo "LMKUBE_HELM=$bin/helm"
 echo "KUBEBUILDER_ASSETS=$bin"

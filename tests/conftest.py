@@ -1,5 +1,6 @@
 """Shared fixtures: generated GGUF models, real `lmkube serve` processes on free ports, a real control plane
-(etcd + kube-apiserver + kube-controller-manager) and emulated nodes (tests/kubelet_emulator.py)."""
+(etcd + kube-apiserver + kube-controller-manager), emulated nodes (tests/kubelet_emulator.py) and a real node
+(kubelet + containerd + runc, tests/real_node.py) on a control plane of its own."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from kube_cluster import KubeCluster
+from kube_cluster import REAL_NODE_CONTROLLERS, KubeCluster
 from kubelet_emulator import KubeletEmulator
 from lmkube.server.demo import link_real_model
+from real_node import RealNode
 from support import LMKUBE, ServerProcess, free_port, write_test_models
 
 from lmkube.real_model import local_real_model_path
@@ -98,6 +100,20 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
     """
     with KubeCluster(workdir=tmp_path_factory.mktemp("kube")) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def real_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
+    """A real node (kubelet + containerd + runc + CNI bridge, kube-scheduler, kube-proxy) joined to a control
+    plane of its own (the `kube` fixture's runs the emulator's controller set). Started once per session,
+    when a test first asks for it; the host is left as it was (tests/real_node.py)."""
+    with KubeCluster(workdir=tmp_path_factory.mktemp("real-kube"), controllers=REAL_NODE_CONTROLLERS) as cluster, \
+            RealNode(cluster, tmp_path_factory.mktemp("real-node")) as node:
+        print(f"\n[real-node] ready: control plane {cluster.start_seconds:.1f}s, node {node.start_seconds:.1f}s\n"
+              + cluster.kubectl("get", "nodes", "-o", "wide").stdout)
+        yield node
+        began = time.monotonic()
+    print(f"[real-node] teardown {time.monotonic() - began:.1f}s")
 
 
 @pytest.fixture

@@ -52,10 +52,13 @@ def install_binaries() -> dict[str, str]:
         # The script needs Go even when everything is cached; binaries already built are good enough.
         cached = Path(os.environ.get("LMKUBE_CACHE", Path.home() / ".cache" / "lmkube")) / "bin"
         names = {"LMKUBE_ETCD": "etcd", "LMKUBE_KUBE_APISERVER": "kube-apiserver",
-                 "LMKUBE_KUBE_CONTROLLER_MANAGER": "kube-controller-manager",
+                 "LMKUBE_KUBE_CONTROLLER_MANAGER": "kube-controller-manager", "LMKUBE_KUBE_SCHEDULER": "kube-scheduler",
                  "LMKUBE_KUBECTL": "kubectl", "LMKUBE_HELM": "helm"}
+        # The real node's pieces, when built (tests/real_node.py's preflight names any that are missing).
+        node_names = {"LMKUBE_KUBELET": "kubelet", "LMKUBE_KUBE_PROXY": "kube-proxy", "LMKUBE_PAUSE": "pause"}
         if all(os.access(cached / name, os.X_OK) for name in names.values()):
-            return {key: str(cached / name) for key, name in names.items()} | {"KUBEBUILDER_ASSETS": str(cached)}
+            return ({key: str(cached / name) for key, name in (names | node_names).items()}
+                    | {"KUBEBUILDER_ASSETS": str(cached), "LMKUBE_BUSYBOX": shutil.which("busybox") or "/bin/busybox"})
         raise RuntimeError(f"{INSTALL_SCRIPT.name} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     paths = {}
     for line in result.stdout.splitlines():
@@ -78,6 +81,11 @@ CONTROLLERS = (
     # controller a deleted PVC would stay Terminating forever.
     "persistentvolumeclaim-protection-controller",
 )
+# With a real kubelet (tests/real_node.py) the controllers left out above for the emulator's sake are needed:
+# node-lifecycle removes a new node's not-ready taint, the pod GC deletes pods of nodes that went away, and
+# pods have real IPs on the node's bridge, so Services get EndpointSlices.
+REAL_NODE_CONTROLLERS = (*CONTROLLERS, "node-lifecycle-controller", "pod-garbage-collector-controller",
+                         "endpointslice-controller", "endpointslice-mirroring-controller")
 
 
 def _https_ok(url: str, token: str | None = None) -> bool:
@@ -116,12 +124,13 @@ class KubeCluster:
     """
 
     def __init__(self, binaries: dict[str, str] | None = None, workdir: Path | None = None,
-                 controller_manager: bool = True) -> None:
+                 controller_manager: bool = True, controllers: tuple[str, ...] = CONTROLLERS) -> None:
         self.binaries = binaries or install_binaries()
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="lmkube-kube-"))
         self.token = secrets.token_hex(16)
         self.controller_manager = controller_manager
+        self.controllers = controllers
         self._kcm_token = secrets.token_hex(16)
         self.etcd_port, self.peer_port, self.api_port, self.kcm_port = _free_ports(4)
         self.server = f"https://127.0.0.1:{self.api_port}"
@@ -232,6 +241,9 @@ class KubeCluster:
             "--service-cluster-ip-range", "10.0.0.0/24", "--allow-privileged=true",
             # 1.37 refuses a loopback --advertise-address without this (scripts/README.md).
             "--endpoint-reconciler-type", "none",
+            # Logs and exec reach a real node's kubelet at its address: by default the apiserver would look
+            # the node's name up in the host's DNS first.
+            "--kubelet-preferred-address-types", "InternalIP",
         ])
         self._wait("apiserver", process, lambda: _https_ok(f"{self.server}/readyz", self.token), timeout)
 
@@ -242,7 +254,7 @@ class KubeCluster:
             self.binaries["LMKUBE_KUBE_CONTROLLER_MANAGER"], "--kubeconfig", str(kubeconfig),
             "--bind-address", "127.0.0.1", "--secure-port", str(self.kcm_port),
             "--cert-dir", str(self.workdir / "controller-manager-certs"),
-            "--controllers", ",".join(CONTROLLERS), "--leader-elect=false",
+            "--controllers", ",".join(self.controllers), "--leader-elect=false",
             "--use-service-account-credentials=false",
             "--service-account-private-key-file", str(self.workdir / "sa.key"),
             # The serving certificate the apiserver generated for itself (self-signed): what pods would trust.

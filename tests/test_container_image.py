@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import tomllib
@@ -22,31 +21,12 @@ from typing import Any
 import httpx
 import pytest
 from openai import OpenAI
+from project_image import BUILD_TIMEOUT, ROOT, Buildah, build_image
 from support import REAL_MODEL, ServerProcess, free_port
 
 from lmkube import __version__
 
-ROOT = Path(__file__).resolve().parents[1]
-BUILD_TIMEOUT = 2400  # a cold build on 2 cores: debootstrap + compiling llama.cpp + dependencies
 COMPILERS = ("gcc", "cc", "c++", "g++", "clang", "cmake", "make", "ld", "as", "nvcc", "ninja")
-
-
-@dataclass(frozen=True)
-class Buildah:
-    """buildah pointed at the storage scripts/build-image.sh built into."""
-
-    root: str
-    runroot: str
-    driver: str
-
-    def argv(self, *args: str) -> list[str]:
-        return ["buildah", "--root", self.root, "--runroot", self.runroot, "--storage-driver", self.driver, *args]
-
-    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=600)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"buildah {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
-        return proc
 
 
 @dataclass(frozen=True)
@@ -60,17 +40,7 @@ class BuiltImage:
 
 @pytest.fixture(scope="module")
 def image() -> BuiltImage:
-    if shutil.which("buildah") is None:
-        pytest.fail("buildah is not installed: run scripts/install-image-tools.sh (make test does)")
-    if os.geteuid() != 0:
-        pytest.fail("building the image needs root (buildah --isolation chroot with vfs storage)")
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "build-image.sh")], capture_output=True, text=True,
-                          timeout=BUILD_TIMEOUT, cwd=ROOT)
-    assert proc.returncode == 0, f"scripts/build-image.sh failed:\n{proc.stderr[-8000:]}"
-    values = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
-    buildah = Buildah(values["LMKUBE_BUILDAH_ROOT"], values["LMKUBE_BUILDAH_RUNROOT"],
-                      values["LMKUBE_BUILDAH_STORAGE_DRIVER"])
-    return BuiltImage(values["LMKUBE_IMAGE"], buildah)
+    return BuiltImage(*build_image())
 
 
 @pytest.fixture

@@ -133,7 +133,9 @@ def hub_size(hub: FakeHub, repo: str) -> int:
     return max(len(data) for data in hub.repos[repo.lower()].files.values())
 
 
-def delete_and_wait_gone(api: Api, name: str, timeout: float = 60) -> None:
+def delete_and_wait_gone(api: Api, name: str, timeout: float = 180) -> None:
+    # Generous: on a loaded 2-core machine the garbage collector (restarted whenever a CRD appears, see
+    # tests/kube_cluster.py) took more than 30 s to collect the owned objects.
     api.delete_lm(name)
     n = resources.names(name)
     wait_until(lambda: api.lm(name) is None and not api.pods(name) and all(
@@ -422,7 +424,7 @@ def test_peering_one_active_replica_and_failover(kube: KubeCluster, api: Api, hu
     """Two `--peering` replicas: the higher priority one works, the other stands by and takes over when it stops."""
     (tmp_path / "peering.yaml").write_text(peering.render())
     kube.kubectl("apply", "-f", str(tmp_path / "peering.yaml"))
-    kube.kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=30s")
+    kube.kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=120s")
     api.custom.create_namespaced_custom_object(peering.GROUP, peering.VERSION, api.namespace, "kopfpeerings",
                                                peering.peering_object("lmkube", api.namespace))
     operator.stop()
@@ -434,15 +436,15 @@ def test_peering_one_active_replica_and_failover(kube: KubeCluster, api: Api, hu
             replica.start()
         high, low = replicas
         resumed = "Resuming operations after the pause"  # kopf starts paused until it has seen the peers
-        wait_until(lambda: resumed in high.log(), timeout=30, message=f"high-priority replica active:\n{high.log()}")
+        wait_until(lambda: resumed in high.log(), timeout=120, message=f"high-priority replica active:\n{high.log()}")
         api.create_lm("peer", lm_spec(hub, TINY_REPO))
-        wait_phase(api, high, "peer", "Ready", timeout=60)
+        wait_phase(api, high, "peer", "Ready", timeout=180)
         assert resumed not in low.log() and "/peer" not in low.log(), low.log()  # the standby did nothing
         high.stop()  # a graceful stop leaves the peering: the standby resumes at once
-        wait_until(lambda: "Resuming operations after the pause" in low.log(), timeout=30,
+        wait_until(lambda: "Resuming operations after the pause" in low.log(), timeout=120,
                    message=f"standby resumes:\n{low.log()[-3000:]}")
         api.patch_lm("peer", {"contextLength": 256})
-        wait_phase(api, low, "peer", "Ready", timeout=60, contextLength=256)
+        wait_phase(api, low, "peer", "Ready", timeout=180, contextLength=256)
         delete_and_wait_gone(api, "peer")
     finally:
         for replica in replicas:
