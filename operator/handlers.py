@@ -13,8 +13,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import ctypes
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,7 +39,7 @@ SETTLED = ("Ready", "Idle")
 
 
 BUSY = ("Downloading", "Loading")  # waiting on a pod's download or load: only polling shows progress
-KOPF_WORKERS = 8  # kopf's threads for the sync handlers below, which only schedule, or unload on deletion
+KOPF_WORKERS = 8  # kopf's threads for the sync handlers: the delete handler (unloading) and start-up
 PASS_WORKERS = 16  # reconcile passes; a load request blocks one for as long as the load takes
 
 
@@ -81,6 +85,10 @@ class Runtime:
     options: rc.Options
     timing: Timing
     schedule: Schedule = field(init=False)
+    # kopf.event() needs the context kopf runs handlers in (its settings and its queue of Events to post);
+    # passes run on the schedule's threads, so each runs in a copy of one taken in a handler.
+    kopf_context: contextvars.Context | None = None
+    memory_release: threading.Timer | None = None
 
     def __post_init__(self) -> None:
         self.schedule = Schedule(self.run_pass, alias=instance_of, workers=PASS_WORKERS,
@@ -89,6 +97,11 @@ class Runtime:
 
     def run_pass(self, key: Key, previous_delay: float) -> float | None:
         """One reconcile of the LocalModel `key`; the seconds to the next, or None once it is gone."""
+        if self.kopf_context is None:
+            return self._pass(key, previous_delay)
+        return self.kopf_context.copy().run(self._pass, key, previous_delay)
+
+    def _pass(self, key: Key, previous_delay: float) -> float | None:
         namespace, name = key
         body = self.kube.get_local_model(namespace, name)  # the latest, not what an event carried
         if body is None or body["metadata"].get("deletionTimestamp"):
@@ -99,7 +112,23 @@ class Runtime:
         except Exception:
             log.exception("reconcile of %s/%s failed", namespace, name)
             return min(max(previous_delay * 2, self.timing.retry_seconds), self.timing.resync_seconds)
-        return self.timing.next_delay(before, after, previous_delay, time.time())
+        delay = self.timing.next_delay(before, after, previous_delay, time.time())
+        log.debug("pass of %s/%s: %s, next in %.1f s", namespace, name, after.get("phase"), delay)
+        return delay
+
+    def release_memory_soon(self, seconds: float = 5.0) -> None:
+        """Hands freed heap back to the system once a burst of deletions is over: glibc keeps the pages
+        that held the JSON of hundreds of models otherwise, and the operator would stay at its peak RSS."""
+        if self.memory_release is not None:
+            self.memory_release.cancel()
+        self.memory_release = threading.Timer(seconds, release_memory)
+        self.memory_release.daemon = True
+        self.memory_release.start()
+
+
+def release_memory() -> None:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to ask
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def instance_of(key: Key) -> tuple[str, str]:
@@ -143,7 +172,10 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     @kopf.on.create(*resource, registry=registry)
     @kopf.on.update(*resource, registry=registry)
     @kopf.on.resume(*resource, registry=registry)
-    def reconcile_now(body: kopf.Body, **_: Any) -> None:
+    async def reconcile_now(body: kopf.Body, **_: Any) -> None:
+        # Async (on kopf's event loop, no worker thread): it only takes the schedule's lock for a moment.
+        if runtime.kopf_context is None:
+            runtime.kopf_context = contextvars.copy_context()
         runtime.schedule.due_in(key_of(body))
 
     @kopf.on.delete(*resource, registry=registry)
@@ -152,8 +184,9 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         count = rc.unload_all(runtime.kube, body, runtime.options)
         log.info("LocalModel %s/%s deleted: unloaded %d instance(s)", body["metadata"]["namespace"],
                  body["metadata"]["name"], count)
+        runtime.release_memory_soon()
 
-    def owned_changed(body: kopf.Body, **_: Any) -> None:
+    async def owned_changed(body: kopf.Body, **_: Any) -> None:
         instance = (body.get("metadata", {}).get("labels") or {}).get(INSTANCE_LABEL)
         if instance:
             runtime.schedule.poke((body["metadata"]["namespace"], instance))
