@@ -6,7 +6,8 @@
   from `poll_seconds` to `resync_seconds` (sooner when a failed pod's retry is due); every `resync_seconds`
   for a settled one (which is also what brings back a deleted Secret or PVC). A watch event on one of its
   pods, its Deployment or its Service brings the next pass forward: that is how a model waiting on the
-  cluster notices the cluster.
+  cluster notices the cluster. The events of one burst (a new Deployment's status updates, its pods)
+  are gathered for `poll_seconds` (at most 2 s) into one pass.
 - delete: forget the model, unload it on the pods (best effort, short timeout); kopf then drops its
   finalizer at once (no timer or daemon to wait for) and the garbage collector removes the owned objects.
 """
@@ -41,6 +42,7 @@ SETTLED = ("Ready", "Idle")
 BUSY = ("Downloading", "Loading")  # waiting on a pod's download or load: only polling shows progress
 KOPF_WORKERS = 8  # kopf's threads for the sync handlers: the delete handler (unloading) and start-up
 PASS_WORKERS = 16  # reconcile passes; a load request blocks one for as long as the load takes
+MAX_SETTLE_SECONDS = 2.0  # a burst of watch events is gathered for poll_seconds, but never longer than this
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.schedule = Schedule(self.run_pass, alias=instance_of, workers=PASS_WORKERS,
-                                 settle_seconds=min(0.5, self.timing.poll_seconds),
+                                 settle_seconds=min(self.timing.poll_seconds, MAX_SETTLE_SECONDS),
                                  fallback_seconds=self.timing.resync_seconds)
 
     def run_pass(self, key: Key, previous_delay: float) -> float | None:
