@@ -40,7 +40,7 @@ SETTLED = ("Ready", "Idle")
 
 
 BUSY = ("Downloading", "Loading")  # waiting on a pod's download or load: only polling shows progress
-KOPF_WORKERS = 8  # kopf's threads for the sync handlers: the delete handler (unloading) and start-up
+KOPF_WORKERS = 16  # kopf's threads for the sync handlers: the delete handler (API reads, unloading) and start-up
 PASS_WORKERS = 16  # reconcile passes; a load request blocks one for as long as the load takes
 MAX_SETTLE_SECONDS = 2.0  # a burst of watch events is gathered for poll_seconds, but never longer than this
 

@@ -388,17 +388,18 @@ def unload_all(kube: Kube, body: Mapping[str, Any], options: Options, timeout: f
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     try:
+        pods = [p for p in observe.views(kube.list_pods(namespace, resources.selector_labels(name)),
+                                         resources.POD_HASH_ANNOTATION) if p.ip]
+        if not pods:  # nothing can have loaded it (e.g. pods never scheduled): no token needed
+            return 0
         spec = parse_spec(body.get("spec") or {})
         secret_name, key = resources.token_ref(name, spec)
         token = kube.secret_value(namespace, secret_name, key)
-        pods = observe.views(kube.list_pods(namespace, resources.selector_labels(name)), resources.POD_HASH_ANNOTATION)
     except Exception as exc:  # deletion must go on whatever happens here
         log.warning("not unloading %s/%s: %s", namespace, name, exc)
         return 0
     count = 0
     for pod in pods:
-        if not pod.ip:
-            continue
         try:
             with PodClient(options.pod_url(pod, options.settings), token, timeout=timeout) as client:
                 for instance in client.loaded():
