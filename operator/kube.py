@@ -20,13 +20,21 @@ from lmkube.operator import crd
 MERGE_PATCH = "application/merge-patch+json"
 
 
-def load_config() -> kubernetes.client.ApiClient:
-    """In-cluster credentials when running in a pod, else $KUBECONFIG / ~/.kube/config."""
+def load_config(pool_size: int | None = None) -> kubernetes.client.ApiClient:
+    """In-cluster credentials when running in a pod, else $KUBECONFIG / ~/.kube/config.
+
+    `pool_size`: connections kept per API server, at least the number of threads that call it at once
+    (the client's default, 5 per CPU, is fewer than that on a small node: urllib3 then discards and
+    reopens connections, and warns "Connection pool is full").
+    """
     try:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()
-    client = kubernetes.client.ApiClient()
+    configuration = kubernetes.client.Configuration.get_default_copy()
+    if pool_size is not None:
+        configuration.connection_pool_maxsize = max(pool_size, configuration.connection_pool_maxsize)
+    client = kubernetes.client.ApiClient(configuration)
     if not client.configuration.verify_ssl:
         # The kubeconfig asks for insecure-skip-tls-verify: one warning per request would drown the log.
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)

@@ -49,7 +49,7 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _epoch(text: str | None) -> float:
+def epoch(text: str | None) -> float:
     if not text:
         return 0.0
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
@@ -152,7 +152,7 @@ def examine_pod(client: PodClient, pod: PodView, spec: LocalModelSpec, record: d
                   **{k: record[k] for k in ("jobId", "jobFor", "downloaded") if k in record}}
     want_dl = fingerprint(resources.download_request(spec))
     want_load = fingerprint(resources.load_request(spec))
-    if record.get("failedFor") in (want_dl, want_load) and now < _epoch(record.get("retryAt")):
+    if record.get("failedFor") in (want_dl, want_load) and now < epoch(record.get("retryAt")):
         return PodWork(st.PodState(pod.name, st.FAILED, record.get("reason") or "Failed",
                                    record.get("message") or "failed"), record)
     try:
@@ -303,8 +303,11 @@ def build_status(body: Mapping[str, Any], spec: LocalModelSpec | None, summary: 
 
 def _publish(kube: Kube, body: Mapping[str, Any], status: dict[str, Any], emit: Emit) -> None:
     meta = body["metadata"]
-    kube.patch_status(meta["namespace"], meta["name"], status)
     previous = body.get("status") or {}
+    # A model that waits keeps the same status pass after pass: writing it again would only make the
+    # API server, and every watcher of LocalModels (this operator included), do work for nothing.
+    if any(previous.get(key) != value for key, value in status.items()):
+        kube.patch_status(meta["namespace"], meta["name"], status)
     ready = next((c for c in status["conditions"] if c["type"] == "Ready"), {})
     before = next((c for c in previous.get("conditions") or [] if c.get("type") == "Ready"), {})
     if previous.get("phase") != status["phase"] or (status["phase"] == st.FAILED
@@ -385,17 +388,18 @@ def unload_all(kube: Kube, body: Mapping[str, Any], options: Options, timeout: f
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     try:
+        pods = [p for p in observe.views(kube.list_pods(namespace, resources.selector_labels(name)),
+                                         resources.POD_HASH_ANNOTATION) if p.ip]
+        if not pods:  # nothing can have loaded it (e.g. pods never scheduled): no token needed
+            return 0
         spec = parse_spec(body.get("spec") or {})
         secret_name, key = resources.token_ref(name, spec)
         token = kube.secret_value(namespace, secret_name, key)
-        pods = observe.views(kube.list_pods(namespace, resources.selector_labels(name)), resources.POD_HASH_ANNOTATION)
     except Exception as exc:  # deletion must go on whatever happens here
         log.warning("not unloading %s/%s: %s", namespace, name, exc)
         return 0
     count = 0
     for pod in pods:
-        if not pod.ip:
-            continue
         try:
             with PodClient(options.pod_url(pod, options.settings), token, timeout=timeout) as client:
                 for instance in client.loaded():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import yaml
@@ -164,3 +165,24 @@ def test_operator_command_line_and_timing() -> None:
     assert Timing.from_env({}) == Timing(poll_seconds=2.0, resync_seconds=30.0, retry_seconds=5.0)
     assert Timing.from_env({"LMKUBE_OPERATOR_POLL_SECONDS": "0.5", "LMKUBE_OPERATOR_RETRY_SECONDS": "1"}) == \
         Timing(poll_seconds=0.5, resync_seconds=30.0, retry_seconds=1.0)
+
+
+def test_next_pass_polls_busy_models_and_backs_off_waiting_ones() -> None:
+    from lmkube.operator.handlers import Timing
+
+    timing = Timing(poll_seconds=2, resync_seconds=30, retry_seconds=5)
+    now = 1_800_000_000.0
+    assert timing.next_delay({"phase": "Downloading"}, {"phase": "Downloading"}, 2, now) == 2
+    assert timing.next_delay({"phase": "Loading"}, {"phase": "Ready"}, 2, now) == 30
+    # Waiting on the cluster: the poll interval on arrival, then doubling up to the resync interval.
+    delays, before, delay = [], {"phase": "Pending"}, 0.0
+    for _ in range(6):
+        delay = timing.next_delay(before, {"phase": "Scheduling"}, delay, now)
+        delays.append(delay)
+        before = {"phase": "Scheduling"}
+    assert delays == [2, 4, 8, 16, 30, 30]
+    # A failed pod's retry comes first; one whose time has passed is no reason to poll.
+    retry_at = st.now_iso(datetime.fromtimestamp(now + 7, UTC))
+    failed = {"phase": "Failed", "pods": [{"name": "p", "retryAt": retry_at}]}
+    assert 6 <= timing.next_delay({"phase": "Failed"}, failed, 30, now) <= 7
+    assert timing.next_delay({"phase": "Failed"}, failed, 30, now + 100) == 30

@@ -1,0 +1,350 @@
+"""The operator at scale: N LocalModels created at once, left alone, then deleted.
+
+    .venv/bin/python bench/operator_scale.py                       # 50, then 200, on a throwaway control plane
+    .venv/bin/python bench/operator_scale.py --counts 200 --idle-seconds 60
+    .venv/bin/python bench/operator_scale.py --kubeconfig admin.kubeconfig   # a cluster that is already there
+
+By default it starts tests/kube_cluster.py's control plane (real etcd, kube-apiserver, kube-controller-manager;
+no scheduler and no kubelet, so every pod stays Pending and every model waits on the cluster). `--kubeconfig`
+runs the same scenario on an existing cluster instead, with that kubeconfig's (admin) credentials; the
+LocalModel CRD is applied if missing. There, models whose pods do get scheduled try to download
+`--model` like any other LocalModel.
+
+For each count: a fresh namespace, the operator's RBAC from operator/rbac.py (what the chart grants), and
+`lmkube operator --standalone --namespace NS` as a subprocess with that ServiceAccount's token and the default
+timing (poll 2 s, resync 30 s, retry 5 s). Then:
+
+1. its idle RSS (no models yet);
+2. N LocalModels created by 8 client threads: time until every Deployment, Service, PVC and Secret exists,
+   and until every `status.phase` is written;
+3. `--settle-seconds` for the back-off of the waiting models to reach the resync interval, then its CPU
+   (user + system, /proc/<pid>/stat) over `--idle-seconds`;
+4. every LocalModel deleted (8 client threads, one DELETE each, as `kubectl delete lm --all` does): time until
+   none is left (finalizers released) and until none of the owned objects is;
+5. its RSS `--after-seconds` after that, next to its idle RSS; its peak RSS over the whole run;
+6. from its log: how often the delete handler ran per model, and urllib3's "Connection pool is full" warnings.
+
+It prints a Markdown table (one column per count) and writes it to bench/results/operator-scale-<UTC time>.md
+(the operator logs: bench/results/logs/opscale-*.log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the control plane and the operator's harness live with the tests
+
+import kubernetes.client  # noqa: E402
+import kubernetes.config  # noqa: E402
+import urllib3  # noqa: E402
+import yaml  # noqa: E402
+from kubernetes.client.exceptions import ApiException  # noqa: E402
+from lmkube.operator import crd  # noqa: E402
+from operator_support import CRD_PATH, OPERATOR_ACCOUNT, OperatorProcess, grant_operator_rules  # noqa: E402
+
+OWNED = ("Deployment", "Service", "PersistentVolumeClaim", "Secret")
+COLLECTED = (*OWNED, "Pod")  # pods go with the Deployment's ReplicaSet
+MANAGED = "app.kubernetes.io/managed-by=lmkube-operator"
+DEFAULT_TIMING = {"LMKUBE_OPERATOR_POLL_SECONDS": "2", "LMKUBE_OPERATOR_RESYNC_SECONDS": "30",
+                  "LMKUBE_OPERATOR_RETRY_SECONDS": "5"}
+CLIENT_THREADS = 8
+PAGE = 4096  # /proc/<pid>/statm counts pages
+TICKS = 100  # /proc/<pid>/stat counts CPU time in clock ticks (USER_HZ)
+
+
+# -- the cluster -----------------------------------------------------------------------------------
+
+
+class ExistingCluster:
+    """A cluster from an admin kubeconfig: the few things the harness (tests/operator_support.py) asks of
+    tests/kube_cluster.py's KubeCluster."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.config = yaml.safe_load(kubeconfig.read_text())
+        client = self.api_client()
+        self.server = client.configuration.host
+        client.close()
+
+    def api_client(self) -> kubernetes.client.ApiClient:
+        return kubernetes.config.new_client_from_config(str(self.kubeconfig))
+
+    def apply_crds(self, *paths: Path, timeout: float = 60) -> None:
+        with self.api_client() as client:
+            extensions = kubernetes.client.ApiextensionsV1Api(client)
+            for path in paths:
+                for body in yaml.safe_load_all(path.read_text()):
+                    try:
+                        extensions.create_custom_resource_definition(body, _preload_content=False)
+                    except ApiException as error:
+                        if error.status != 409:
+                            raise
+                    wait_for(lambda name=body["metadata"]["name"]: established(extensions, name), timeout,
+                             f"CRD {body['metadata']['name']} Established")
+
+    def create_namespace(self, name: str, timeout: float = 60) -> None:
+        with self.api_client() as client:
+            core = kubernetes.client.CoreV1Api(client)
+            core.create_namespace({"metadata": {"name": name}}, _preload_content=False)
+            wait_for(lambda: exists(lambda: core.read_namespaced_service_account("default", name)), timeout,
+                     f"ServiceAccount {name}/default")
+
+    def service_account_kubeconfig(self, namespace: str, name: str, path: Path, expiration_seconds: int = 3600) -> Path:
+        with self.api_client() as client:
+            response = kubernetes.client.CoreV1Api(client).create_namespaced_service_account_token(
+                name, namespace, {"spec": {"expirationSeconds": expiration_seconds}}, _preload_content=False)
+            token = json.loads(response.data)["status"]["token"]
+        context = next(c for c in self.config["contexts"] if c["name"] == self.config["current-context"])["context"]
+        cluster = next(c for c in self.config["clusters"] if c["name"] == context["cluster"])
+        user = f"system:serviceaccount:{namespace}:{name}"
+        config = {"apiVersion": "v1", "kind": "Config", "current-context": "bench", "clusters": [cluster],
+                  "users": [{"name": user, "user": {"token": token}}],
+                  "contexts": [{"name": "bench", "context": {"cluster": cluster["name"], "user": user,
+                                                              "namespace": namespace}}]}
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+
+def established(extensions: kubernetes.client.ApiextensionsV1Api, name: str) -> bool:
+    body = json.loads(extensions.read_custom_resource_definition(name, _preload_content=False).data)
+    return any(c["type"] == "Established" and c["status"] == "True"
+               for c in body.get("status", {}).get("conditions") or [])
+
+
+def exists(read: Callable[[], Any]) -> bool:
+    try:
+        read()
+        return True
+    except ApiException as error:
+        if error.status == 404:
+            return False
+        raise
+
+
+def wait_for(done: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> float:
+    """Seconds until `done()`; raises after `timeout`."""
+    began = time.monotonic()
+    while not done():
+        if time.monotonic() - began > timeout:
+            raise TimeoutError(f"{what}: not after {timeout:.0f} s")
+        time.sleep(interval)
+    return time.monotonic() - began
+
+
+@contextmanager
+def cluster_from(args: argparse.Namespace) -> Iterator[Any]:
+    if args.kubeconfig:
+        yield ExistingCluster(Path(args.kubeconfig))
+        return
+    from kube_cluster import KubeCluster
+
+    with KubeCluster() as cluster:
+        yield cluster
+
+
+# -- the operator's footprint ----------------------------------------------------------------------
+
+
+@dataclass
+class Footprint:
+    """RSS and CPU time of one process, sampled in a thread."""
+
+    pid: int
+    peak_rss: int = 0
+    samples: list[tuple[float, int, float]] = field(default_factory=list)  # (monotonic, rss bytes, cpu seconds)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def read(self) -> tuple[int, float]:
+        rss = int(Path(f"/proc/{self.pid}/statm").read_text().split()[1]) * PAGE
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        return rss, (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+    def start(self) -> Footprint:
+        threading.Thread(target=self._sample, daemon=True).start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                rss, cpu = self.read()
+            except (OSError, ValueError, IndexError):
+                return
+            self.peak_rss = max(self.peak_rss, rss)
+            self.samples.append((time.monotonic(), rss, cpu))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def cpu_over(self, seconds: float) -> float:
+        """Cores used over the next `seconds`."""
+        _, before = self.read()
+        began = time.monotonic()
+        time.sleep(seconds)
+        _, after = self.read()
+        return (after - before) / (time.monotonic() - began)
+
+    def settled_rss(self, seconds: float) -> int:
+        """RSS after `seconds` (the lowest of the last few samples: one pass in flight is no leak)."""
+        time.sleep(seconds)
+        recent = [rss for at, rss, _ in self.samples if at >= time.monotonic() - 3]
+        return min(recent) if recent else self.read()[0]
+
+
+# -- one run ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    count: int
+    objects_s: float
+    phases_s: float
+    idle_rss: int
+    peak_rss: int
+    after_rss: int
+    idle_cpu: float
+    lm_gone_s: float
+    owned_gone_s: float
+    deletes_per_model: tuple[int, int]  # (most delete-handler runs for one model, models with more than one)
+    pool_warnings: int
+
+
+class Watcher:
+    """Admin reads of the namespace (lists, so one call per kind and poll)."""
+
+    def __init__(self, client: kubernetes.client.ApiClient, namespace: str) -> None:
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.apps = kubernetes.client.AppsV1Api(client)
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+        self.namespace = namespace
+
+    def local_models(self) -> list[dict[str, Any]]:
+        return json.loads(self.custom.list_namespaced_custom_object(
+            crd.GROUP, crd.VERSION, self.namespace, crd.PLURAL, _preload_content=False).data)["items"]
+
+    def owned(self, kind: str) -> int:
+        lister = {"Deployment": self.apps.list_namespaced_deployment, "Service": self.core.list_namespaced_service,
+                  "PersistentVolumeClaim": self.core.list_namespaced_persistent_volume_claim,
+                  "Secret": self.core.list_namespaced_secret, "Pod": self.core.list_namespaced_pod}[kind]
+        return len(json.loads(lister(self.namespace, label_selector=MANAGED, _preload_content=False).data)["items"])
+
+
+def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path) -> Result:
+    namespace = f"opscale-{count}-{secrets.token_hex(3)}"
+    cluster.create_namespace(namespace)
+    grant_operator_rules(cluster, namespace)
+    kubeconfig = cluster.service_account_kubeconfig(namespace, OPERATOR_ACCOUNT, workdir / f"{namespace}.kubeconfig")
+    operator = OperatorProcess(kubeconfig, namespace, workdir / f"{namespace}.log", env=DEFAULT_TIMING)
+    client = cluster.api_client()
+    watch = Watcher(client, namespace)
+    operator.start()
+    assert operator.process is not None
+    footprint = Footprint(operator.process.pid).start()
+    try:
+        idle_rss = footprint.settled_rss(5)
+        names = [f"m{i:04d}" for i in range(count)]
+        spec = {"model": args.model, "gpu": {"count": 0}, "storage": {"size": "1Gi"}}
+        began = time.monotonic()
+        with ThreadPoolExecutor(CLIENT_THREADS) as pool:
+            list(pool.map(lambda name: watch.custom.create_namespaced_custom_object(
+                crd.GROUP, crd.VERSION, namespace, crd.PLURAL,
+                {"apiVersion": crd.API_VERSION, "kind": crd.KIND, "metadata": {"name": name}, "spec": spec},
+                _preload_content=False), names))
+        objects_s = phases_s = 0.0
+        while not (objects_s and phases_s):
+            if time.monotonic() - began > args.timeout:
+                raise TimeoutError(f"{count} models: objects or phases missing after {args.timeout} s")
+            if not objects_s and all(watch.owned(kind) >= count for kind in OWNED):
+                objects_s = time.monotonic() - began
+            if not phases_s and sum(1 for m in watch.local_models() if (m.get("status") or {}).get("phase")) >= count:
+                phases_s = time.monotonic() - began
+            time.sleep(0.2)
+        print(f"  {count}: objects {objects_s:.1f} s, phases {phases_s:.1f} s; settling {args.settle_seconds} s",
+              flush=True)
+        time.sleep(args.settle_seconds)
+        idle_cpu = footprint.cpu_over(args.idle_seconds)
+        print(f"  {count}: idle CPU {idle_cpu:.3f} cores; deleting", flush=True)
+        began = time.monotonic()
+        with ThreadPoolExecutor(CLIENT_THREADS) as pool:
+            list(pool.map(lambda name: watch.custom.delete_namespaced_custom_object(
+                crd.GROUP, crd.VERSION, namespace, crd.PLURAL, name, _preload_content=False), names))
+        wait_for(lambda: not watch.local_models(), args.timeout, "LocalModels gone")
+        lm_gone_s = time.monotonic() - began
+        wait_for(lambda: all(watch.owned(kind) == 0 for kind in COLLECTED), args.timeout, "owned objects gone")
+        owned_gone_s = time.monotonic() - began
+        after_rss = footprint.settled_rss(args.after_seconds)
+        runs = [operator.log().count(f"LocalModel {namespace}/{name} deleted") for name in names]
+        return Result(count, objects_s, phases_s, idle_rss, footprint.peak_rss, after_rss, idle_cpu, lm_gone_s,
+                      owned_gone_s, (max(runs), sum(1 for r in runs if r > 1)),
+                      operator.log().count("Connection pool is full"))
+    finally:
+        footprint.stop()
+        operator.stop()
+        with ThreadPoolExecutor(1) as pool:  # the namespace goes in the background; nothing waits for it
+            pool.submit(kubernetes.client.CoreV1Api(client).delete_namespace, namespace, _preload_content=False)
+        client.close()
+
+
+def table(results: list[Result]) -> str:
+    mib = 1 << 20
+    rows: list[tuple[str, Callable[[Result], str]]] = [
+        ("every Deployment, Service, PVC and Secret exists", lambda r: f"{r.objects_s:.1f} s"),
+        ("every `status.phase` written", lambda r: f"{r.phases_s:.1f} s"),
+        ("operator idle RSS, no models", lambda r: f"{r.idle_rss / mib:.0f} MiB"),
+        ("operator peak RSS", lambda r: f"{r.peak_rss / mib:.0f} MiB"),
+        ("operator CPU, models waiting (Pending)", lambda r: f"{r.idle_cpu:.3f} cores"),
+        ("all LocalModels gone after the delete (finalizers released)", lambda r: f"{r.lm_gone_s:.1f} s"),
+        ("all owned objects and their pods gone", lambda r: f"{r.owned_gone_s:.1f} s"),
+        ("operator RSS after they are gone", lambda r: f"{r.after_rss / mib:.0f} MiB "
+                                                       f"({(r.after_rss - r.idle_rss) / mib:+.0f})"),
+        ("delete handler runs per model (most; models with >1)",
+         lambda r: f"{r.deletes_per_model[0]}; {r.deletes_per_model[1]}"),
+        ('"Connection pool is full" warnings', lambda r: str(r.pool_warnings)),
+    ]
+    lines = ["| | " + " | ".join(str(r.count) for r in results) + " |", "|---" * (len(results) + 1) + "|"]
+    lines += [f"| {label} | " + " | ".join(cell(r) for r in results) + " |" for label, cell in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--counts", default="50,200", help="LocalModel counts, comma-separated")
+    parser.add_argument("--kubeconfig", default=None,
+                        help="admin kubeconfig of an existing cluster (default: start a throwaway control plane)")
+    parser.add_argument("--model", default="bench-org/Scale-GGUF", help="spec.model of every LocalModel")
+    parser.add_argument("--settle-seconds", type=float, default=40.0,
+                        help="after the phases are written, before measuring idle CPU")
+    parser.add_argument("--idle-seconds", type=float, default=30.0, help="window of the idle CPU measurement")
+    parser.add_argument("--after-seconds", type=float, default=10.0, help="after deletion, before reading RSS")
+    parser.add_argument("--timeout", type=float, default=300.0, help="give up on a step after this long")
+    args = parser.parse_args(argv)
+    urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    counts = [int(c) for c in args.counts.split(",") if c.strip()]
+    results = []
+    out = ROOT / "bench" / "results" / f"operator-scale-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.md"
+    logs = ROOT / "bench" / "results" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with cluster_from(args) as cluster:
+        cluster.apply_crds(CRD_PATH)
+        for count in counts:
+            results.append(run_count(cluster, count, args, logs))
+    report = table(results)
+    print(report)
+    out.write_text(report + "\n")
+    print(f"written to {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
