@@ -141,7 +141,7 @@ def test_failures_back_off_and_a_new_spec_retries_at_once(pod_server: ServerProc
         assert (again.state.reason, again.record["attempts"]) == ("DownloadFailed", 1)
         later = rc.examine_pod(c, pod, bad, again.record, now + 11, 10.0)
         assert later.record["attempts"] == 2  # retried, failed again: the next wait doubles
-        assert rc._epoch(later.record["retryAt"]) - (now + 11) == pytest.approx(20, abs=1)
+        assert rc.epoch(later.record["retryAt"]) - (now + 11) == pytest.approx(20, abs=1)
         good = parse_spec({"model": REPO, "variant": "Q4_K_M", "gpu": {"count": 0}})
         fixed = rc.examine_pod(c, pod, good, later.record, now + 12, 10.0)
         assert fixed.state.stage in (st.DOWNLOADING, st.LOADING)
