@@ -4,6 +4,8 @@ from fastapi import APIRouter
 
 from . import inference, models
 
-router = APIRouter(prefix="/api/v0")
+# Each module carries the /api/v0 prefix itself: with FastAPI's lazily included routers, a prefix given
+# here is not part of the matched route's path, which names the route in metrics and logs.
+router = APIRouter()
 for module in (models, inference):
     router.include_router(module.router)

@@ -16,7 +16,7 @@ from ..openai.embeddings import create_embeddings
 from ..openai.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from .shapes import decorate
 
-router = APIRouter()
+router = APIRouter(prefix="/api/v0")
 
 
 @router.post("/chat/completions", response_model=None)

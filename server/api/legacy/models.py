@@ -11,7 +11,7 @@ from ...runtime.manager import ModelManager
 from ..deps import get_manager
 from .shapes import model_object
 
-router = APIRouter()
+router = APIRouter(prefix="/api/v0")
 
 
 def list_model_objects(manager: ModelManager) -> list[dict[str, Any]]:
