@@ -32,6 +32,9 @@ LONG_CHAT = "acme/long-chat"
 # tokens at a few a second before it stops (neither client can cap Codex's output).
 CLIENT_TIMEOUT = 1200
 pytestmark = pytest.mark.timeout(CLIENT_TIMEOUT + 300)
+# Claude Code fails a run whose reply reaches its output limit, and Claude Code sends no temperature, so the
+# real model samples at the server's default (0.8): a limit far above a one-sentence answer.
+ANSWER_TOKENS = "1024"
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +102,7 @@ def test_claude_code_default_setup_gets_a_reply(clients: dict[str, str], server:
     """Every request shape of an unmodified run: a system message inside `messages`, 12 tools (one deferred),
     adaptive thinking, context management, effort; a reply comes back and the run exits 0."""
     result = run_client([clients["claude-code"], "-p", "Say hello", "--model", LONG_CHAT], home,
-                        claude_env(server, home, CLAUDE_CODE_MAX_OUTPUT_TOKENS="64"))
+                        claude_env(server, home, CLAUDE_CODE_MAX_OUTPUT_TOKENS=ANSWER_TOKENS))
     assert result.stdout.strip()
 
 
@@ -107,7 +110,7 @@ def test_claude_code_real_model_answers(clients: dict[str, str], server: ServerP
                                         home: Path) -> None:
     result = run_client([clients["claude-code"], "-p", "What is the capital of France?", "--model", models[1],
                          "--bare", "--tools", "", "--system-prompt", "Answer in one short sentence."], home,
-                        claude_env(server, home, CLAUDE_CODE_MAX_OUTPUT_TOKENS="48"))
+                        claude_env(server, home, CLAUDE_CODE_MAX_OUTPUT_TOKENS=ANSWER_TOKENS))
     assert result.stdout.strip()
 
 
@@ -117,7 +120,7 @@ def test_claude_code_calls_a_tool_and_sends_the_result_back(clients: dict[str, s
                          "--model", models[1], "--bare", "--tools", "Bash", "--allowedTools", "Bash",
                          "--system-prompt", "You run shell commands for the user with the Bash tool.",
                          "--output-format", "stream-json", "--verbose"], home,
-                        claude_env(server, home, CLAUDE_CODE_MAX_OUTPUT_TOKENS="256",
+                        claude_env(server, home, CLAUDE_CODE_MAX_OUTPUT_TOKENS=ANSWER_TOKENS,
                                    ANTHROPIC_CUSTOM_HEADERS="lmkube-tool-choice: Bash"))
     events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     blocks = [(e["type"], block) for e in events if e.get("type") in ("assistant", "user")

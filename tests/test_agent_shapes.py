@@ -173,7 +173,7 @@ def test_tool_choice_header_forces_the_first_call_only(shapes_server: ServerProc
     forced = httpx.post(f"{shapes_server.base_url}/v1/messages", json=body, headers=headers, timeout=60).json()
     call = next(block for block in forced["content"] if block["type"] == "tool_use")
     assert forced["stop_reason"] == "tool_use" and call["name"] == "Bash"
-    # Answering the tool result is the model's own turn again: no grammar, so an agent loop can end.
+    # The turn that answers the tool result is answered in text (tool_choice none), so an agent loop ends.
     answer = [*USER, {"role": "assistant", "content": [call]},
               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"], "content": "ok"}]}]
     free = httpx.post(f"{shapes_server.base_url}/v1/messages", json={**body, "max_tokens": 8, "messages": answer},

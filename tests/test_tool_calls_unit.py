@@ -467,3 +467,21 @@ def test_forced_generation_parses_to_valid_calls(
         jsonschema.validate(json.loads(call.arguments), registry.schema(model_name))
         if "only" in variant:
             assert call.name == variant["only"]
+
+
+def test_tool_choice_header_forces_the_users_turn_and_lets_the_tool_results_turn_end_the_loop() -> None:
+    from lmkube.server.chat.session import ChatSpec, with_header_tool_choice
+
+    tools = [{"type": "function", "function": {"name": "Bash", "parameters": {"type": "object"}}}]
+    user = [{"role": "user", "content": "run it"}]
+    after_result = [*user, {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+    named = {"type": "function", "function": {"name": "Bash"}}
+    assert with_header_tool_choice(ChatSpec(user, tools), "Bash").tool_choice == named
+    assert with_header_tool_choice(ChatSpec(user, tools), "required").tool_choice == "required"
+    assert with_header_tool_choice(ChatSpec(after_result, tools), "Bash").tool_choice == "none"
+    assert with_header_tool_choice(ChatSpec(after_result, tools), "required").tool_choice == "none"
+    assert with_header_tool_choice(ChatSpec(after_result, tools), "auto").tool_choice is None
+    # The request's own choice wins, and without tools there is nothing to force.
+    assert with_header_tool_choice(ChatSpec(user, tools, tool_choice="none"), "Bash").tool_choice == "none"
+    assert with_header_tool_choice(ChatSpec(user, None), "Bash").tool_choice is None

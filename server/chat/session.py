@@ -56,13 +56,15 @@ TOOL_CHOICE_HEADER = "lmkube-tool-choice"
 
 def with_header_tool_choice(spec: ChatSpec, header: str | None) -> ChatSpec:
     """`spec` with the `lmkube-tool-choice` header's choice ("required", "none", "auto" or a tool name) where
-    the request leaves it to the model. Turns that answer tool results stay the model's to end, so an agent
-    loop still finishes."""
+    the request leaves it to the model. A forced choice forces the turn that answers the user; the turn that
+    answers tool results gets `none`, so the model replies in text and the agent loop ends (a small model
+    left to itself there calls tools again, often malformed, and the client loops until its own limit)."""
     if not header or not spec.tools or spec.tool_choice not in (None, "auto"):
         return spec
+    forced = header not in ("auto", "none")
     for message in reversed(spec.messages):
         if message.get("role") == "tool":
-            return spec
+            return replace(spec, tool_choice="none") if forced else spec
         if message.get("role") == "assistant":
             break
     choice = header if header in ("auto", "none", "required") else {"type": "function", "function": {"name": header}}
