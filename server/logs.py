@@ -21,7 +21,7 @@ from .engine.events import Event, EventStream, Finish, TextDelta
 from .request_observer import FinishedRequest
 
 if TYPE_CHECKING:
-    from .engine.generation import GenerationRequest
+    from .engine.slot import GenerationRequest
     from .runtime.instance import ModelInstance
 
 Source = Literal["server", "model"]

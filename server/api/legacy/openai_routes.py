@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Depends, Request
 
 from ...runtime.manager import ModelManager
 from ...streaming import EventStreamResponse
@@ -16,32 +16,29 @@ from ..openai.embeddings import create_embeddings
 from ..openai.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from .shapes import decorate
 
-router = APIRouter(prefix="/api/v0")
 
-
-@router.post("/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
 ) -> dict[str, Any] | EventStreamResponse:
-    call = await start_chat(body, manager)
-    if call.body.stream:
-        return stream_chat(call)
-    response, finish, result = await complete_chat(call, request)
-    return decorate(response, call.instance, finish, call.params, tool_calls=bool(result.tool_calls))
+    body, round = await start_chat(body, manager)
+    if body.stream:
+        return stream_chat(round, body.include_usage)
+    response = await complete_chat(round, request)
+    assert round.finish is not None
+    return decorate(response, round.instance, round.finish, round.params, tool_calls=bool(round.result.tool_calls))
 
 
-@router.post("/completions", response_model=None)
 async def completions(
     body: CompletionRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
 ) -> dict[str, Any] | EventStreamResponse:
-    call = await start_completion(body, manager)
+    round = await start_completion(body, manager)
     if body.stream:
-        return stream_completion(call)
-    response, finish = await complete_completion(call, request)
-    return decorate(response, call.instance, finish, call.params)
+        return stream_completion(body, round)
+    response = await complete_completion(body, round, request)
+    assert round.finish is not None
+    return decorate(response, round.instance, round.finish, round.params)
 
 
-@router.post("/embeddings")
 async def embeddings(
     body: EmbeddingRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
 ) -> dict[str, Any]:
