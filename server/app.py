@@ -161,7 +161,8 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"Method {request.method} is not allowed on {request.url.path}."
             return error_response(request, APIError(405, message, code="method_not_allowed"),
                                   headers={"Allow": _allowed_methods(request)})
-        return error_response(request, APIError(exc.status_code, str(exc.detail)), headers=exc.headers)
+        return error_response(request, APIError(exc.status_code, str(exc.detail)),
+                              headers=dict(exc.headers) if exc.headers else None)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(_request: Request, _exc: ClientDisconnected) -> Response:

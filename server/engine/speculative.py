@@ -35,6 +35,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -222,7 +223,7 @@ class Speculation:
         else:
             self.missed()
 
-    def finish_fields(self) -> dict[str, object]:
+    def finish_fields(self) -> dict[str, Any]:
         return {"draft_model": self.draft.drafter.name, "draft_total": self.total,
                 "draft_accepted": self.accepted, "draft_rejected": self.rejected}
 

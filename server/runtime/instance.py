@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ..chat.template import ChatTemplate, ChatTemplateError
 from ..engine import llama_lib as lib
@@ -76,7 +76,7 @@ class ModelInstance:
             n_ctx = context_size(config.context_length, default_context=default_context,
                                  trained=self.model.n_ctx_train, parallel=config.parallel,
                                  embedding=variant.is_embedding)
-            settings = dict(
+            settings: dict[str, Any] = dict(
                 n_threads=n_threads,
                 flash_attention=config.flash_attention,
                 offload_kv_cache=config.offload_kv_cache_to_gpu,

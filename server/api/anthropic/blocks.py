@@ -54,7 +54,7 @@ class MessageBuilder:
         self._arguments: dict[int, str] = {}  # block index → argument text streamed so far
 
     def start(self) -> list[SseEvent]:
-        message = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+        message: dict[str, Any] = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
                    "content": [], "stop_reason": None, "stop_sequence": None,
                    "usage": {"input_tokens": self.prompt_tokens, "cache_creation_input_tokens": 0,
                              "cache_read_input_tokens": 0, "output_tokens": 0}}
@@ -129,7 +129,7 @@ class MessageBuilder:
         # A call the parser announced and then found malformed came back as text: its block goes.
         calls = {tool_use_id(c.id) for c in self._result.tool_calls}
         blocks = [b for b in self.blocks if b["type"] != "tool_use" or b["id"] in calls]
-        message = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+        message: dict[str, Any] = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
                    "content": blocks, "stop_reason": reason, "stop_sequence": sequence,
                    "usage": usage(self._finish)}
         if self._finish.draft_model is not None:

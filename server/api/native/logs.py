@@ -18,7 +18,7 @@ _KEEPALIVE_S = 15.0  # a comment line now and then keeps proxies from closing a 
 async def stream_logs(source: str = "model") -> EventStreamResponse:
     if source not in SOURCES:
         raise APIError(400, f"Unknown log source '{source}'; expected one of: {', '.join(SOURCES)}.", param="source")
-    return EventStreamResponse(_events(source))  # type: ignore[arg-type]
+    return EventStreamResponse(_events(source))
 
 
 async def _events(source: Source) -> AsyncIterator[bytes]:

@@ -67,6 +67,8 @@ class ResponseBuilder:
         if self._text is not None and self._text[0] == kind:
             return self._text[1], []
         events = self.close_text()
+        item: dict[str, Any]
+        part: dict[str, Any]
         if kind == "reasoning":
             item = {"id": item_id("rs"), "type": "reasoning", "summary": [], "content": [], "status": "in_progress"}
             part = {"type": "reasoning_text", "text": ""}
@@ -118,6 +120,7 @@ class ResponseBuilder:
             if index is None:
                 events += self.close_text()
                 mcp = self.mcp_names.get(piece.name or "")
+                item: dict[str, Any]
                 if mcp is not None:
                     item = {"id": item_id("mcp"), "type": "mcp_call", "server_label": mcp.server_label,
                             "name": mcp.tool, "arguments": "", "status": "in_progress"}
@@ -149,21 +152,21 @@ class ResponseBuilder:
         pending: list[tuple[int, ToolCall]] = []
         for index, call_id in self._calls.values():
             item = self.output[index]
-            call = by_id.get(call_id)
-            if call is None:
+            found = by_id.get(call_id)
+            if found is None:
                 item["status"] = "incomplete"
                 events.append(self._done(index))
                 continue
-            item["arguments"] = call.arguments
+            item["arguments"] = found.arguments
             where = {"item_id": item["id"], "output_index": index}
             if item["type"] == "mcp_call":
-                events += [("response.mcp_call_arguments.done", {**where, "arguments": call.arguments}),
+                events += [("response.mcp_call_arguments.done", {**where, "arguments": found.arguments}),
                            ("response.mcp_call.in_progress", where)]
-                pending.append((index, call))
+                pending.append((index, found))
             else:
                 item["status"] = "completed"
                 events += [("response.function_call_arguments.done",
-                            {**where, "name": item["name"], "arguments": call.arguments}), self._done(index)]
+                            {**where, "name": item["name"], "arguments": found.arguments}), self._done(index)]
         self._calls = {}
         return events, pending
 
@@ -178,7 +181,8 @@ class ResponseBuilder:
         return [self._done(index)]
 
     def mcp_list_tools(self, server_label: str, tools: list[dict[str, Any]]) -> list[SseEvent]:
-        item = {"id": item_id("mcpl"), "type": "mcp_list_tools", "server_label": server_label, "tools": []}
+        item: dict[str, Any] = {"id": item_id("mcpl"), "type": "mcp_list_tools", "server_label": server_label,
+                                "tools": []}
         index, added = self._add(item)
         where = {"item_id": item["id"], "output_index": index}
         item["tools"] = tools
