@@ -61,31 +61,9 @@ class Round:
         """Frees the request's slot; harmless once it has finished."""
         self.generation.cancel()
 
-    async def deltas(self) -> AsyncIterator[list[ChatDelta]]:
-        """The chat layer's deltas, a list per engine batch, the last one closing the output (and setting
-        `finish`); a failed generation raises APIError after what came before it in its batch."""
-        output = self.output
-        assert output is not None
-        try:
-            async for batch in self.generation:
-                deltas: list[ChatDelta] = []
-                for event in batch:
-                    if isinstance(event, TextDelta):
-                        deltas.append(output.feed(event.text))
-                    elif event.reason == "error":
-                        if deltas:
-                            yield deltas
-                        raise generation_failed(event)
-                    else:
-                        self.finish = event
-                        deltas.append(output.finish())
-                yield deltas
-        finally:
-            self.generation.cancel()
-
     async def texts(self) -> AsyncIterator[list[str]]:
-        """The raw generated text, a list of pieces per engine batch (empty on the last, which sets `finish`);
-        a failed generation raises APIError after what came before it in its batch."""
+        """The raw generated text, a list of pieces per engine batch, the last one setting `finish`; a failed
+        generation raises APIError after what came before it in its batch."""
         try:
             async for batch in self.generation:
                 pieces: list[str] = []
@@ -101,6 +79,17 @@ class Round:
                 yield pieces
         finally:
             self.generation.cancel()
+
+    async def deltas(self) -> AsyncIterator[list[ChatDelta]]:
+        """The chat layer's deltas, a list per engine batch, the last one closing the output (and setting
+        `finish`); a failed generation raises APIError after what came before it in its batch."""
+        output = self.output
+        assert output is not None
+        async for pieces in self.texts():
+            deltas = [output.feed(text) for text in pieces]
+            if self.finish is not None:
+                deltas.append(output.finish())
+            yield deltas
 
     async def complete(self) -> Finish:
         """Runs the generation to the end in one piece (no deltas): the finish, with `result` parsed."""

@@ -11,7 +11,8 @@ writes for deltas, round ends and tool calls.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -126,20 +127,49 @@ class ToolLoop:
         self.added.append({"role": "tool", "tool_call_id": call.id, "content": output})
 
 
-async def until_submitted(events: AsyncGenerator[list[SseEvent], None], submitted: Callable[[], bool]
-                          ) -> tuple[list[list[SseEvent]], AsyncGenerator[list[SseEvent], None]]:
-    """The events up to the first round's submission, and the generator of the rest.
+class LoopRequest(Protocol):
+    """A family's request running the loop: its events, and how to end it (generations, MCP sessions)."""
+
+    def events(self) -> AsyncGenerator[list[SseEvent], None]: ...
+
+    def submitted(self) -> bool:
+        """Whether the first round has been submitted."""
+        ...
+
+    async def close(self) -> None: ...
+
+    def result(self) -> dict[str, Any]:
+        """The response body, once the events have run."""
+        ...
+
+
+async def until_submitted(request: LoopRequest) -> tuple[list[list[SseEvent]], AsyncGenerator[list[SseEvent], None]]:
+    """The request's events up to the first round's submission, and the generator of the rest.
 
     A stream starts only after this, so a refused request (full queue, prompt too long, unknown model)
     gets its HTTP status and Retry-After like every other family, not a 200 carrying `event: error`.
-    On failure the events are closed (the caller closes the toolbox)."""
+    On failure the request is closed."""
+    events = request.events()
     head: list[list[SseEvent]] = []
     try:
         async for batch in events:
             head.append(batch)
-            if submitted():
+            if request.submitted():
                 break
     except BaseException:
         await events.aclose()
+        await request.close()
         raise
     return head, events
+
+
+async def run_to_end(request: LoopRequest) -> dict[str, Any]:
+    """Runs a non-streaming request through all its rounds (its events are dropped), closes it and returns
+    its response body."""
+    try:
+        async with aclosing(request.events()) as events:
+            async for _ in events:
+                pass
+    finally:
+        await request.close()
+    return request.result()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Request
@@ -37,7 +36,7 @@ from .. import inference
 from ..chat_run import ChatRun, Round
 from ..deps import get_conversations, get_manager
 from ..draft_fields import DraftFields
-from ..tool_loop import ToolLoop, until_submitted
+from ..tool_loop import ToolLoop, run_to_end, until_submitted
 
 log = logging.getLogger(__name__)
 
@@ -298,16 +297,6 @@ async def _stream(chat: NativeChatEvents, head: list[list[SseEvent]],
     yield sse_event("chat.end", {"result": chat.result()})
 
 
-async def _drain(chat: NativeChatEvents) -> dict[str, Any]:
-    try:
-        async with aclosing(chat.events()) as events:
-            async for _ in events:
-                pass
-    finally:
-        await chat.close()
-    return chat.result()
-
-
 async def chat(
     body: NativeChatRequest,
     request: Request,
@@ -358,10 +347,5 @@ async def chat(
                        param="tool_choice")
     native = NativeChatEvents(manager, store, body, history, turn, instance_id, toolbox)
     if body.stream:
-        try:
-            head, rest = await until_submitted(native.events(), native.submitted)
-        except BaseException:
-            await native.close()
-            raise
-        return EventStreamResponse(_stream(native, head, rest))
-    return await unless_disconnected(request, _drain(native))
+        return EventStreamResponse(_stream(native, *await until_submitted(native)))
+    return await unless_disconnected(request, run_to_end(native))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import orjson
@@ -22,6 +22,9 @@ from ..chat_run import ChatRun, Round
 from ..deps import get_manager
 from .schemas import ChatCompletionRequest
 from .sse import DONE, error_event, usage_chunk
+
+# A non-streaming body reshaped for another family (from the finished round): /api/v0's extra blocks.
+Shape = Callable[[dict[str, Any], Round], dict[str, Any]]
 
 
 def with_preset(body: ChatCompletionRequest) -> ChatCompletionRequest:
@@ -88,10 +91,17 @@ def stream_chat(round: Round, include_usage: bool) -> EventStreamResponse:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
 ) -> dict[str, Any] | EventStreamResponse:
+    return await respond(body, request, manager)
+
+
+async def respond(body: ChatCompletionRequest, request: Request, manager: ModelManager,
+                  shape: Shape | None = None) -> dict[str, Any] | EventStreamResponse:
+    """The stream, or the chat.completion body (passed through `shape`, as /api/v0 does, when given)."""
     body, round = await start_chat(body, manager)
     if body.stream:
         return stream_chat(round, body.include_usage)
-    return await complete_chat(round, request)
+    response = await complete_chat(round, request)
+    return shape(response, round) if shape is not None else response
 
 
 def _message(result: ChatResult) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from ...streaming import EventStreamResponse, unless_disconnected
 from .. import inference
 from ..chat_run import ChatRun, Round
 from ..deps import get_manager
+from .chat import Shape
 from .schemas import CompletionRequest
 from .sse import DONE, error_event, usage_chunk
 
@@ -83,10 +84,17 @@ def stream_completion(body: CompletionRequest, round: Round) -> EventStreamRespo
 async def completions(
     body: CompletionRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
 ) -> dict[str, Any] | EventStreamResponse:
+    return await respond(body, request, manager)
+
+
+async def respond(body: CompletionRequest, request: Request, manager: ModelManager,
+                  shape: Shape | None = None) -> dict[str, Any] | EventStreamResponse:
+    """The stream, or the text_completion body (passed through `shape`, as /api/v0 does, when given)."""
     round = await start_completion(body, manager)
     if body.stream:
         return stream_completion(body, round)
-    return await complete_completion(body, round, request)
+    response = await complete_completion(body, round, request)
+    return shape(response, round) if shape is not None else response
 
 
 async def _stream(round: Round, completion_id: str, include_usage: bool, echo: str) -> AsyncIterator[bytes]:

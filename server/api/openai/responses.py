@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -36,7 +35,7 @@ from ...streaming import EventStreamResponse, SseEvent, unless_disconnected
 from .. import inference
 from ..chat_run import ChatRun, Round, Sampling
 from ..deps import get_conversations, get_manager
-from ..tool_loop import ToolLoop, until_submitted
+from ..tool_loop import ToolLoop, run_to_end, until_submitted
 from .responses_events import EventEncoder, McpName, ResponseBuilder
 from .responses_input import (
     ResponsesRequest,
@@ -144,6 +143,9 @@ class ResponseEvents:
 
     def submitted(self) -> bool:
         return bool(self.loop.rounds)
+
+    def result(self) -> dict[str, Any]:
+        return self.builder.response
 
     async def close(self) -> None:
         """Ends every round's generation and the MCP sessions."""
@@ -298,16 +300,6 @@ async def _stream(response: ResponseEvents, head: list[list[SseEvent]],
         await response.close()
 
 
-async def _drain(response: ResponseEvents) -> dict[str, Any]:
-    try:
-        async with aclosing(response.events()) as events:
-            async for _ in events:
-                pass
-    finally:
-        await response.close()
-    return response.builder.response
-
-
 async def create_response(
     body: ResponsesRequest,
     request: Request,
@@ -316,11 +308,6 @@ async def create_response(
 ) -> dict[str, Any] | EventStreamResponse:
     response = await start_response(body, request, manager, store)
     if body.stream:
-        try:
-            head, rest = await until_submitted(response.events(), response.submitted)
-        except BaseException:
-            await response.close()
-            raise
-        return EventStreamResponse(_stream(response, head, rest))
+        return EventStreamResponse(_stream(response, *await until_submitted(response)))
     with response.run.instance.in_use():  # until the drain's first round is submitted
-        return await unless_disconnected(request, _drain(response))
+        return await unless_disconnected(request, run_to_end(response))
