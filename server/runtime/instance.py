@@ -10,13 +10,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..chat.template import ChatTemplate, ChatTemplateError
 from ..engine import llama_lib as lib
 from ..engine.embedding import EmbeddingEngine
 from ..engine.generation import GenerationEngine
 from ..engine.speculative import Drafter, DraftPool, load_drafter
 from ..engine.stats import EngineStats
 from ..store.model_store import ModelVariant
+from .chat_template import ChatTemplate, ChatTemplateError
 from .estimate import context_size
 
 # GPU offload: "max" puts every layer on the GPU, "off" none, a fraction that share of the layers.
