@@ -286,10 +286,11 @@ async def _stream(response: ResponseEvents, head: list[list[SseEvent]],
     encoder = EventEncoder()
     try:
         for batch in head:
-            if batch:
+            if batch:  # the first round's submission has no event of its own here
                 yield encoder.encode(batch)
         async for batch in rest:
-            yield encoder.encode(batch)
+            if batch:
+                yield encoder.encode(batch)
     except APIError as exc:  # the stream has started: report it in-band
         yield encoder.encode(response.builder.fail(error_message(PATH, exc), exc.code or exc.type, exc.param))
     except Exception as exc:
