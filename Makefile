@@ -10,6 +10,7 @@ demo: setup
 # The whole suite, as CI runs it (.ci/run calls this).
 test: setup
 	.venv/bin/ruff check .
+	.venv/bin/mypy
 	bash scripts/install-test-cluster.sh > /dev/null
 	bash scripts/install-image-tools.sh
 	bash scripts/install-agent-clients.sh > /dev/null
@@ -17,6 +18,7 @@ test: setup
 
 lint: setup
 	.venv/bin/ruff check .
+	.venv/bin/mypy
 
 bench: setup
 	.venv/bin/python -m pip install --quiet -e ".[bench]" --config-settings editable_mode=strict

@@ -143,7 +143,9 @@ def key_of(body: Mapping[str, Any]) -> Key:
 
 
 def _emit(body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
-    kopf.event(dict(body), type=kind, reason=reason, message=message[:1024])
+    # kopf types the object as its own Body view, but reads only the metadata of any mapping.
+    event = dict(body)
+    kopf.event(event, type=kind, reason=reason, message=message[:1024])  # type: ignore[arg-type]  # any mapping
 
 
 def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:

@@ -308,8 +308,8 @@ def _publish(kube: Kube, body: Mapping[str, Any], status: dict[str, Any], emit: 
     # API server, and every watcher of LocalModels (this operator included), do work for nothing.
     if any(previous.get(key) != value for key, value in status.items()):
         kube.patch_status(meta["namespace"], meta["name"], status)
-    ready = next((c for c in status["conditions"] if c["type"] == "Ready"), {})
-    before = next((c for c in previous.get("conditions") or [] if c.get("type") == "Ready"), {})
+    ready: Mapping[str, Any] = next((c for c in status["conditions"] if c["type"] == "Ready"), {})
+    before: Mapping[str, Any] = next((c for c in previous.get("conditions") or [] if c.get("type") == "Ready"), {})
     if previous.get("phase") != status["phase"] or (status["phase"] == st.FAILED
                                                     and before.get("reason") != ready.get("reason")):
         kind = "Warning" if status["phase"] == st.FAILED else "Normal"

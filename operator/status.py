@@ -168,7 +168,7 @@ def _make(kind: str, status: str, reason: str, message: str, generation: int | N
 
 def conditions(previous: Sequence[Mapping[str, Any]], summary: Summary, generation: int | None,
                now: str) -> list[dict[str, Any]]:
-    result = list(previous)
+    result: Sequence[Mapping[str, Any]] = previous
     for kind, (status, reason, message) in (("PodsReady", summary.pods_ready), ("Downloaded", summary.downloaded),
                                             ("Loaded", summary.loaded)):
         result = set_condition(result, kind, status, reason, message, generation, now)
@@ -179,7 +179,7 @@ def conditions(previous: Sequence[Mapping[str, Any]], summary: Summary, generati
 def failed_conditions(previous: Sequence[Mapping[str, Any]], reason: str, message: str, generation: int | None,
                       now: str) -> list[dict[str, Any]]:
     """Conditions for a LocalModel the operator cannot act on at all (an invalid spec)."""
-    result = list(previous)
+    result: Sequence[Mapping[str, Any]] = previous
     for kind in ("PodsReady", "Downloaded", "Loaded"):
         result = set_condition(result, kind, "Unknown", reason, message, generation, now)
     return set_condition(result, "Ready", "False", reason, message, generation, now)

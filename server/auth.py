@@ -1,4 +1,5 @@
-"""API-token auth as a FastAPI dependency: `Authorization: Bearer <token>` or `x-api-key: <token>`."""
+"""API-token auth: `Authorization: Bearer <token>` or `x-api-key: <token>`, checked for every route but the
+public ones by the request guard (server/request_guard.py), before a request's body is read."""
 
 from __future__ import annotations
 
@@ -53,8 +54,3 @@ def token_error(request: Request, accepted: tuple[bytes, ...]) -> APIError | Non
             code="invalid_api_key",
         )
     return None
-
-
-async def require_api_token(request: Request) -> None:
-    if (error := token_error(request, request.app.state.api_tokens)) is not None:
-        raise error

@@ -11,10 +11,8 @@ import re
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from .engine.events import QueueFull
@@ -143,7 +141,7 @@ def error_response(request: Request, error: APIError, headers: dict[str, str] | 
 _UNION_MEMBER = re.compile(r"str|int|float|bool|bytes|none|dict|list|.*[\[\](),'\"].*")
 
 
-def _validation_error(exc: RequestValidationError, path: str) -> APIError:
+def validation_error(exc: RequestValidationError, path: str) -> APIError:
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(part) for part in first.get("loc", ())
            if part != "body" and not (isinstance(part, str) and _UNION_MEMBER.fullmatch(part))]
@@ -162,48 +160,3 @@ def _validation_error(exc: RequestValidationError, path: str) -> APIError:
     elif param:
         message = f"Invalid value for '{param}': {message}"
     return bad_request(message, param=param)
-
-
-def _allowed_methods(request: Request) -> str:
-    """The Allow header of a 405: the methods of every route on this path (Starlette's router sets none here).
-
-    The table comes from the app's own OpenAPI description, built on the first 405; a path parameter
-    matches any text, slashes included (model keys have them)."""
-    app = request.app
-    table: list[tuple[re.Pattern[str], set[str]]] | None = getattr(app.state, "route_methods", None)
-    if table is None:
-        spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        table = app.state.route_methods = [
-            (re.compile(re.sub(r"\\\{[^}]+\\\}", ".+", re.escape(path)) + "$"), {m.upper() for m in operations})
-            for path, operations in spec["paths"].items()]
-    path = request.url.path
-    return ", ".join(sorted({m for pattern, methods in table if pattern.match(path) for m in methods}))
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> Response:
-        return error_response(request, exc)
-
-    @app.exception_handler(QueueFull)
-    async def _queue_full(request: Request, exc: QueueFull) -> Response:
-        return error_response(request, queue_full(exc))
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(request, _validation_error(exc, request.url.path))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code == 404:
-            message = f"Unexpected endpoint or method. ({request.method} {request.url.path})"
-            return error_response(request, APIError(404, message, code="not_found"))
-        if exc.status_code == 405:
-            message = f"Method {request.method} is not allowed on {request.url.path}."
-            return error_response(request, APIError(405, message, code="method_not_allowed"),
-                                  headers={"Allow": _allowed_methods(request)})
-        return error_response(request, APIError(exc.status_code, str(exc.detail)), headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Response:
-        return error_response(request, APIError(500, f"Internal server error: {exc}", type="server_error"))

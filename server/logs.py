@@ -21,7 +21,7 @@ from .engine.events import Event, EventStream, Finish, TextDelta
 from .request_observer import FinishedRequest
 
 if TYPE_CHECKING:
-    from .engine.generation import GenerationRequest
+    from .engine.slot import GenerationRequest
     from .runtime.instance import ModelInstance
 
 Source = Literal["server", "model"]
@@ -141,4 +141,5 @@ def observe(instance: ModelInstance, request: GenerationRequest, bus: LogBus = B
     bus.publish("model", {"type": "llm.prediction.input",
                           "input": instance.model.detokenize(request.prompt, special=True),
                           "modelPath": instance.variant.key, "modelIdentifier": instance.id})
-    return LoggedGeneration(request, instance.id, bus)  # type: ignore[return-value]
+    # It stands in for the request where the API layers use one: iterating it, cancel(), params.
+    return LoggedGeneration(request, instance.id, bus)  # type: ignore[return-value]  # same interface

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import orjson
@@ -19,6 +19,9 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 T = TypeVar("T")
+
+# A named SSE event before encoding: its name and its JSON fields (Anthropic, Responses, LM Studio chat).
+SseEvent = tuple[str, dict[str, Any]]
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from lmkube.server.chat.template import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError
+from lmkube.server.runtime.chat_template import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError
 
 TEMPLATES = Path(__file__).parent / "templates"
 

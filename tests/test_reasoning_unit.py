@@ -13,8 +13,8 @@ from lmkube.server.chat.reasoning import (
     prompt_opens_reasoning,
     template_kwargs_for_effort,
 )
-from lmkube.server.chat.template import ChatTemplate
 from lmkube.server.errors import APIError
+from lmkube.server.runtime.chat_template import ChatTemplate
 
 TEMPLATES = Path(__file__).parent / "templates"
 THINK, HARMONY = ReasoningStyle.THINK_TAGS, ReasoningStyle.HARMONY

@@ -13,7 +13,6 @@ import jsonschema
 import llama_cpp
 import pytest
 from lmkube.server.chat.deltas import ChatDelta, ToolCallDelta
-from lmkube.server.chat.template import ChatTemplate
 from lmkube.server.chat.tool_parsers import ToolCallParser
 from lmkube.server.chat.tools import (
     ToolFormat,
@@ -28,6 +27,7 @@ from lmkube.server.engine.events import TextDelta
 from lmkube.server.engine.generation import GenerationEngine
 from lmkube.server.engine.llama_lib import ContextConfig, LlamaContext, LlamaModel
 from lmkube.server.engine.sampling import SamplingParams
+from lmkube.server.runtime.chat_template import ChatTemplate
 
 from lmkube.synthetic_gguf import write_llama_model
 

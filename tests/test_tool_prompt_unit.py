@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from lmkube.server.chat.template import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError
 from lmkube.server.chat.tool_prompt import fold_late_system, inline_tool_history, template_polyfills
 from lmkube.server.chat.tools import ToolFormat, detect_tool_format
+from lmkube.server.runtime.chat_template import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError
 
 TEMPLATES = Path(__file__).parent / "templates"
 # SmolLM2-135M-Instruct's own template (from its GGUF): ChatML with a default system prompt, no tools.

@@ -1,4 +1,4 @@
-"""Dependencies shared by the routers."""
+"""Dependencies shared by the route handlers."""
 
 from __future__ import annotations
 

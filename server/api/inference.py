@@ -10,9 +10,10 @@ from typing import Any
 from lmkube.random_ids import random_string
 
 from ..engine.events import Finish, TextDelta
-from ..engine.generation import GenerationEngine, GenerationRequest
+from ..engine.generation import GenerationEngine
 from ..engine.llama_lib import ModelLoadError
 from ..engine.sampling import SamplingParams
+from ..engine.slot import GenerationRequest
 from ..engine.speculative import Draft, DraftIncompatible, DraftSettings
 from ..errors import APIError, ContextOverflow
 from ..logs import observe

@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -255,9 +255,10 @@ def _number(lo: float | None = None, hi: float | None = None, *, integer: bool =
         kinds: tuple[type, ...] = (int,) if integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, kinds):
             raise _Invalid(f"must be {'an integer' if integer else 'a number'}, not {value!r}")
-        if lo is not None and value < lo:
+        number = cast(float, value)  # an int or a float: checked just above
+        if lo is not None and number < lo:
             raise _Invalid(f"must be at least {lo}, not {value!r}")
-        if hi is not None and value > hi:
+        if hi is not None and number > hi:
             raise _Invalid(f"must be at most {hi}, not {value!r}")
         return value
 

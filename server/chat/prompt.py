@@ -7,8 +7,8 @@ from typing import Any
 
 from ..engine.llama_lib import TooManyTokens
 from ..errors import APIError, ContextOverflow
+from ..runtime.chat_template import ChatTemplateError
 from ..runtime.instance import ModelInstance
-from .template import ChatTemplateError
 from .tool_prompt import fold_late_system, has_late_system
 
 

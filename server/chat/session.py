@@ -8,7 +8,8 @@ an output pipeline that splits generated text into content, reasoning and tool c
     delta = output.finish(); result = output.result
 
 OpenAI's `/v1/chat/completions` and `/v1/responses`, Anthropic's `/v1/messages` and LM Studio's
-`/api/v1/chat` differ only in how they spell requests and responses; they all go through here.
+`/api/v1/chat` differ only in how they spell requests and responses; they all go through here, by way of
+the shared chat run (api/chat_run.py), which does the steps above for them.
 """
 
 from __future__ import annotations

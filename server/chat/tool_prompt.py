@@ -18,7 +18,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .template import ChatTemplate
+from ..runtime.chat_template import ChatTemplate
 from .tools import ToolFormat, arguments_as_mapping
 
 # The call each format's parser reads, as the model should write it.

@@ -156,7 +156,7 @@ class DownloadManager:
         jobs = self.table.find(key)
         running = [j for j in jobs if self._running(j)]
         paused = [j for j in jobs if j.status == "paused"]
-        return (running or paused or [None])[0]
+        return next(iter(running or paused), None)
 
     def _running(self, job: DownloadJob) -> bool:
         thread = self._threads.get(job.job_id)

@@ -170,6 +170,7 @@ def select_files(
         raise DownloadError(400, "no_gguf_files", f"Hugging Face repo '{repo_id}' has no GGUF files; lmkube "
                             "runs GGUF models only (look for a '-GGUF' repo of this model).")
     groups = _variants(models)
+    group: list[RemoteFile] | None
     if filename is not None:
         group = next((g for g in groups.values() if any(f.name == filename for f in g)), [files[filename]])
     else:

@@ -24,8 +24,9 @@ from typing import Literal
 from . import llama_lib as lib
 from .events import Event, EventStream, Finish, FinishReason, QueueFull, TextDelta
 from .sampling import SamplingParams, build_sampler_chain
-from .slot_cache import Slot, SlotCaches
-from .speculative import Draft, Speculation, plan_drafts
+from .slot import GenerationRequest, Slot, plan_drafts
+from .slot_cache import SlotCaches
+from .speculative import Draft, Speculation
 from .stats import EngineStats
 from .text_stream import TextStream
 
@@ -37,31 +38,6 @@ EngineStatus = Literal["idle", "processingPrompt", "generating"]
 # one would attend over their cells: measured ~0.2 µs per token and idle cell on 2 cores, while parking
 # costs ~5 µs per cell), else right after the step.
 PARK_BEFORE_PREFILLING = 32
-
-
-class GenerationRequest:
-    """A prompt and its sampling parameters, as seen by both the engine thread and its event loop."""
-
-    __slots__ = ("_engine", "cancelled", "draft", "events", "params", "prompt", "submitted_at")
-
-    def __init__(self, engine: GenerationEngine, prompt: list[int], params: SamplingParams,
-                 draft: Draft | None = None) -> None:
-        self._engine = engine
-        self.prompt = prompt
-        self.params = params
-        self.draft = draft
-        self.events = EventStream(asyncio.get_running_loop())
-        self.cancelled = False
-        self.submitted_at = time.perf_counter()
-
-    def cancel(self) -> None:
-        """Frees the request's slot at the next step; harmless after the request has finished."""
-        if not self.cancelled:
-            self.cancelled = True
-            self._engine._wake()
-
-    def __aiter__(self) -> EventStream:
-        return self.events
 
 
 class GenerationEngine:
@@ -96,7 +72,7 @@ class GenerationEngine:
     # -- called from event loops ------------------------------------------------------------------
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, draft: Draft | None = None) -> GenerationRequest:
-        request = GenerationRequest(self, list(prompt), params, draft)
+        request = GenerationRequest(self._wake, list(prompt), params, draft)
         with self._cond:
             if self._closed:
                 raise RuntimeError("engine is closed")
@@ -215,7 +191,7 @@ class GenerationEngine:
     def _step(self) -> None:
         allow_prefill = True
         if any(s.spec is not None for s in self._slots):
-            plan_drafts(self._slots, self.n_ctx)  # type: ignore[arg-type]
+            plan_drafts(self._slots, self.n_ctx)
         while True:
             self._fill_batch(allow_prefill)
             if self.context.batch.n_tokens == 0:

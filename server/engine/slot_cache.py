@@ -10,47 +10,14 @@ host memory. Only the engine thread calls in here.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from . import llama_lib as lib
 from .host_cache import CachedPrompt, HostPromptCache
 from .prefixes import common_prefix
-from .speculative import Speculation
-from .text_stream import TextStream
-
-if TYPE_CHECKING:
-    from .generation import GenerationRequest
+from .slot import GenerationRequest, Slot
 
 # A prompt waits one step for another one to compute their common prefix only if it saves this many tokens.
 WORTH_WAITING_FOR = 16
-
-
-@dataclass(eq=False, slots=True)
-class Slot:
-    seq: int
-    request: GenerationRequest | None = None
-    cached: list[int] | None = None  # tokens whose KV this sequence holds, in order
-    last_used: float = 0.0
-    prompt_pos: int = 0
-    pending: int = -1  # sampled token not yet decoded
-    batch_index: int = -1  # where this slot's logits sit in the current batch, -1 if none
-    chunk_end: int = -1  # prompt position the current batch prefills up to, -1 if none
-    chain: lib.SamplerChain | None = None
-    text: TextStream | None = None
-    generated: int = 0
-    cached_at_start: int = 0  # prompt tokens reused rather than computed
-    started_at: float = 0.0  # when the request got this slot
-    first_token_at: float = 0.0
-    spec: Speculation | None = None  # drafting state of a request with a draft model
-
-    @property
-    def n_past(self) -> int:
-        return len(self.cached) if self.cached else 0
-
-    @property
-    def prefilling(self) -> bool:
-        return self.request is not None and self.pending < 0
 
 
 class SlotCaches:

@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -221,39 +223,9 @@ class Speculation:
         else:
             self.missed()
 
-    def finish_fields(self) -> dict[str, object]:
+    def finish_fields(self) -> dict[str, Any]:
         return {"draft_model": self.draft.drafter.name, "draft_total": self.total,
                 "draft_accepted": self.accepted, "draft_rejected": self.rejected}
-
-
-def plan_drafts(slots: list[object], n_ctx: int) -> None:
-    """Drafts for every generating slot with a draft (slots are generation._Slot), one batch per drafter."""
-    by_drafter: dict[Drafter, list[tuple[object, DraftJob]]] = {}
-    for slot in slots:
-        spec: Speculation | None = slot.spec  # type: ignore[attr-defined]
-        if spec is None or slot.request is None or slot.pending < 0:  # type: ignore[attr-defined]
-            continue
-        spec.tokens = []
-        if spec.skip:
-            spec.skip -= 1
-            continue
-        settings = spec.draft.settings
-        cached: list[int] = slot.cached  # type: ignore[attr-defined]
-        limit = min(settings.max_tokens, n_ctx - len(cached) - 2)  # the pending token and a bonus one must fit
-        max_tokens = slot.request.params.max_tokens  # type: ignore[attr-defined]
-        if max_tokens is not None:  # each accepted token is one more generated: no drafting past the budget
-            limit = min(limit, max_tokens - slot.generated - 1)  # type: ignore[attr-defined]
-        if limit < max(1, settings.min_tokens):
-            continue
-        job = DraftJob(seq=slot.seq, history=[*cached, slot.pending], limit=limit,  # type: ignore[attr-defined]
-                       settings=settings)
-        by_drafter.setdefault(spec.draft.drafter, []).append((slot, job))
-    for drafter, pairs in by_drafter.items():
-        drafter.draft([job for _, job in pairs])
-        for slot, job in pairs:
-            slot.spec.tokens = job.tokens  # type: ignore[attr-defined]
-            if not job.tokens:
-                slot.spec.missed()  # type: ignore[attr-defined]
 
 
 def load_drafter(name: str, path: Path, target: lib.LlamaModel, config: lib.ContextConfig,
@@ -275,11 +247,11 @@ class DraftPool:
         self._drafters: dict[str, Drafter] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: str, load: object) -> Drafter:
+    def get(self, key: str, load: Callable[[], Drafter]) -> Drafter:
         with self._lock:
             drafter = self._drafters.get(key)
             if drafter is None:
-                drafter = self._drafters[key] = load()  # type: ignore[operator]
+                drafter = self._drafters[key] = load()
             return drafter
 
     def close(self) -> None:

@@ -161,7 +161,7 @@ class _Connection:
 
     async def _run(self) -> None:
         import httpx2
-        from mcp import ClientSession
+        from mcp import ClientSession, types
         from mcp.client.streamable_http import streamable_http_client
 
         pending: asyncio.Future[Any] | None = None
@@ -175,7 +175,8 @@ class _Connection:
                 await session.initialize()
                 cursor = None
                 while True:
-                    listing = await session.list_tools(params={"cursor": cursor} if cursor else None)
+                    page = types.PaginatedRequestParams(cursor=cursor) if cursor else None
+                    listing = await session.list_tools(params=page)
                     self.tools.extend(listing.tools)
                     cursor = getattr(listing, "next_cursor", None)
                     if not cursor:

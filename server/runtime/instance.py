@@ -8,15 +8,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from ..chat.template import ChatTemplate, ChatTemplateError
 from ..engine import llama_lib as lib
 from ..engine.embedding import EmbeddingEngine
 from ..engine.generation import GenerationEngine
 from ..engine.speculative import Drafter, DraftPool, load_drafter
 from ..engine.stats import EngineStats
 from ..store.model_store import ModelVariant
+from .chat_template import ChatTemplate, ChatTemplateError
 from .estimate import context_size
 
 # GPU offload: "max" puts every layer on the GPU, "off" none, a fraction that share of the layers.
@@ -76,7 +76,7 @@ class ModelInstance:
             n_ctx = context_size(config.context_length, default_context=default_context,
                                  trained=self.model.n_ctx_train, parallel=config.parallel,
                                  embedding=variant.is_embedding)
-            settings = dict(
+            settings: dict[str, Any] = dict(
                 n_threads=n_threads,
                 flash_attention=config.flash_attention,
                 offload_kv_cache=config.offload_kv_cache_to_gpu,

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from ..engine.stats import EngineStats
@@ -120,7 +120,7 @@ class ModelManager:
                 load = _JitLoad()
                 load.task = asyncio.create_task(self._jit_load(variant, ttl, load, context_length))
                 self._loading[variant.key] = load
-                load.task.add_done_callback(lambda _t, key=variant.key, load=load: self._forget_load(key, load))
+                load.task.add_done_callback(self._forgetter(variant.key, load))
             assert load.task is not None
             if load.instance is not None:
                 load.instance.claims += 1
@@ -138,6 +138,10 @@ class ModelManager:
                 instance.last_used = time.monotonic()
                 return instance
             # Unloaded (by hand, or past its drain timeout) before this request could start: load it again.
+
+    def _forgetter(self, key: str, load: _JitLoad) -> Callable[[asyncio.Task[ModelInstance]], None]:
+        """A done-callback that drops `load` from the loads under way once its task ends."""
+        return lambda _task: self._forget_load(key, load)
 
     def _forget_load(self, key: str, load: _JitLoad) -> None:
         if self._loading.get(key) is load:

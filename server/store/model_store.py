@@ -191,7 +191,7 @@ class ModelStore:
             wanted = normalize_quant(quant_part)
             same = [v for v in entry.variants if v.quant == wanted]
             same.sort(key=lambda v: (not v.complete, v.key))
-            variant = (exact or same or [None])[0]
+            variant = next(iter(exact or same), None)
         if variant is None:
             raise ModelNotFound(name, [v.key for v in entry.variants])
         return _loadable(name, variant)

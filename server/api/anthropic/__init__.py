@@ -1,8 +1,1 @@
-"""The Anthropic-compatible API family: /v1/messages and /v1/messages/count_tokens."""
-
-from fastapi import APIRouter
-
-from . import messages
-
-router = APIRouter()
-router.include_router(messages.router)
+"""The Anthropic-compatible API family: /v1/messages and /v1/messages/count_tokens (routes in server/app.py)."""

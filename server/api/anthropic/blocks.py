@@ -13,8 +13,7 @@ from typing import Any
 
 from ...chat.deltas import ChatDelta, ChatResult
 from ...engine.events import Finish
-
-Event = tuple[str, dict[str, Any]]
+from ...streaming import SseEvent
 
 
 def tool_use_id(call_id: str) -> str:
@@ -54,15 +53,15 @@ class MessageBuilder:
         self._tools: dict[int, int] = {}  # the chat layer's call index → block index
         self._arguments: dict[int, str] = {}  # block index → argument text streamed so far
 
-    def start(self) -> list[Event]:
-        message = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+    def start(self) -> list[SseEvent]:
+        message: dict[str, Any] = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
                    "content": [], "stop_reason": None, "stop_sequence": None,
                    "usage": {"input_tokens": self.prompt_tokens, "cache_creation_input_tokens": 0,
                              "cache_read_input_tokens": 0, "output_tokens": 0}}
         return [("message_start", {"message": message}), ("ping", {})]
 
-    def feed(self, delta: ChatDelta) -> list[Event]:
-        events: list[Event] = []
+    def feed(self, delta: ChatDelta) -> list[SseEvent]:
+        events: list[SseEvent] = []
         if delta.reasoning:
             self._write("thinking", {"type": "thinking", "thinking": "", "signature": ""},
                         {"type": "thinking_delta", "thinking": delta.reasoning}, events)
@@ -88,7 +87,7 @@ class MessageBuilder:
                                                                              "partial_json": piece.arguments}}))
         return events
 
-    def _write(self, kind: str, empty: dict[str, Any], delta: dict[str, Any], events: list[Event]) -> None:
+    def _write(self, kind: str, empty: dict[str, Any], delta: dict[str, Any], events: list[SseEvent]) -> None:
         if self._open != kind:
             self._close(events)
             self.blocks.append(empty)
@@ -96,7 +95,7 @@ class MessageBuilder:
             events.append(("content_block_start", {"index": len(self.blocks) - 1, "content_block": dict(empty)}))
         events.append(("content_block_delta", {"index": len(self.blocks) - 1, "delta": delta}))
 
-    def _close(self, events: list[Event]) -> None:
+    def _close(self, events: list[SseEvent]) -> None:
         if self._open is None:
             return
         index = len(self.blocks) - 1
@@ -110,9 +109,9 @@ class MessageBuilder:
         events.append(("content_block_stop", {"index": index}))
         self._open = None
 
-    def finish(self, finish: Finish, result: ChatResult) -> list[Event]:
+    def finish(self, finish: Finish, result: ChatResult) -> list[SseEvent]:
         """The closing events; `message()` is complete after this."""
-        events: list[Event] = []
+        events: list[SseEvent] = []
         self._close(events)
         self._finish = finish
         self._result = result
@@ -130,7 +129,7 @@ class MessageBuilder:
         # A call the parser announced and then found malformed came back as text: its block goes.
         calls = {tool_use_id(c.id) for c in self._result.tool_calls}
         blocks = [b for b in self.blocks if b["type"] != "tool_use" or b["id"] in calls]
-        message = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+        message: dict[str, Any] = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
                    "content": blocks, "stop_reason": reason, "stop_sequence": sequence,
                    "usage": usage(self._finish)}
         if self._finish.draft_model is not None:

@@ -8,105 +8,86 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Depends, Request
 
-from ...chat.session import TOOL_CHOICE_HEADER, PreparedChat, prepare_chat, with_header_tool_choice
-from ...engine.events import TextDelta
-from ...engine.generation import GenerationRequest
+from ...chat.session import TOOL_CHOICE_HEADER, prepare_chat
+from ...engine.sampling import SamplingParams
 from ...errors import APIError, error_body
-from ...runtime.instance import ModelInstance
 from ...runtime.manager import ModelManager
-from ...streaming import EventStreamResponse, sse_event, unless_disconnected
+from ...streaming import EventStreamResponse, SseEvent, sse_event, unless_disconnected
 from .. import inference
+from ..chat_run import ChatRun, Round
 from ..deps import get_manager
-from .blocks import Event, MessageBuilder
+from .blocks import MessageBuilder
 from .convert import chat_spec
 from .schemas import MessagesInput, MessagesRequest
 
-router = APIRouter(prefix="/v1/messages")
+PATH = "/v1/messages"
 
 
-@dataclass(slots=True)
-class MessageCall:
-    """A request submitted to its instance; `events()` runs it to the end."""
-
-    instance: ModelInstance
-    prepared: PreparedChat
-    generation: GenerationRequest
-    builder: MessageBuilder
-
-    async def events(self) -> AsyncIterator[list[Event]]:
-        """Anthropic's stream events, a batch per engine batch; a failed generation raises APIError."""
-        builder = self.builder
-        output = self.prepared.new_output()
-        with self.instance.in_use():
-            try:
-                yield builder.start()
-                async for batch in self.generation:
-                    events: list[Event] = []
-                    for event in batch:
-                        if isinstance(event, TextDelta):
-                            events += builder.feed(output.feed(event.text))
-                        elif event.reason == "error":
-                            if events:  # what was generated before the failure still goes out
-                                yield events
-                            raise APIError(500, f"Generation failed: {event.error}", type="server_error")
-                        else:
-                            events += builder.feed(output.finish())
-                            events += builder.finish(event, output.result)
-                    if events:
-                        yield events
-            finally:
-                self.generation.cancel()
-
-
-async def start_message(body: MessagesRequest, manager: ModelManager, tool_choice: str | None = None) -> MessageCall:
+async def start_message(body: MessagesRequest, manager: ModelManager, tool_choice: str | None = None) -> Round:
     """Finds (or JIT-loads) the model, renders the prompt and submits it; errors here are plain HTTP errors.
-    `tool_choice`: the lmkube-tool-choice header."""
-    instance = await inference.acquire(manager, body.model, ttl=body.ttl, kind="llm")
-    with instance.in_use():
-        spec = with_header_tool_choice(chat_spec(body), tool_choice)
-        prepared = await asyncio.to_thread(prepare_chat, instance, spec)
-        params = inference.sampling_params(body, max_tokens=body.max_tokens)
-        params.stop = list(body.stop_sequences or ())
-        params.grammar = prepared.grammar
-        params.render_special = prepared.render_special
-        await inference.load_draft(instance, params)
-        generation = inference.submit(instance, prepared.prompt, params)
-    builder = MessageBuilder(inference.random_id("msg_", 24), instance.id, len(prepared.prompt))
-    return MessageCall(instance, prepared, generation, builder)
+    `tool_choice`: the lmkube-tool-choice header. Start reading the round before the next await."""
+    run = await ChatRun.open(manager, body.model, ttl=body.ttl, sampling=lambda _instance: _sampling(body),
+                             header_tool_choice=tool_choice)
+    with run.instance.in_use():
+        return await run.submit(chat_spec(body))
 
 
-async def _stream(call: MessageCall) -> AsyncIterator[bytes]:
+def _sampling(body: MessagesRequest) -> SamplingParams:
+    params = inference.sampling_params(body, max_tokens=body.max_tokens)
+    params.stop = list(body.stop_sequences or ())
+    return params
+
+
+async def _events(round: Round, builder: MessageBuilder) -> AsyncIterator[list[SseEvent]]:
+    """Anthropic's stream events, a batch per engine batch; a failed generation raises APIError."""
+    with round.instance.in_use():
+        yield builder.start()
+        async for deltas in round.deltas():
+            events: list[SseEvent] = []
+            for delta in deltas:
+                events += builder.feed(delta)
+            if round.finish is not None:
+                events += builder.finish(round.finish, round.result)
+            if events:
+                yield events
+
+
+async def _stream(round: Round, builder: MessageBuilder) -> AsyncIterator[bytes]:
     try:
-        async for events in call.events():
+        async for events in _events(round, builder):
             yield b"".join(sse_event(name, data) for name, data in events)
     except APIError as exc:  # the stream has started: report it in-band
-        yield sse_event("error", {"error": error_body(router.prefix, exc)["error"]})
+        yield sse_event("error", {"error": error_body(PATH, exc)["error"]})
     except Exception as exc:
         yield sse_event("error", {"error": {"type": "api_error", "message": f"Internal server error: {exc}"}})
+    finally:
+        round.cancel()
 
 
-async def _drain(call: MessageCall) -> dict[str, Any]:
-    async for _ in call.events():
-        pass
-    return call.builder.message()
+async def _drain(round: Round, builder: MessageBuilder) -> dict[str, Any]:
+    try:
+        async for _ in _events(round, builder):
+            pass
+    finally:
+        round.cancel()
+    return builder.message()
 
 
-@router.post("", response_model=None)
 async def create_message(
     body: MessagesRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
 ) -> dict[str, Any] | EventStreamResponse:
-    call = await start_message(body, manager, request.headers.get(TOOL_CHOICE_HEADER))
+    round = await start_message(body, manager, request.headers.get(TOOL_CHOICE_HEADER))
+    assert round.prepared is not None
+    builder = MessageBuilder(inference.random_id("msg_", 24), round.instance.id, len(round.prepared.prompt))
     if body.stream:
-        return EventStreamResponse(_stream(call))
-    return await unless_disconnected(request, _drain(call))
+        return EventStreamResponse(_stream(round, builder))
+    return await unless_disconnected(request, _drain(round, builder))
 
 
-@router.post("/count_tokens")
 async def count_tokens(
     body: MessagesInput, manager: Annotated[ModelManager, Depends(get_manager)]
 ) -> dict[str, int]:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import Depends
 
 from ...errors import APIError
 from ...runtime.manager import ModelManager
 from ..deps import get_manager
 from .shapes import model_object
-
-router = APIRouter(prefix="/api/v0")
 
 
 def list_model_objects(manager: ModelManager) -> list[dict[str, Any]]:
@@ -48,12 +46,10 @@ def find_model_object(manager: ModelManager, name: str) -> dict[str, Any] | None
     return None
 
 
-@router.get("/models")
 async def list_models(manager: Annotated[ModelManager, Depends(get_manager)]) -> dict[str, Any]:
     return {"object": "list", "data": list_model_objects(manager)}
 
 
-@router.get("/models/{model:path}")
 async def get_model(model: str, manager: Annotated[ModelManager, Depends(get_manager)]) -> dict[str, Any]:
     obj = find_model_object(manager, model)
     if obj is None:

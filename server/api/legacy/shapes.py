@@ -12,6 +12,7 @@ from ...engine.events import Finish
 from ...engine.sampling import SamplingParams
 from ...runtime.instance import ModelInstance
 from ...store.model_store import ModelVariant
+from ..chat_run import Round
 
 StopReason = Literal["userStopped", "failed", "eosFound", "stopStringFound", "toolCalls",
                      "maxPredictedTokensReached", "contextLengthReached"]
@@ -98,13 +99,15 @@ def runtime() -> dict[str, Any]:
     return {"name": name, "version": llama_version, "supported_formats": ["gguf"]}
 
 
-def decorate(body: dict[str, Any], instance: ModelInstance, finish: Finish, params: SamplingParams,
-             *, tool_calls: bool = False) -> dict[str, Any]:
-    """An OpenAI completion body in v0's shape: no system_fingerprint, v0's usage, then the three blocks."""
+def decorate(body: dict[str, Any], round: Round) -> dict[str, Any]:
+    """An OpenAI completion body (of the finished `round`) in v0's shape: no system_fingerprint, v0's usage,
+    then the three blocks."""
+    assert round.finish is not None
     body.pop("system_fingerprint", None)
     usage = body["usage"]
     body["usage"] = {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-    body["stats"] = stats(finish, params, tool_calls=tool_calls)
-    body["model_info"] = model_info(instance)
+    tool_calls = round.prepared is not None and bool(round.result.tool_calls)
+    body["stats"] = stats(round.finish, round.params, tool_calls=tool_calls)
+    body["model_info"] = model_info(round.instance)
     body["runtime"] = runtime()
     return body

@@ -1,6 +1,6 @@
 """LM Studio's native /api/v1 chat endpoint: `POST /api/v1/chat`, stateful and streaming.
 
-One async generator (`NativeChat.events`) drives a request from the model load to the last token and
+One async generator (`NativeChatEvents.events`) drives a request from the model load to the last token and
 yields LM Studio's named events; streaming writes them as SSE, non-streaming drains it and returns
 the `chat.end` result. Templates, reasoning splitting and sampling are the shared chat layer's.
 
@@ -14,33 +14,34 @@ round only; later rounds run with "auto".
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Depends, Request
 from pydantic import ConfigDict, Field
 
-from ...chat.session import ChatOutput, ChatSpec, prepare_chat
+from ...chat.deltas import ChatDelta, ChatResult, ToolCall
+from ...chat.session import ChatSpec
 from ...conversations import ConversationStore
-from ...engine.events import Finish, TextDelta
+from ...engine.events import Finish
 from ...engine.sampling import SamplingParams
 from ...errors import APIError, error_body
-from ...mcp import MAX_TOOL_ROUNDS, McpToolbox, open_toolbox, parse_integrations
+from ...mcp import McpTool, McpToolbox, open_toolbox, parse_integrations
 from ...runtime.instance import ModelInstance
 from ...runtime.manager import ModelManager
 from ...store.model_store import ModelNotFound, ModelVariant
-from ...streaming import EventStreamResponse, sse_event, unless_disconnected
+from ...streaming import EventStreamResponse, SseEvent, sse_event, unless_disconnected
 from .. import inference
+from ..chat_run import ChatRun, Round
 from ..deps import get_conversations, get_manager
 from ..draft_fields import DraftFields
+from ..tool_loop import ToolLoop, run_to_end, until_submitted
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/api/v1")
 
-Event = tuple[str, dict[str, Any]]
+PATH = "/api/v1/chat"
 
 
 class NativeChatRequest(DraftFields):
@@ -124,8 +125,9 @@ def _conversation(history: list[dict[str, Any]], turn: list[dict[str, Any]]) -> 
     return [systems[-1], *rest] if systems else rest
 
 
-class NativeChat:
-    """One /api/v1/chat request after validation: `events()` runs it, `result()` is the response body."""
+class NativeChatEvents:
+    """LM Studio's events and result for one /api/v1/chat request: `events()` runs it through the shared
+    chat run and tool loop, `result()` is the response body."""
 
     def __init__(self, manager: ModelManager, store: ConversationStore, body: NativeChatRequest,
                  history: list[dict[str, Any]], turn: list[dict[str, Any]], instance_id: str,
@@ -136,14 +138,16 @@ class NativeChat:
         self.history = history
         self.turn = turn  # the messages this request adds: system prompt (if any) and the user input
         self.instance_id = instance_id
+        self.toolbox = toolbox
         self.output: list[dict[str, Any]] = []
         self.stats: dict[str, Any] = {"input_tokens": 0, "total_output_tokens": 0, "reasoning_output_tokens": 0,
                                       "tokens_per_second": 0.0, "time_to_first_token_seconds": 0.0}
         self.response_id: str | None = None
+        self.loop: ToolLoop | None = None
         self._open: str | None = None  # the output item being written: "reasoning" | "message"
-        self.toolbox = toolbox
-        self.added: list[dict[str, Any]] = []  # assistant tool-call and tool messages of this request's loop
         self._first_finish = True
+        self._round_started = False  # the current round's first batch has been seen
+        self._announced: set[int] = set()  # the current round's tool calls with a tool_call.start
 
     def result(self) -> dict[str, Any]:
         body: dict[str, Any] = {"model_instance_id": self.instance_id, "output": self.output, "stats": self.stats}
@@ -151,16 +155,97 @@ class NativeChat:
             body["response_id"] = self.response_id
         return body
 
-    async def _acquire(self) -> ModelInstance:
-        body = self.body
-        if body.context_length is None:
-            return await inference.acquire(self.manager, body.model, ttl=body.ttl, kind="llm")
-        try:  # the kind was checked before the stream started (_check_model)
-            return await self.manager.acquire(body.model, ttl=body.ttl, context_length=body.context_length)
-        except ModelNotFound as exc:
-            raise inference.model_not_found(exc) from None
+    def submitted(self) -> bool:
+        return self.loop is not None and bool(self.loop.rounds)
 
-    def _append(self, kind: str, text: str, events: list[Event]) -> None:
+    async def close(self) -> None:
+        """Ends every round's generation and the MCP sessions."""
+        if self.loop is not None:
+            self.loop.run.cancel()
+        if self.toolbox is not None:
+            await self.toolbox.close()
+
+    async def events(self) -> AsyncGenerator[list[SseEvent], None]:
+        """LM Studio's events for this request, a batch at a time; raises APIError on failure."""
+        body = self.body
+        yield [("chat.start", {"model_instance_id": self.instance_id})]
+        loads = self.manager.find_loaded(body.model) is None
+        if loads:
+            yield [("model_load.start", {"model_instance_id": self.instance_id})]
+        run = await ChatRun.open(self.manager, body.model, ttl=body.ttl, context_length=body.context_length,
+                                 sampling=lambda _instance: body.sampling(), param="input")
+        instance = run.instance
+        with instance.in_use():  # entered before any other await: nothing can unload it under us
+            self.instance_id = instance.id
+            if loads:
+                self.stats["model_load_time_seconds"] = round(instance.load_seconds, 3)
+                yield [("model_load.progress", {"model_instance_id": instance.id, "progress": 1.0}),
+                       ("model_load.end", {"model_instance_id": instance.id,
+                                           "load_time_seconds": round(instance.load_seconds, 3)})]
+            has_tools = self.toolbox is not None and bool(self.toolbox.tools)
+            choice = (body.tool_choice if body.tool_choice is not None else "auto") if has_tools else None
+            spec = ChatSpec(messages=_conversation(self.history, self.turn), tool_choice=choice,
+                            reasoning_effort=body.reasoning)
+            self.loop = ToolLoop(run, spec, toolbox=self.toolbox)
+            async for events in self.loop.events(self):
+                yield events
+            if body.store:
+                node = self.store.add(parent_id=body.previous_response_id, model=instance.id,
+                                      messages=[*self.turn, *self.loop.added])
+                self.response_id = node.id
+
+    # -- the tool loop's encoding (LoopFamily) ---------------------------------------------------------
+
+    def round_submitted(self, round: Round) -> list[SseEvent]:
+        self._round_started = False
+        self._announced = set()
+        return [("prompt_processing.start", {})]
+
+    def feed(self, round: Round, deltas: list[ChatDelta]) -> list[SseEvent]:
+        events: list[SseEvent] = []
+        if not self._round_started:
+            events += [("prompt_processing.progress", {"progress": 1.0}), ("prompt_processing.end", {})]
+            self._round_started = True
+        for delta in deltas:
+            self._append("reasoning", delta.reasoning, events)
+            self._append("message", delta.content, events)
+            for piece in delta.tool_calls:
+                tool = self.toolbox.tools.get(piece.name) if self.toolbox and piece.name else None
+                if tool is not None and piece.index not in self._announced:
+                    self._announced.add(piece.index)
+                    self._close(events)
+                    events.append(("tool_call.start", {"tool": tool.tool, "provider_info": tool.provider_info}))
+        if round.finish is not None:
+            self._close(events)
+            self._account(round.instance, round.finish, round.result)
+        return events
+
+    def end_round(self, round: Round, offered: bool) -> tuple[list[SseEvent], list[ToolCall], bool]:
+        calls = round.result.tool_calls if offered else []
+        return [], calls, bool(calls)
+
+    def tool_started(self, tool: McpTool, arguments: dict[str, Any]) -> list[SseEvent]:
+        return [("tool_call.arguments", {"tool": tool.tool, "arguments": arguments,
+                                         "provider_info": tool.provider_info})]
+
+    def tool_done(self, call: ToolCall, tool: McpTool | None, arguments: dict[str, Any] | str | None,
+                  output: str, error: str | None) -> list[SseEvent]:
+        if tool is None:
+            failure: dict[str, Any] = {"reason": output, "metadata": {"type": "invalid_name", "tool_name": call.name}}
+        elif error is not None:
+            failure = {"reason": error, "metadata": {
+                "type": "invalid_arguments", "tool_name": tool.tool,
+                "arguments": call.arguments if isinstance(arguments, str) else arguments,
+                "provider_info": tool.provider_info}}
+        else:
+            item = {"type": "tool_call", "tool": tool.tool, "arguments": arguments, "output": output,
+                    "provider_info": tool.provider_info}
+            self.output.append(item)
+            return [("tool_call.success", {k: v for k, v in item.items() if k != "type"})]
+        self.output.append({"type": "invalid_tool_call", **failure})
+        return [("tool_call.failure", failure)]
+
+    def _append(self, kind: str, text: str, events: list[SseEvent]) -> None:
         if not text:
             return
         if self._open != kind:
@@ -171,134 +256,14 @@ class NativeChat:
         self.output[-1]["content"] += text
         events.append((f"{kind}.delta", {"content": text}))
 
-    def _close(self, events: list[Event]) -> None:
+    def _close(self, events: list[SseEvent]) -> None:
         if self._open is not None:
             events.append((f"{self._open}.end", {}))
             self._open = None
 
-    async def events(self) -> AsyncGenerator[list[Event], None]:
-        """LM Studio's events for this request, a batch at a time; raises APIError on failure."""
-        body = self.body
-        yield [("chat.start", {"model_instance_id": self.instance_id})]
-        loads = self.manager.find_loaded(body.model) is None
-        if loads:
-            yield [("model_load.start", {"model_instance_id": self.instance_id})]
-        instance = await self._acquire()
-        with instance.in_use():  # entered before any other await: nothing can unload it under us
-            self.instance_id = instance.id
-            if loads:
-                self.stats["model_load_time_seconds"] = round(instance.load_seconds, 3)
-                yield [("model_load.progress", {"model_instance_id": instance.id, "progress": 1.0}),
-                       ("model_load.end", {"model_instance_id": instance.id,
-                                           "load_time_seconds": round(instance.load_seconds, 3)})]
-            messages = _conversation(self.history, self.turn)
-            tools = self.toolbox.openai_tools() if self.toolbox is not None and self.toolbox.tools else None
-            for round_index in range(MAX_TOOL_ROUNDS + 1):
-                offered = tools if round_index < MAX_TOOL_ROUNDS else None
-                if tools and offered is None:
-                    log.warning("MCP tool loop: %d rounds called tools; the last round runs without tools",
-                                MAX_TOOL_ROUNDS)
-                choice = (body.tool_choice if round_index == 0 and body.tool_choice is not None else "auto") \
-                    if offered else None
-                spec = ChatSpec(messages=[*messages, *self.added], tools=offered, tool_choice=choice,
-                                reasoning_effort=body.reasoning)
-                output: ChatOutput | None = None
-                async for events in self._generate(instance, spec):
-                    if isinstance(events, list):
-                        yield events
-                    else:
-                        output = events
-                calls = output.result.tool_calls if output is not None and offered else []
-                if not calls:
-                    self._store(instance, output)
-                    return
-                self.added.append({"role": "assistant", "content": output.result.content, "tool_calls": [
-                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                    for c in calls]})
-                for call in calls:
-                    async for events in self._run_tool(call):
-                        yield events
-
-    async def _generate(self, instance: ModelInstance, spec: ChatSpec) -> AsyncIterator[list[Event] | ChatOutput]:
-        """One model round: its events, then (last) its ChatOutput."""
-        prepared = await asyncio.to_thread(prepare_chat, instance, spec, param="input")
-        params = self.body.sampling()
-        params.grammar = prepared.grammar
-        params.render_special = prepared.render_special
-        await inference.load_draft(instance, params)
-        generation = inference.submit(instance, prepared.prompt, params, param="input")
-        yield [("prompt_processing.start", {})]
-        output: ChatOutput = prepared.new_output()
-        first = True
-        started: set[int] = set()
-        try:
-            async for batch in generation:
-                events: list[Event] = []
-                if first:
-                    events += [("prompt_processing.progress", {"progress": 1.0}), ("prompt_processing.end", {})]
-                    first = False
-                for event in batch:
-                    if isinstance(event, TextDelta):
-                        delta = output.feed(event.text)
-                    elif event.reason == "error":
-                        raise APIError(500, f"Generation failed: {event.error}", type="server_error")
-                    else:
-                        delta = output.finish()
-                    self._append("reasoning", delta.reasoning, events)
-                    self._append("message", delta.content, events)
-                    for piece in delta.tool_calls:
-                        tool = self.toolbox.tools.get(piece.name) if self.toolbox and piece.name else None
-                        if tool is not None and piece.index not in started:
-                            started.add(piece.index)
-                            self._close(events)
-                            events.append(("tool_call.start", {"tool": tool.tool, "provider_info": tool.provider_info}))
-                    if isinstance(event, Finish):
-                        self._close(events)
-                        self._account(instance, event, output)
-                if events:
-                    yield events
-        finally:
-            generation.cancel()
-        yield output
-
-    async def _run_tool(self, call: Any) -> AsyncIterator[list[Event]]:
-        """Runs one of the model's tool calls on its MCP server; records the item and the tool message."""
-        tool = self.toolbox.tools.get(call.name) if self.toolbox is not None else None
-        failure: dict[str, Any] | None = None
-        if tool is None:
-            reason = f"Cannot find tool with name {call.name}."
-            failure = {"reason": reason, "metadata": {"type": "invalid_name", "tool_name": call.name}}
-            content = reason
-        else:
-            arguments = tool.parse_arguments(call.arguments)
-            if isinstance(arguments, str):
-                reason = arguments
-                failure = {"reason": reason, "metadata": {"type": "invalid_arguments", "tool_name": tool.tool,
-                                                          "arguments": call.arguments,
-                                                          "provider_info": tool.provider_info}}
-                content = reason
-            else:
-                info = {"tool": tool.tool, "arguments": arguments, "provider_info": tool.provider_info}
-                yield [("tool_call.arguments", info)]
-                run = await self.toolbox.call(tool, arguments)
-                content = run.output
-                if run.error is not None:
-                    failure = {"reason": run.error, "metadata": {"type": "invalid_arguments", "tool_name": tool.tool,
-                                                                 "arguments": arguments,
-                                                                 "provider_info": tool.provider_info}}
-                else:
-                    item = {"type": "tool_call", "tool": tool.tool, "arguments": arguments, "output": run.output,
-                            "provider_info": tool.provider_info}
-                    self.output.append(item)
-                    yield [("tool_call.success", {k: v for k, v in item.items() if k != "type"})]
-        if failure is not None:
-            self.output.append({"type": "invalid_tool_call", **failure})
-            yield [("tool_call.failure", failure)]
-        self.added.append({"role": "tool", "tool_call_id": call.id, "content": content})
-
-    def _account(self, instance: ModelInstance, finish: Finish, output: ChatOutput) -> None:
+    def _account(self, instance: ModelInstance, finish: Finish, result: ChatResult) -> None:
         """Adds one round's token counts to the stats (prompt and output tokens summed over the rounds)."""
-        reasoning_tokens = inference.reasoning_tokens(instance, output.result.reasoning, finish.completion_tokens)
+        reasoning_tokens = inference.reasoning_tokens(instance, result.reasoning, finish.completion_tokens)
         stats = self.stats
         first = self._first_finish
         self._first_finish = False
@@ -310,42 +275,10 @@ class NativeChat:
             stats["time_to_first_token_seconds"] = finish.time_to_first_token or 0.0
         inference.add_draft_stats(stats, finish)
 
-    def _store(self, instance: ModelInstance, output: ChatOutput | None) -> None:
-        if not self.body.store or output is None:
-            return
-        result = output.result
-        reply: dict[str, Any] = {"role": "assistant", "content": result.content}
-        if result.reasoning:
-            reply["reasoning_content"] = result.reasoning
-        node = self.store.add(parent_id=self.body.previous_response_id, model=instance.id,
-                              messages=[*self.turn, *self.added, reply])
-        self.response_id = node.id
 
-
-async def _admitted(chat: NativeChat) -> tuple[list[list[Event]], AsyncGenerator[list[Event], None]]:
-    """The chat's events up to its first generation's submission, and the iterator of the rest.
-
-    Streaming starts only after this, so a refused request (full queue, prompt too long, unknown model)
-    gets its HTTP status and Retry-After like every other family, not a 200 carrying `event: error`."""
-    events = chat.events()
-    head: list[list[Event]] = []
-    try:
-        async for batch in events:
-            head.append(batch)
-            if any(name == "prompt_processing.start" for name, _ in batch):
-                break
-    except BaseException:
-        await events.aclose()
-        if chat.toolbox is not None:
-            await chat.toolbox.close()
-        raise
-    return head, events
-
-
-async def _stream(
-    chat: NativeChat, head: list[list[Event]], rest: AsyncGenerator[list[Event], None]
-) -> AsyncIterator[bytes]:
-    async def batches() -> AsyncIterator[list[Event]]:
+async def _stream(chat: NativeChatEvents, head: list[list[SseEvent]],
+                  rest: AsyncGenerator[list[SseEvent], None]) -> AsyncIterator[bytes]:
+    async def batches() -> AsyncIterator[list[SseEvent]]:
         for batch in head:
             yield batch
         async for batch in rest:
@@ -355,27 +288,15 @@ async def _stream(
         async for events in batches():
             yield b"".join(sse_event(name, data) for name, data in events)
     except APIError as exc:
-        yield sse_event("error", {"error": error_body(router.prefix + "/chat", exc)["error"]})
+        yield sse_event("error", {"error": error_body(PATH, exc)["error"]})
     except Exception as exc:  # the stream has started: report it in-band, then still end it
         yield sse_event("error", {"error": {"type": "internal_error", "message": f"Internal server error: {exc}"}})
     finally:
         await rest.aclose()
-        if chat.toolbox is not None:
-            await chat.toolbox.close()
+        await chat.close()
     yield sse_event("chat.end", {"result": chat.result()})
 
 
-async def _drain(chat: NativeChat) -> dict[str, Any]:
-    try:
-        async for _ in chat.events():
-            pass
-    finally:
-        if chat.toolbox is not None:
-            await chat.toolbox.close()
-    return chat.result()
-
-
-@router.post("/chat", response_model=None)
 async def chat(
     body: NativeChatRequest,
     request: Request,
@@ -424,7 +345,7 @@ async def chat(
         await toolbox.close()
         raise APIError(400, "tool_choice requires tools, but the integrations offer none (check allowed_tools).",
                        param="tool_choice")
-    native = NativeChat(manager, store, body, history, turn, instance_id, toolbox)
+    native = NativeChatEvents(manager, store, body, history, turn, instance_id, toolbox)
     if body.stream:
-        return EventStreamResponse(_stream(native, *await _admitted(native)))
-    return await unless_disconnected(request, _drain(native))
+        return EventStreamResponse(_stream(native, *await until_submitted(native)))
+    return await unless_disconnected(request, run_to_end(native))

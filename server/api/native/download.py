@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict
 
 from ...downloads import DownloadError
 from ...errors import APIError
 from ..deps import get_downloads
-
-router = APIRouter(prefix="/api/v1")
 
 
 class DownloadRequest(BaseModel):
@@ -22,7 +20,6 @@ class DownloadRequest(BaseModel):
     quantization: str | None = None
 
 
-@router.post("/models/download")
 async def start_download(body: DownloadRequest, request: Request) -> dict[str, Any]:
     if not body.model.strip():
         raise APIError(400, "'model' must name a Hugging Face repo (org/name), a Hugging Face URL or a model key.",
@@ -35,7 +32,6 @@ async def start_download(body: DownloadRequest, request: Request) -> dict[str, A
         raise APIError(exc.status, exc.message, type=kind, code=exc.code, param="model") from None
 
 
-@router.get("/models/download/status/{job_id:path}")  # :path so that any id gets auth, then a 404
 async def download_status(job_id: str, request: Request) -> dict[str, Any]:
     status = get_downloads(request).status(job_id)
     if status is None:

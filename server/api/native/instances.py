@@ -10,15 +10,12 @@ import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import Depends
 
 from ...runtime.manager import ModelManager
 from ..deps import get_manager
 
-router = APIRouter(prefix="/api/v1")
 
-
-@router.get("/instances")
 async def list_instances(manager: Annotated[ModelManager, Depends(get_manager)]) -> dict[str, Any]:
     now_wall, now = time.time(), time.monotonic()
     instances = []

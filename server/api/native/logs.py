@@ -7,22 +7,18 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import orjson
-from fastapi import APIRouter
 
 from ...errors import APIError
 from ...logs import BUS, SOURCES, Source
 from ...streaming import EventStreamResponse
 
-router = APIRouter(prefix="/api/v1")
-
 _KEEPALIVE_S = 15.0  # a comment line now and then keeps proxies from closing a quiet stream
 
 
-@router.get("/logs/stream", response_model=None)
 async def stream_logs(source: str = "model") -> EventStreamResponse:
     if source not in SOURCES:
         raise APIError(400, f"Unknown log source '{source}'; expected one of: {', '.join(SOURCES)}.", param="source")
-    return EventStreamResponse(_events(source))  # type: ignore[arg-type]
+    return EventStreamResponse(_events(source))
 
 
 async def _events(source: Source) -> AsyncIterator[bytes]:

@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import replace
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import Depends
 
 from ...chat.reasoning import ReasoningStyle, detect_reasoning_style
 from ...engine.llama_lib import ModelLoadError, gpu_offload_supported
@@ -19,8 +19,6 @@ from ...store.model_store import ModelEntry, ModelNotFound
 from ..deps import get_manager
 from ..inference import model_not_found
 from .schemas import LoadRequest, UnloadRequest
-
-router = APIRouter(prefix="/api/v1")
 
 
 def instance_config(instance: ModelInstance) -> dict[str, Any]:
@@ -79,7 +77,6 @@ def model_info(entry: ModelEntry, instances: list[ModelInstance]) -> dict[str, A
     return info
 
 
-@router.get("/models")
 async def list_models(manager: Annotated[ModelManager, Depends(get_manager)]) -> dict[str, Any]:
     models = []
     for entry in manager.store.scan():
@@ -90,7 +87,6 @@ async def list_models(manager: Annotated[ModelManager, Depends(get_manager)]) ->
     return {"models": models}
 
 
-@router.post("/models/load")
 async def load_model(
     body: LoadRequest, manager: Annotated[ModelManager, Depends(get_manager)]
 ) -> dict[str, Any]:
@@ -228,7 +224,6 @@ async def estimate_load(name: str, config: LoadConfig, manager: ModelManager) ->
     return answer
 
 
-@router.post("/models/unload")
 async def unload_model(
     body: UnloadRequest, manager: Annotated[ModelManager, Depends(get_manager)]
 ) -> dict[str, str]:

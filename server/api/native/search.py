@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import Query
 
 from ...errors import APIError
-
-router = APIRouter(prefix="/api/v1")
 
 
 def _search(query: str, limit: int) -> list[dict[str, Any]]:
@@ -26,7 +24,6 @@ def _search(query: str, limit: int) -> list[dict[str, Any]]:
     return found
 
 
-@router.get("/models/search")
 async def search_models(q: str = Query(min_length=1), limit: int = Query(default=10, ge=1, le=100)) -> dict[str, Any]:
     try:
         results = await asyncio.to_thread(_search, q.strip(), limit)
@@ -60,7 +57,6 @@ def _variants(repo_id: str) -> dict[str, Any]:
     return {"repo": info.id, "variants": variants}
 
 
-@router.get("/models/search/variants")
 async def repo_variants(repo: str = Query(pattern=r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")) -> dict[str, Any]:
     try:
         return await asyncio.to_thread(_variants, repo)

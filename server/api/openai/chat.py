@@ -2,30 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import Depends, Request
 
 from ...chat.deltas import ChatDelta, ChatResult, ToolCallDelta
 from ...chat.presets import apply_preset, load_preset
-from ...chat.session import ChatOutput, ChatSpec, PreparedChat, prepare_chat
-from ...engine.events import Finish, TextDelta
-from ...engine.generation import GenerationRequest
-from ...engine.sampling import SamplingParams
+from ...chat.session import ChatSpec
+from ...engine.events import Finish
+from ...errors import APIError
 from ...runtime.instance import ModelInstance
 from ...runtime.manager import ModelManager
 from ...streaming import EventStreamResponse, unless_disconnected
 from .. import inference
+from ..chat_run import ChatRun, Round
 from ..deps import get_manager
 from .schemas import ChatCompletionRequest
 from .sse import DONE, error_event, usage_chunk
 
-router = APIRouter()
+# A non-streaming body reshaped for another family (from the finished round): /api/v0's extra blocks.
+Shape = Callable[[dict[str, Any], Round], dict[str, Any]]
 
 
 def with_preset(body: ChatCompletionRequest) -> ChatCompletionRequest:
@@ -48,46 +47,26 @@ def chat_spec(body: ChatCompletionRequest) -> ChatSpec:
     )
 
 
-@dataclass(slots=True)
-class ChatCall:
-    """A chat request submitted to its instance: what the response (plain or streamed) is built from."""
-
-    body: ChatCompletionRequest  # with its preset applied
-    instance: ModelInstance
-    prepared: PreparedChat
-    params: SamplingParams
-    generation: GenerationRequest
-    completion_id: str
-
-
-async def start_chat(body: ChatCompletionRequest, manager: ModelManager) -> ChatCall:
-    """Applies the preset, finds (or JIT-loads) the model, renders the prompt and submits it.
-
-    The caller must start `complete_chat` or `stream_chat` before its next await."""
+async def start_chat(body: ChatCompletionRequest, manager: ModelManager) -> tuple[ChatCompletionRequest, Round]:
+    """Applies the preset (the request it returns has it), finds (or JIT-loads) the model, renders the prompt
+    and submits it. The caller must start `complete_chat` or `stream_chat` before its next await."""
     body = with_preset(body)
-    instance = await inference.acquire(manager, body.model, ttl=body.ttl, kind="llm")
-    with instance.in_use():
-        prepared = await asyncio.to_thread(prepare_chat, instance, chat_spec(body))
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = body.sampling(instance.model.n_vocab, max_tokens=max_tokens)
-        params.grammar = prepared.grammar
-        params.render_special = prepared.render_special
-        await inference.load_draft(instance, params)
-        generation = inference.submit(instance, prepared.prompt, params)
-    return ChatCall(body, instance, prepared, params, generation, inference.random_id("chatcmpl-"))
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    run = await ChatRun.open(manager, body.model, ttl=body.ttl,
+                             sampling=lambda instance: body.sampling(instance.model.n_vocab, max_tokens=max_tokens))
+    with run.instance.in_use():
+        return body, await run.submit(chat_spec(body))
 
 
-async def complete_chat(call: ChatCall, request: Request) -> tuple[dict[str, Any], Finish, ChatResult]:
-    """Runs a non-streaming chat to the end: the chat.completion body, the engine's finish and the parsed result."""
-    instance = call.instance
+async def complete_chat(round: Round, request: Request) -> dict[str, Any]:
+    """Runs a non-streaming chat to the end: the chat.completion body (`round.finish` and `round.result`
+    are set)."""
+    instance = round.instance
     with instance.in_use():
-        output = call.prepared.new_output()
-        text, finish = await unless_disconnected(request, inference.collect(call.generation))
-        output.feed(text)
-        output.finish()
-    result = output.result
+        finish = await unless_disconnected(request, round.complete())
+    result = round.result
     body = {
-        "id": call.completion_id,
+        "id": inference.random_id("chatcmpl-"),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": instance.id,
@@ -102,24 +81,27 @@ async def complete_chat(call: ChatCall, request: Request) -> tuple[dict[str, Any
     }
     if finish.draft_model is not None:
         body["stats"] = inference.draft_stats(finish)
-    return body, finish, result
+    return body
 
 
-def stream_chat(call: ChatCall) -> EventStreamResponse:
-    return EventStreamResponse(
-        _stream(call.instance, call.prepared, call.generation, call.completion_id, call.body.include_usage)
-    )
+def stream_chat(round: Round, include_usage: bool) -> EventStreamResponse:
+    return EventStreamResponse(_stream(round, inference.random_id("chatcmpl-"), include_usage))
 
 
-@router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
 ) -> dict[str, Any] | EventStreamResponse:
-    call = await start_chat(body, manager)
-    if call.body.stream:
-        return stream_chat(call)
-    response, _, _ = await complete_chat(call, request)
-    return response
+    return await respond(body, request, manager)
+
+
+async def respond(body: ChatCompletionRequest, request: Request, manager: ModelManager,
+                  shape: Shape | None = None) -> dict[str, Any] | EventStreamResponse:
+    """The stream, or the chat.completion body (passed through `shape`, as /api/v0 does, when given)."""
+    body, round = await start_chat(body, manager)
+    if body.stream:
+        return stream_chat(round, body.include_usage)
+    response = await complete_chat(round, request)
+    return shape(response, round) if shape is not None else response
 
 
 def _message(result: ChatResult) -> dict[str, Any]:
@@ -153,13 +135,8 @@ def _tool_call_delta(piece: ToolCallDelta) -> dict[str, Any]:
     return {"index": piece.index, "function": {"arguments": piece.arguments}}
 
 
-async def _stream(
-    instance: ModelInstance,
-    prepared: PreparedChat,
-    generation: GenerationRequest,
-    completion_id: str,
-    include_usage: bool,
-) -> AsyncIterator[bytes]:
+async def _stream(round: Round, completion_id: str, include_usage: bool) -> AsyncIterator[bytes]:
+    instance = round.instance
     head = orjson.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
                          "model": instance.id, "system_fingerprint": instance.id})[:-1]
     # Plain content is the hot path: a fixed frame around the JSON-encoded text, one orjson call per token.
@@ -181,23 +158,18 @@ async def _stream(
             out += delta_open + orjson.dumps({"role": "assistant", "tool_calls": calls}) + frame_close[1:]
         return out
 
-    output: ChatOutput = prepared.new_output()
     with instance.in_use():
         try:
-            async for events in generation:
-                parts: list[bytes] = []  # every pending event's frames, one join, one write
-                for event in events:
-                    if isinstance(event, TextDelta):
-                        parts.append(encode(output.feed(event.text)))
-                    elif event.reason == "error":
-                        parts += (error_event(f"Generation failed: {event.error}"), DONE)
-                    else:
-                        parts += (encode(output.finish()), _closing(head, instance, event, output.result,
-                                                                    include_usage))
-                if out := b"".join(parts):
+            async for deltas in round.deltas():
+                out = b"".join([encode(delta) for delta in deltas])  # every pending frame, one write
+                if round.finish is not None:
+                    out += _closing(head, instance, round.finish, round.result, include_usage)
+                if out:
                     yield out
+        except APIError as exc:  # the stream has started: report it in-band
+            yield error_event(exc.message) + DONE
         finally:
-            generation.cancel()
+            round.cancel()
 
 
 def _closing(head: bytes, instance: ModelInstance, finish: Finish, result: ChatResult, include_usage: bool) -> bytes:

@@ -5,27 +5,23 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import Depends, Request
 
 from ...chat.prompt import refuse_oversized
-from ...engine.events import Finish, TextDelta
-from ...engine.generation import GenerationRequest
 from ...engine.llama_lib import TooManyTokens
-from ...engine.sampling import SamplingParams
-from ...errors import ContextOverflow, bad_request
+from ...errors import APIError, ContextOverflow, bad_request
 from ...runtime.instance import ModelInstance
 from ...runtime.manager import ModelManager
 from ...streaming import EventStreamResponse, unless_disconnected
 from .. import inference
+from ..chat_run import ChatRun, Round
 from ..deps import get_manager
+from .chat import Shape
 from .schemas import CompletionRequest
 from .sse import DONE, error_event, usage_chunk
-
-router = APIRouter()
 
 
 def _prompt_tokens(instance: ModelInstance, prompt: Any) -> list[int]:
@@ -46,72 +42,63 @@ def _prompt_tokens(instance: ModelInstance, prompt: Any) -> list[int]:
     raise bad_request("only one prompt per request is supported", param="prompt")
 
 
-@dataclass(slots=True)
-class CompletionCall:
-    """A text completion submitted to its instance."""
-
-    body: CompletionRequest
-    instance: ModelInstance
-    params: SamplingParams
-    generation: GenerationRequest
-    completion_id: str
-    echo: str
-
-
-async def start_completion(body: CompletionRequest, manager: ModelManager) -> CompletionCall:
+async def start_completion(body: CompletionRequest, manager: ModelManager) -> Round:
     """Finds (or JIT-loads) the model, tokenizes the prompt and submits it.
 
     The caller must start `complete_completion` or `stream_completion` before its next await."""
-    instance = await inference.acquire(manager, body.model, ttl=body.ttl, kind="llm")
-    with instance.in_use():
-        tokens = await asyncio.to_thread(_prompt_tokens, instance, body.prompt)
-        params = body.sampling(instance.model.n_vocab)
-        await inference.load_draft(instance, params)
-        generation = inference.submit(instance, tokens, params, param="prompt")
-    echo = body.prompt if body.echo and isinstance(body.prompt, str) else ""
-    return CompletionCall(body, instance, params, generation, inference.random_id("cmpl-"), echo)
+    run = await ChatRun.open(manager, body.model, ttl=body.ttl, param="prompt",
+                             sampling=lambda instance: body.sampling(instance.model.n_vocab))
+    with run.instance.in_use():
+        tokens = await asyncio.to_thread(_prompt_tokens, run.instance, body.prompt)
+        return await run.submit_tokens(tokens)
 
 
-async def complete_completion(call: CompletionCall, request: Request) -> tuple[dict[str, Any], Finish]:
-    """Runs a non-streaming completion to the end: the text_completion body and the engine's finish."""
-    instance = call.instance
+def _echo(body: CompletionRequest) -> str:
+    return body.prompt if body.echo and isinstance(body.prompt, str) else ""
+
+
+async def complete_completion(body: CompletionRequest, round: Round, request: Request) -> dict[str, Any]:
+    """Runs a non-streaming completion to the end: the text_completion body (`round.finish` is set)."""
+    instance = round.instance
     with instance.in_use():
-        text, finish = await unless_disconnected(request, inference.collect(call.generation))
-    body = {
-        "id": call.completion_id,
+        text, finish = await unless_disconnected(request, round.text())
+    response = {
+        "id": inference.random_id("cmpl-"),
         "object": "text_completion",
         "created": int(time.time()),
         "model": instance.id,
-        "choices": [{"index": 0, "text": call.echo + text, "logprobs": None,
+        "choices": [{"index": 0, "text": _echo(body) + text, "logprobs": None,
                      "finish_reason": inference.finish_reason(finish)}],
         "usage": inference.usage(finish),
         "system_fingerprint": instance.id,
     }
     if finish.draft_model is not None:
-        body["stats"] = inference.draft_stats(finish)
-    return body, finish
-
-
-def stream_completion(call: CompletionCall) -> EventStreamResponse:
-    return EventStreamResponse(
-        _stream(call.instance, call.generation, call.completion_id, call.body.include_usage, call.echo)
-    )
-
-
-@router.post("/v1/completions", response_model=None)
-async def completions(
-    body: CompletionRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
-) -> dict[str, Any] | EventStreamResponse:
-    call = await start_completion(body, manager)
-    if body.stream:
-        return stream_completion(call)
-    response, _ = await complete_completion(call, request)
+        response["stats"] = inference.draft_stats(finish)
     return response
 
 
-async def _stream(
-    instance: ModelInstance, generation: GenerationRequest, completion_id: str, include_usage: bool, echo: str
-) -> AsyncIterator[bytes]:
+def stream_completion(body: CompletionRequest, round: Round) -> EventStreamResponse:
+    return EventStreamResponse(_stream(round, inference.random_id("cmpl-"), body.include_usage, _echo(body)))
+
+
+async def completions(
+    body: CompletionRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
+) -> dict[str, Any] | EventStreamResponse:
+    return await respond(body, request, manager)
+
+
+async def respond(body: CompletionRequest, request: Request, manager: ModelManager,
+                  shape: Shape | None = None) -> dict[str, Any] | EventStreamResponse:
+    """The stream, or the text_completion body (passed through `shape`, as /api/v0 does, when given)."""
+    round = await start_completion(body, manager)
+    if body.stream:
+        return stream_completion(body, round)
+    response = await complete_completion(body, round, request)
+    return shape(response, round) if shape is not None else response
+
+
+async def _stream(round: Round, completion_id: str, include_usage: bool, echo: str) -> AsyncIterator[bytes]:
+    instance = round.instance
     head = orjson.dumps({"id": completion_id, "object": "text_completion", "created": int(time.time()),
                          "model": instance.id, "system_fingerprint": instance.id})[:-1]
     text_open = b"data: " + head + b',"choices":[{"index":0,"text":'
@@ -120,22 +107,21 @@ async def _stream(
         try:
             if echo:
                 yield text_open + orjson.dumps(echo) + text_close
-            async for events in generation:
-                # The hot path: every pending event's frame pieces into one list, one join, one write.
+            async for pieces in round.texts():
+                # The hot path: every pending piece's frame into one list, one join, one write.
                 parts: list[bytes] = []
-                for event in events:
-                    if isinstance(event, TextDelta):
-                        parts += (text_open, orjson.dumps(event.text), text_close)
-                    elif event.reason == "error":
-                        parts += (error_event(f"Generation failed: {event.error}"), DONE)
-                    else:
-                        reason = inference.finish_reason(event).encode()
-                        parts.append(b"data: " + head + b',"choices":[{"index":0,"text":"","logprobs":null,'
-                                     b'"finish_reason":"' + reason + b'"}]}\n\n')
-                        if include_usage:
-                            stats = inference.draft_stats(event) if event.draft_model is not None else None
-                            parts.append(usage_chunk(head, inference.usage(event), stats))
-                        parts.append(DONE)
+                for text in pieces:
+                    parts += (text_open, orjson.dumps(text), text_close)
+                if (finish := round.finish) is not None:
+                    reason = inference.finish_reason(finish).encode()
+                    parts.append(b"data: " + head + b',"choices":[{"index":0,"text":"","logprobs":null,'
+                                 b'"finish_reason":"' + reason + b'"}]}\n\n')
+                    if include_usage:
+                        stats = inference.draft_stats(finish) if finish.draft_model is not None else None
+                        parts.append(usage_chunk(head, inference.usage(finish), stats))
+                    parts.append(DONE)
                 yield b"".join(parts)
+        except APIError as exc:  # the stream has started: report it in-band
+            yield error_event(exc.message) + DONE
         finally:
-            generation.cancel()
+            round.cancel()

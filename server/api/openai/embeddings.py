@@ -7,7 +7,7 @@ import base64
 import struct
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Depends, Request
 
 from ...engine.embedding import EmbeddingEngine, InputTooLong
 from ...engine.llama_lib import TooManyTokens
@@ -18,8 +18,6 @@ from ...streaming import unless_disconnected
 from .. import inference
 from ..deps import get_manager
 from .schemas import EmbeddingRequest
-
-router = APIRouter()
 
 
 def _inputs(instance: ModelInstance, raw: Any) -> list[list[int]]:
@@ -80,7 +78,6 @@ async def create_embeddings(
     return response, instance
 
 
-@router.post("/v1/embeddings")
 async def embeddings(
     body: EmbeddingRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
 ) -> dict[str, Any]:

@@ -4,25 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import Depends
 
 from ...errors import APIError
 from ...runtime.manager import ModelManager
 from ..deps import get_manager
-
-router = APIRouter()
 
 
 def _model(model_id: str) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "owned_by": "organization_owner"}
 
 
-@router.get("/v1/models")
 async def list_models(manager: Annotated[ModelManager, Depends(get_manager)]) -> dict[str, Any]:
     return {"data": [_model(m) for m in manager.listed_model_ids()], "object": "list"}
 
 
-@router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, manager: Annotated[ModelManager, Depends(get_manager)]) -> dict[str, Any]:
     wanted = model_id.lower()
     for listed in manager.listed_model_ids():

@@ -17,32 +17,26 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Depends, Request
 
-from ...chat.deltas import ToolCall
-from ...chat.session import (
-    TOOL_CHOICE_HEADER,
-    ChatOutput,
-    ChatSpec,
-    PreparedChat,
-    prepare_chat,
-    with_header_tool_choice,
-)
+from ...chat.deltas import ChatDelta, ToolCall
+from ...chat.session import TOOL_CHOICE_HEADER, ChatSpec
 from ...conversations import ConversationStore, new_response_id
-from ...engine.events import Finish, TextDelta
-from ...engine.generation import GenerationRequest
+from ...engine.events import Finish
+from ...engine.sampling import SamplingParams
 from ...errors import APIError, bad_request, error_message
-from ...mcp import MAX_TOOL_ROUNDS, McpToolbox, open_toolbox, parse_integrations
+from ...mcp import McpTool, McpToolbox, open_toolbox, parse_integrations
 from ...runtime.instance import ModelInstance
 from ...runtime.manager import ModelManager
-from ...streaming import EventStreamResponse, unless_disconnected
+from ...streaming import EventStreamResponse, SseEvent, unless_disconnected
 from .. import inference
+from ..chat_run import ChatRun, Round, Sampling
 from ..deps import get_conversations, get_manager
-from .responses_events import Event, EventEncoder, McpName, ResponseBuilder
+from ..tool_loop import ToolLoop, run_to_end, until_submitted
+from .responses_events import EventEncoder, McpName, ResponseBuilder
 from .responses_input import (
     ResponsesRequest,
     chat_tool_choice,
@@ -54,7 +48,8 @@ from .responses_input import (
 
 log = logging.getLogger(__name__)
 
-router = APIRouter()
+
+PATH = "/v1/responses"
 
 # The chat layer names request fields the chat-completions way; these are their Responses names.
 _PARAMS = {"messages": "input", "response_format": "text.format"}
@@ -115,130 +110,109 @@ def _usage_zero() -> dict[str, Any]:
             "output_tokens": 0, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 0}
 
 
-class ResponseRun:
-    """One validated request: `events()` runs it (model rounds, MCP calls, storing) as stream events."""
+def _sampling(body: ResponsesRequest, usage: dict[str, Any]) -> Sampling:
+    """Each round's parameters: `max_output_tokens` bounds the output of all the rounds together."""
+    def sampling(_instance: ModelInstance) -> SamplingParams:
+        limit = body.max_output_tokens
+        return inference.sampling_params(
+            body, max_tokens=None if limit is None else max(limit - usage["output_tokens"], 1))
+    return sampling
 
-    def __init__(self, body: ResponsesRequest, instance: ModelInstance, store: ConversationStore,
+
+class ResponseEvents:
+    """One validated /v1/responses request: `events()` runs it through the shared chat run and tool loop
+    (model rounds, MCP calls, storing) as Responses stream events; `builder.response` is the result."""
+
+    def __init__(self, body: ResponsesRequest, run: ChatRun, store: ConversationStore,
                  messages: list[dict[str, Any]], turn: list[dict[str, Any]], functions: list[dict[str, Any]],
-                 toolbox: McpToolbox | None, builder: ResponseBuilder) -> None:
+                 toolbox: McpToolbox | None, builder: ResponseBuilder, usage: dict[str, Any]) -> None:
         self.body = body
-        self.instance = instance
+        self.run = run
         self.store = store
-        self.messages = messages  # the conversation before this response's output
         self.turn = turn  # what this request adds to the stored conversation (its input items)
-        self.functions = functions
         self.toolbox = toolbox
         self.builder = builder
-        self.added: list[dict[str, Any]] = []  # assistant and tool messages this response produced
-        self.usage = _usage_zero()
+        self.usage = usage  # summed over the rounds; `_sampling` reads it
         self.draft: dict[str, Any] = {}  # speculative decoding's counts, summed over the rounds
-        self.first: tuple[PreparedChat, GenerationRequest] | None = None
-        self.header_tool_choice: str | None = None  # the lmkube-tool-choice header
+        self.incomplete = False
+        self._pending: dict[str, int] = {}  # this round's MCP call ids → their output index
+        spec = ChatSpec(messages=messages, tool_choice=chat_tool_choice(body.tool_choice),
+                        parallel_tool_calls=body.parallel_tool_calls, response_format=response_format(body.text),
+                        reasoning_effort=body.reasoning.effort if body.reasoning else None)
+        self.loop = ToolLoop(run, spec, toolbox=toolbox, functions=functions)
 
-    def spec(self, round_index: int) -> ChatSpec:
-        mcp_tools = self.toolbox.openai_tools() if self.toolbox is not None else []
-        tools = [*self.functions, *mcp_tools] if round_index < MAX_TOOL_ROUNDS else []
-        # The request's tool_choice binds the first round (where the chat layer validates it); later rounds
-        # answer the tool results freely.
-        choice = chat_tool_choice(self.body.tool_choice) if round_index == 0 else "auto" if tools else None
-        text = self.body.text
-        spec = ChatSpec(
-            messages=[*self.messages, *self.added], tools=tools or None, tool_choice=choice,
-            parallel_tool_calls=self.body.parallel_tool_calls, response_format=response_format(text),
-            reasoning_effort=self.body.reasoning.effort if self.body.reasoning else None,
-        )
-        return with_header_tool_choice(spec, self.header_tool_choice) if round_index == 0 else spec
+    def submitted(self) -> bool:
+        return bool(self.loop.rounds)
 
-    def submit(self, round_index: int) -> tuple[PreparedChat, GenerationRequest]:
-        try:
-            prepared = prepare_chat(self.instance, self.spec(round_index))
-        except APIError as exc:
-            raise _renamed(exc) from None
-        limit = self.body.max_output_tokens
-        params = inference.sampling_params(
-            self.body, max_tokens=None if limit is None else max(limit - self.usage["output_tokens"], 1))
-        params.grammar = prepared.grammar
-        params.render_special = prepared.render_special
-        return prepared, inference.submit(self.instance, prepared.prompt, params, param="input")
+    def result(self) -> dict[str, Any]:
+        return self.builder.response
 
-    async def events(self) -> AsyncIterator[list[Event]]:
+    async def close(self) -> None:
+        """Ends every round's generation and the MCP sessions."""
+        self.run.cancel()
+        if self.toolbox is not None:
+            await self.toolbox.close()
+
+    async def events(self) -> AsyncGenerator[list[SseEvent], None]:
         """The stream events, a batch at a time; raises APIError on failure."""
         builder = self.builder
-        with self.instance.in_use():
+        instance = self.run.instance
+        with instance.in_use():
             yield builder.start()
             if self.toolbox is not None:
                 for label, tools in _listed_tools(self.toolbox).items():
                     yield builder.mcp_list_tools(label, tools)
-            incomplete = False
-            for round_index in range(MAX_TOOL_ROUNDS + 1):
-                prepared, generation = self.first if round_index == 0 and self.first else self.submit(round_index)
-                output = prepared.new_output()
-                finish: Finish | None = None
-                try:
-                    async for batch in generation:
-                        events: list[Event] = []
-                        for event in batch:
-                            if isinstance(event, TextDelta):
-                                events += builder.feed(output.feed(event.text))
-                            elif event.reason == "error":
-                                raise APIError(500, f"Generation failed: {event.error}", type="server_error")
-                            else:
-                                finish = event
-                                events += builder.feed(output.finish())
-                        if events:
-                            yield events
-                finally:
-                    generation.cancel()
-                if finish is None:
-                    raise APIError(500, "generation ended without a result", type="server_error")
-                self._account(finish, output)
-                incomplete = finish.reason == "length"
-                calls = output.result.tool_calls
-                events, pending = builder.end_round(calls, status="incomplete" if incomplete else "completed")
+            async for events in self.loop.events(self):
                 yield events
-                self._record(output, calls)
-                for index, call in pending:  # cut by max_output_tokens: no round is left to use their results
-                    yield builder.mcp_skipped(index) if incomplete else await self._run_mcp(index, call)
-                if incomplete or not pending or len(pending) < len(calls):
-                    break
             if self.body.store:
-                self.store.add(parent_id=self.body.previous_response_id, model=self.instance.id,
-                               messages=[*self.turn, *self.added], response_id=builder.response["id"])
+                self.store.add(parent_id=self.body.previous_response_id, model=instance.id,
+                               messages=[*self.turn, *self.loop.added], response_id=builder.response["id"])
             if self.draft:  # lmkube: LM Studio's draft `stats` as an extra top-level key (SDKs keep it)
                 builder.response["stats"] = self.draft
-            yield builder.finish(self.usage, incomplete=incomplete)
+            yield builder.finish(self.usage, incomplete=self.incomplete)
 
-    def _account(self, finish: Finish, output: ChatOutput) -> None:
+    # -- the tool loop's encoding (LoopFamily) ---------------------------------------------------------
+
+    def round_submitted(self, round: Round) -> list[SseEvent]:
+        return []
+
+    def feed(self, round: Round, deltas: list[ChatDelta]) -> list[SseEvent]:
+        events: list[SseEvent] = []
+        for delta in deltas:
+            events += self.builder.feed(delta)
+        return events
+
+    def end_round(self, round: Round, offered: bool) -> tuple[list[SseEvent], list[ToolCall], bool]:
+        finish = round.finish
+        assert finish is not None
+        self._account(round, finish)
+        self.incomplete = finish.reason == "length"
+        calls = round.result.tool_calls
+        events, pending = self.builder.end_round(calls, status="incomplete" if self.incomplete else "completed")
+        if self.incomplete:  # cut by max_output_tokens: no round is left to use their results
+            for index, _ in pending:
+                events += self.builder.mcp_skipped(index)
+            return events, [], False
+        self._pending = {call.id: index for index, call in pending}
+        # A call of a client's function ends the response: the client answers it.
+        return events, [call for _, call in pending], bool(pending) and len(pending) == len(calls)
+
+    def tool_started(self, tool: McpTool, arguments: dict[str, Any]) -> list[SseEvent]:
+        return []
+
+    def tool_done(self, call: ToolCall, tool: McpTool | None, arguments: dict[str, Any] | str | None,
+                  output: str, error: str | None) -> list[SseEvent]:
+        return self.builder.mcp_result(self._pending[call.id], output, error)
+
+    def _account(self, round: Round, finish: Finish) -> None:
         usage = self.usage
         usage["input_tokens"] += finish.prompt_tokens
         usage["input_tokens_details"]["cached_tokens"] += finish.cached_tokens
         usage["output_tokens"] += finish.completion_tokens
         usage["output_tokens_details"]["reasoning_tokens"] += inference.reasoning_tokens(
-            self.instance, output.result.reasoning, finish.completion_tokens)
+            round.instance, round.result.reasoning, finish.completion_tokens)
         usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
         inference.add_draft_stats(self.draft, finish)
-
-    def _record(self, output: ChatOutput, calls: list[ToolCall]) -> None:
-        result = output.result
-        reply: dict[str, Any] = {"role": "assistant", "content": result.content}
-        if result.reasoning:
-            reply["reasoning_content"] = result.reasoning
-        if calls:
-            reply["tool_calls"] = [{"id": c.id, "type": "function",
-                                    "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
-        self.added.append(reply)
-
-    async def _run_mcp(self, index: int, call: ToolCall) -> list[Event]:
-        assert self.toolbox is not None
-        tool = self.toolbox.tools[call.name]
-        arguments = tool.parse_arguments(call.arguments)
-        if isinstance(arguments, str):
-            output, error = arguments, arguments
-        else:
-            run = await self.toolbox.call(tool, arguments)
-            output, error = run.output, run.error
-        self.added.append({"role": "tool", "tool_call_id": call.id, "content": output})
-        return self.builder.mcp_result(index, output, error)
 
 
 def _listed_tools(toolbox: McpToolbox) -> dict[str, list[dict[str, Any]]]:
@@ -271,9 +245,9 @@ def _response_body(body: ResponsesRequest, response_id: str, model: str) -> dict
 
 
 async def start_response(body: ResponsesRequest, request: Request, manager: ModelManager,
-                         store: ConversationStore) -> ResponseRun:
-    """Validates the request, loads the model and submits the first round (so that bad input is an
-    HTTP error, not an event in a started stream)."""
+                         store: ConversationStore) -> ResponseEvents:
+    """Validates the request and loads the model (so that bad input is an HTTP error, not an event in a
+    started stream); the first round is submitted by the caller (`until_submitted`, or the drain)."""
     turn = input_messages(body.input)
     tools = function_tools(body.tools)
     if tools.dropped:
@@ -292,61 +266,49 @@ async def start_response(body: ResponsesRequest, request: Request, manager: Mode
         raise bad_request("'input' is required (a string or an array of input items).", param="input")
     toolbox = await open_toolbox(integrations) if integrations else None
     try:
-        instance = await inference.acquire(manager, body.model, ttl=body.ttl, kind="llm")
+        usage = _usage_zero()
+        run = await ChatRun.open(manager, body.model, ttl=body.ttl, sampling=_sampling(body, usage), param="input",
+                                 header_tool_choice=request.headers.get(TOOL_CHOICE_HEADER), rename=_renamed)
+        instance = run.instance
         names = {name: McpName(t.connection.integration.label, t.tool) for name, t in toolbox.tools.items()} \
             if toolbox is not None else {}
         builder = ResponseBuilder(_response_body(body, new_response_id(), instance.id), names, tools.namespaced)
-        run = ResponseRun(body, instance, store, messages, turn, tools.functions, toolbox, builder)
-        run.header_tool_choice = request.headers.get(TOOL_CHOICE_HEADER)
-        with instance.in_use():
-            await inference.load_draft(instance, inference.sampling_params(body, max_tokens=None))
-            run.first = run.submit(0)
+        response = ResponseEvents(body, run, store, messages, turn, tools.functions, toolbox, builder, usage)
     except BaseException:
         if toolbox is not None:
             await toolbox.close()
         raise
-    return run
+    return response
 
 
-async def _stream(run: ResponseRun) -> AsyncIterator[bytes]:
+async def _stream(response: ResponseEvents, head: list[list[SseEvent]],
+                  rest: AsyncGenerator[list[SseEvent], None]) -> AsyncIterator[bytes]:
     encoder = EventEncoder()
     try:
-        async with aclosing(run.events()) as events:
-            async for batch in events:
+        for batch in head:
+            if batch:  # the first round's submission has no event of its own here
+                yield encoder.encode(batch)
+        async for batch in rest:
+            if batch:
                 yield encoder.encode(batch)
     except APIError as exc:  # the stream has started: report it in-band
-        yield encoder.encode(run.builder.fail(error_message("/v1/responses", exc), exc.code or exc.type, exc.param))
+        yield encoder.encode(response.builder.fail(error_message(PATH, exc), exc.code or exc.type, exc.param))
     except Exception as exc:
         log.exception("/v1/responses stream failed")
-        yield encoder.encode(run.builder.fail(f"Internal server error: {exc}", "server_error"))
+        yield encoder.encode(response.builder.fail(f"Internal server error: {exc}", "server_error"))
     finally:
-        if run.first is not None:
-            run.first[1].cancel()
-        if run.toolbox is not None:
-            await run.toolbox.close()
+        await rest.aclose()
+        await response.close()
 
 
-async def _drain(run: ResponseRun) -> dict[str, Any]:
-    try:
-        async with aclosing(run.events()) as events:
-            async for _ in events:
-                pass
-    finally:
-        if run.first is not None:
-            run.first[1].cancel()
-        if run.toolbox is not None:
-            await run.toolbox.close()
-    return run.builder.response
-
-
-@router.post("/v1/responses", response_model=None)
 async def create_response(
     body: ResponsesRequest,
     request: Request,
     manager: Annotated[ModelManager, Depends(get_manager)],
     store: Annotated[ConversationStore, Depends(get_conversations)],
 ) -> dict[str, Any] | EventStreamResponse:
-    run = await start_response(body, request, manager, store)
+    response = await start_response(body, request, manager, store)
     if body.stream:
-        return EventStreamResponse(_stream(run))
-    return await unless_disconnected(request, _drain(run))
+        return EventStreamResponse(_stream(response, *await until_submitted(response)))
+    with response.run.instance.in_use():  # until the drain's first round is submitted
+        return await unless_disconnected(request, run_to_end(response))

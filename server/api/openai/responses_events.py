@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...chat.deltas import ChatDelta, ToolCall, ToolCallDelta
-from ...streaming import sse_event
-
-Event = tuple[str, dict[str, Any]]
+from ...streaming import SseEvent, sse_event
 
 
 def item_id(prefix: str) -> str:
@@ -51,24 +49,26 @@ class ResponseBuilder:
     def snapshot(self) -> dict[str, Any]:
         return copy.deepcopy(self.response)
 
-    def start(self) -> list[Event]:
+    def start(self) -> list[SseEvent]:
         return [("response.created", {"response": self.snapshot()}),
                 ("response.in_progress", {"response": self.snapshot()})]
 
     # -- output items --------------------------------------------------------------------------------
 
-    def _add(self, item: dict[str, Any]) -> tuple[int, Event]:
+    def _add(self, item: dict[str, Any]) -> tuple[int, SseEvent]:
         self.output.append(item)
         index = len(self.output) - 1
         return index, ("response.output_item.added", {"output_index": index, "item": copy.deepcopy(item)})
 
-    def _done(self, index: int) -> Event:
+    def _done(self, index: int) -> SseEvent:
         return "response.output_item.done", {"output_index": index, "item": copy.deepcopy(self.output[index])}
 
-    def _open_text(self, kind: str) -> tuple[int, list[Event]]:
+    def _open_text(self, kind: str) -> tuple[int, list[SseEvent]]:
         if self._text is not None and self._text[0] == kind:
             return self._text[1], []
         events = self.close_text()
+        item: dict[str, Any]
+        part: dict[str, Any]
         if kind == "reasoning":
             item = {"id": item_id("rs"), "type": "reasoning", "summary": [], "content": [], "status": "in_progress"}
             part = {"type": "reasoning_text", "text": ""}
@@ -83,7 +83,7 @@ class ResponseBuilder:
                                                             "content_index": 0, "part": dict(part)})]
         return index, events
 
-    def _append_text(self, kind: str, text: str) -> list[Event]:
+    def _append_text(self, kind: str, text: str) -> list[SseEvent]:
         if not text:
             return []
         index, events = self._open_text(kind)
@@ -95,7 +95,7 @@ class ResponseBuilder:
         events.append((f"response.{'output_text' if kind == 'message' else 'reasoning_text'}.delta", fields))
         return events
 
-    def close_text(self, status: str = "completed") -> list[Event]:
+    def close_text(self, status: str = "completed") -> list[SseEvent]:
         """Finishes the open reasoning or message item."""
         if self._text is None:
             return []
@@ -106,13 +106,13 @@ class ResponseBuilder:
         item["status"] = status
         where = {"item_id": item["id"], "output_index": index, "content_index": 0}
         if kind == "message":
-            text_done: Event = ("response.output_text.done", {**where, "text": part["text"], "logprobs": []})
+            text_done: SseEvent = ("response.output_text.done", {**where, "text": part["text"], "logprobs": []})
         else:
             text_done = ("response.reasoning_text.done", {**where, "text": part["text"]})
         return [text_done, ("response.content_part.done", {**where, "part": copy.deepcopy(part)}),
                 self._done(index)]
 
-    def feed(self, delta: ChatDelta) -> list[Event]:
+    def feed(self, delta: ChatDelta) -> list[SseEvent]:
         """Events for one piece of parsed output: reasoning, answer text, tool-call pieces."""
         events = self._append_text("reasoning", delta.reasoning) + self._append_text("message", delta.content)
         for piece in delta.tool_calls:
@@ -120,6 +120,7 @@ class ResponseBuilder:
             if index is None:
                 events += self.close_text()
                 mcp = self.mcp_names.get(piece.name or "")
+                item: dict[str, Any]
                 if mcp is not None:
                     item = {"id": item_id("mcp"), "type": "mcp_call", "server_label": mcp.server_label,
                             "name": mcp.tool, "arguments": "", "status": "in_progress"}
@@ -139,7 +140,7 @@ class ResponseBuilder:
                                                           "delta": piece.arguments}))
         return events
 
-    def end_round(self, calls: list[ToolCall], *, status: str) -> tuple[list[Event], list[tuple[int, ToolCall]]]:
+    def end_round(self, calls: list[ToolCall], *, status: str) -> tuple[list[SseEvent], list[tuple[int, ToolCall]]]:
         """Closes this round's items against the parsed calls: function calls are done; MCP calls (returned
         with their output index) wait for `mcp_result`. Announced calls that did not parse are incomplete."""
         events = self.close_text(status)
@@ -151,36 +152,37 @@ class ResponseBuilder:
         pending: list[tuple[int, ToolCall]] = []
         for index, call_id in self._calls.values():
             item = self.output[index]
-            call = by_id.get(call_id)
-            if call is None:
+            found = by_id.get(call_id)
+            if found is None:
                 item["status"] = "incomplete"
                 events.append(self._done(index))
                 continue
-            item["arguments"] = call.arguments
+            item["arguments"] = found.arguments
             where = {"item_id": item["id"], "output_index": index}
             if item["type"] == "mcp_call":
-                events += [("response.mcp_call_arguments.done", {**where, "arguments": call.arguments}),
+                events += [("response.mcp_call_arguments.done", {**where, "arguments": found.arguments}),
                            ("response.mcp_call.in_progress", where)]
-                pending.append((index, call))
+                pending.append((index, found))
             else:
                 item["status"] = "completed"
                 events += [("response.function_call_arguments.done",
-                            {**where, "name": item["name"], "arguments": call.arguments}), self._done(index)]
+                            {**where, "name": item["name"], "arguments": found.arguments}), self._done(index)]
         self._calls = {}
         return events, pending
 
-    def mcp_result(self, index: int, output: str, error: str | None) -> list[Event]:
+    def mcp_result(self, index: int, output: str, error: str | None) -> list[SseEvent]:
         item = self.output[index]
         item.update(output=output, error=error, status="failed" if error else "completed")
         kind = "failed" if error else "completed"
         return [(f"response.mcp_call.{kind}", {"item_id": item["id"], "output_index": index}), self._done(index)]
 
-    def mcp_skipped(self, index: int) -> list[Event]:
+    def mcp_skipped(self, index: int) -> list[SseEvent]:
         self.output[index]["status"] = "incomplete"
         return [self._done(index)]
 
-    def mcp_list_tools(self, server_label: str, tools: list[dict[str, Any]]) -> list[Event]:
-        item = {"id": item_id("mcpl"), "type": "mcp_list_tools", "server_label": server_label, "tools": []}
+    def mcp_list_tools(self, server_label: str, tools: list[dict[str, Any]]) -> list[SseEvent]:
+        item: dict[str, Any] = {"id": item_id("mcpl"), "type": "mcp_list_tools", "server_label": server_label,
+                                "tools": []}
         index, added = self._add(item)
         where = {"item_id": item["id"], "output_index": index}
         item["tools"] = tools
@@ -189,7 +191,7 @@ class ResponseBuilder:
 
     # -- the end -------------------------------------------------------------------------------------
 
-    def finish(self, usage: dict[str, Any], *, incomplete: bool) -> list[Event]:
+    def finish(self, usage: dict[str, Any], *, incomplete: bool) -> list[SseEvent]:
         events = self.close_text("incomplete" if incomplete else "completed")
         if not self.output:  # nothing generated (e.g. max_output_tokens=1 hit a partial character)
             _, opened = self._open_text("message")
@@ -200,7 +202,7 @@ class ResponseBuilder:
         final = "response.incomplete" if incomplete else "response.completed"
         return [*events, (final, {"response": self.snapshot()})]
 
-    def fail(self, message: str, code: str | None, param: str | None = None) -> list[Event]:
+    def fail(self, message: str, code: str | None, param: str | None = None) -> list[SseEvent]:
         events = self.close_text("incomplete")
         self.response.update(status="failed", error={"code": code or "server_error", "message": message})
         return [*events, ("error", {"code": code, "message": message, "param": param}),
@@ -213,7 +215,7 @@ class EventEncoder:
     def __init__(self) -> None:
         self.sequence = 0
 
-    def encode(self, events: list[Event]) -> bytes:
+    def encode(self, events: list[SseEvent]) -> bytes:
         out = bytearray()
         for name, fields in events:
             out += sse_event(name, {**fields, "sequence_number": self.sequence})

@@ -152,7 +152,7 @@ def input_messages(value: str | list[dict[str, Any]] | None) -> list[dict[str, A
             name = _string(item, "name", where)
             if isinstance(item.get("namespace"), str) and item["namespace"]:
                 name = namespaced_name(item["namespace"], name)
-            call = {"id": _string(item, "call_id", where), "type": "function",
+            call: dict[str, Any] = {"id": _string(item, "call_id", where), "type": "function",
                     "function": {"name": name, "arguments": item.get("arguments") or "{}"}}
             if not isinstance(call["function"]["arguments"], str):
                 raise _invalid(f"{where}.arguments must be a string (JSON text).")

@@ -28,9 +28,9 @@ CHATML_TEMPLATE = (
 _PROBE_TOOL = "lmkube_probe_tool"
 _PROBE_CALL = "lmkube_probe_call"  # another name than the listed tool's: some templates need `tools` to render
 _PROBE_RESULT = "lmkube-probe-result"
-_PROBE_TOOLS = [{"type": "function", "function": {
+_PROBE_TOOLS: list[dict[str, Any]] = [{"type": "function", "function": {
     "name": _PROBE_TOOL, "description": "", "parameters": {"type": "object", "properties": {}}}}]
-_PROBE_CALL_HISTORY = [
+_PROBE_CALL_HISTORY: list[dict[str, Any]] = [
     {"role": "user", "content": "hi"},
     {"role": "assistant", "content": "", "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": _PROBE_CALL, "arguments": {}}}]},

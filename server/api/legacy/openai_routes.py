@@ -5,43 +5,30 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Depends, Request
 
 from ...runtime.manager import ModelManager
 from ...streaming import EventStreamResponse
 from ..deps import get_manager
-from ..openai.chat import complete_chat, start_chat, stream_chat
-from ..openai.completions import complete_completion, start_completion, stream_completion
+from ..openai import chat
+from ..openai import completions as completions_api
 from ..openai.embeddings import create_embeddings
 from ..openai.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from .shapes import decorate
 
-router = APIRouter(prefix="/api/v0")
 
-
-@router.post("/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
 ) -> dict[str, Any] | EventStreamResponse:
-    call = await start_chat(body, manager)
-    if call.body.stream:
-        return stream_chat(call)
-    response, finish, result = await complete_chat(call, request)
-    return decorate(response, call.instance, finish, call.params, tool_calls=bool(result.tool_calls))
+    return await chat.respond(body, request, manager, shape=decorate)
 
 
-@router.post("/completions", response_model=None)
 async def completions(
     body: CompletionRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
 ) -> dict[str, Any] | EventStreamResponse:
-    call = await start_completion(body, manager)
-    if body.stream:
-        return stream_completion(call)
-    response, finish = await complete_completion(call, request)
-    return decorate(response, call.instance, finish, call.params)
+    return await completions_api.respond(body, request, manager, shape=decorate)
 
 
-@router.post("/embeddings")
 async def embeddings(
     body: EmbeddingRequest, request: Request, manager: Annotated[ModelManager, Depends(get_manager)]
 ) -> dict[str, Any]:
