@@ -15,17 +15,12 @@ from typing import Any
 from lmkube import __version__
 from lmkube.server.config import DEFAULT_MAX_BODY_BYTES, RuntimeSettings, ServerConfig
 
+from .arg_types import non_negative_int, positive_int
+
 SERVE_EXAMPLES = """examples:
   lmkube serve --demo                      offline demo models (SmolLM2-135M-Instruct), http://127.0.0.1:1234
   lmkube serve --models-dir ~/models --parallel 8 --api-token "$(lmkube token new)"
 """
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 # llama.cpp's LLAMA_MAX_SEQ: a context with more sequences is refused.
@@ -33,16 +28,9 @@ MAX_PARALLEL = 256
 
 
 def _slot_count(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > MAX_PARALLEL:
         raise argparse.ArgumentTypeError(f"must be at most {MAX_PARALLEL}, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
@@ -52,18 +40,18 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--models-dir", type=Path, help="model store (default $LMKUBE_HOME/models)")
     serve.add_argument("--parallel", type=_slot_count, default=RuntimeSettings.parallel,
                        help=f"concurrent requests per model instance, 1-{MAX_PARALLEL} (default %(default)s)")
-    serve.add_argument("--ctx-size", type=_positive_int, default=RuntimeSettings.default_context_length,
+    serve.add_argument("--ctx-size", type=positive_int, default=RuntimeSettings.default_context_length,
                        help="default context length, capped at the model's trained context (default %(default)s)")
     serve.add_argument("--ttl", type=float, default=RuntimeSettings.jit_ttl,
                        help="idle seconds before a JIT-loaded model unloads; 0: never (default %(default).0f)")
-    serve.add_argument("--max-queue", type=_non_negative_int, default=RuntimeSettings.max_queue, metavar="N",
+    serve.add_argument("--max-queue", type=non_negative_int, default=RuntimeSettings.max_queue, metavar="N",
                        help="requests waiting per model instance beyond the --parallel running ones; more get "
                             "503 with Retry-After (529 on /v1/messages); 0: no waiting (default: unbounded)")
-    serve.add_argument("--cache-ram", type=_non_negative_int, default=RuntimeSettings.cache_ram_mib, metavar="MIB",
+    serve.add_argument("--cache-ram", type=non_negative_int, default=RuntimeSettings.cache_ram_mib, metavar="MIB",
                        help="host memory per model for prompt caches of finished requests, kept out of the KV "
                             "cache while others run and brought back for a prompt that continues them; "
                             "0: keep them in the KV cache (default %(default)s)")
-    serve.add_argument("--max-body-size", type=_positive_int, default=DEFAULT_MAX_BODY_BYTES >> 20, metavar="MIB",
+    serve.add_argument("--max-body-size", type=positive_int, default=DEFAULT_MAX_BODY_BYTES >> 20, metavar="MIB",
                        help="largest request body in MiB; a larger one gets 413 before it is read "
                             "(default %(default)s)")
     serve.add_argument("--no-jit", action="store_true", help="do not load models on first request")
