@@ -81,8 +81,8 @@ def _alive(pid: int) -> bool:
 
 
 def _serve_command(args: argparse.Namespace) -> list[str]:
-    # The installed script, not `python -m lmkube`: run from a source checkout, -m would import the
-    # checkout's lmkube/ (which lacks lmkube.server and lmkube.operator) instead of the installed package.
+    # The installed script next to this interpreter: `python -m lmkube` run from some other checkout's root would
+    # import that checkout's lmkube/ rather than the installed one.
     script = Path(sys.executable).with_name("lmkube")
     launcher = [str(script)] if script.exists() else [sys.executable, "-m", "lmkube"]
     command = [*launcher, "serve", "--host", args.bind, "--port", str(args.port)]
