@@ -4,6 +4,8 @@ The same behaviour end to end, on a real control plane and real servers: test_op
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from fake_kube import NAMESPACE, FakeCluster, Volume
 from lmkube.operator import reconcile as rc
@@ -324,6 +326,46 @@ def test_a_deleted_owned_object_is_recreated(cluster: FakeCluster) -> None:
     cluster.kube.delete("Service", NAMESPACE, resources.names("tiny").service)
     cluster.reconcile("tiny")
     assert cluster.kube.get("Service", NAMESPACE, resources.names("tiny").service) is not None
+
+
+def test_a_users_secret_is_the_token_and_a_new_token_rolls_the_pods(cluster: FakeCluster) -> None:
+    cluster.kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "my-token", "namespace": NAMESPACE},
+                         "stringData": {"key": "sk-lm-mine"}})
+    cluster.apply("tiny", {"model": MODEL, "auth": {"secretRef": {"name": "my-token", "key": "key"}}})
+    cluster.reconcile("tiny")
+    assert cluster.kube.get("Secret", NAMESPACE, resources.names("tiny").secret) is None  # none of its own
+    cluster.start_pod("tiny", "tiny-0", volume=Volume(files={KEY: "q4_k_m"}), token="sk-lm-mine")
+    assert cluster.reconcile("tiny")["phase"] == "Ready"  # the pod's server accepts the user's token
+
+    template = cluster.deployment("tiny")["spec"]["template"]
+    cluster.kube.patch("Secret", NAMESPACE, "my-token", {"data": {"key": base64.b64encode(b"sk-lm-new").decode()}})
+    status = cluster.reconcile("tiny")
+    # The pods read the token at start: a new token is a new pod template, and the old pod no longer counts.
+    new_template = cluster.deployment("tiny")["spec"]["template"]
+    hash_key = resources.POD_HASH_ANNOTATION
+    assert new_template["metadata"]["annotations"][hash_key] != template["metadata"]["annotations"][hash_key]
+    assert (status["phase"], status["readyReplicas"]) == ("Pending", 0)
+
+
+def test_a_changed_service_is_put_back(cluster: FakeCluster) -> None:
+    ready_model(cluster)
+    service = resources.names("tiny").service
+    want = cluster.kube.get("Service", NAMESPACE, service)
+    assert want is not None
+    cluster.kube.patch("Service", NAMESPACE, service, {"spec": {"ports": [{"port": 80, "targetPort": 8080}]}})
+    cluster.reconcile("tiny")
+    live = cluster.kube.get("Service", NAMESPACE, service)
+    assert live is not None and live["spec"]["ports"] == want["spec"]["ports"]
+
+
+def test_a_terminating_pod_is_left_alone(cluster: FakeCluster) -> None:
+    ready_model(cluster)
+    server = next(iter(cluster.servers.values()))
+    asked = len(server.requests)
+    cluster.pod("tiny-0")["metadata"]["deletionTimestamp"] = "2027-01-15T10:00:00Z"
+    status = cluster.reconcile("tiny")
+    assert (status["phase"], status["readyReplicas"]) == ("Pending", 0)
+    assert len(server.requests) == asked
 
 
 def test_a_restarted_server_gets_the_model_loaded_again(cluster: FakeCluster) -> None:
