@@ -21,7 +21,7 @@ lint: setup
 	.venv/bin/mypy
 
 bench: setup
-	.venv/bin/python -m pip install --quiet -e ".[bench]" --config-settings editable_mode=strict
+	.venv/bin/python -m pip install --quiet -e ".[bench]"
 	bash scripts/build-llama-server.sh > /dev/null
 	.venv/bin/python bench/run_all.py
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from lmkube.operator import observe, resources
 from lmkube.operator import status as st
@@ -34,11 +34,19 @@ Emit = Callable[[Mapping[str, Any], str, str, str], None]
 MAX_BACKOFF = 300.0
 
 
+class PodConnector(Protocol):
+    """Opens a client of one pod's /api/v1: `PodClient` itself, or a fake in the unit tests."""
+
+    def __call__(self, base_url: str, token: str | None, timeout: float = ...) -> PodClient: ...
+
+
 @dataclass
 class Options:
     settings: OperatorSettings = field(default_factory=OperatorSettings)
     retry_seconds: float = 5.0  # first retry after a failure; doubles up to MAX_BACKOFF
     pod_url: Callable[[PodView, OperatorSettings], str] = lambda pod, s: f"http://{pod.ip}:{s.port}"
+    connect: PodConnector = PodClient
+    clock: Callable[[], float] = time.time  # wall-clock seconds: retry times and condition timestamps
 
 
 def fingerprint(body: Mapping[str, Any]) -> str:
@@ -325,8 +333,8 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     settings = options.settings
-    moment = time.time()
-    now = st.now_iso()
+    moment = options.clock()
+    now = st.now_iso(datetime.fromtimestamp(moment, UTC))
     previous = body.get("status") or {}
     try:
         spec = parse_spec(body.get("spec") or {})
@@ -353,7 +361,7 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
         for pod in pods:
             if not pod.ready:
                 continue
-            clients[pod.name] = client = PodClient(options.pod_url(pod, settings), token)
+            clients[pod.name] = client = options.connect(options.pod_url(pod, settings), token)
             work = examine_pod(client, pod, spec, old_records.get(pod.name, {"name": pod.name}), moment,
                                options.retry_seconds, downloader)
             if spec.storage.existing_claim and work.state.stage == st.DOWNLOADING and downloader is None:
@@ -365,7 +373,7 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
             _publish(kube, body, _status(body, spec, pods, works, settings, now), emit)
             body = {**body, "status": {**previous, "phase": st.LOADING}}
             for pod in pending:
-                works[pod.name] = load_on_pod(clients[pod.name], pod, spec, works[pod.name], time.time(),
+                works[pod.name] = load_on_pod(clients[pod.name], pod, spec, works[pod.name], options.clock(),
                                               options.retry_seconds)
     finally:
         for client in clients.values():
@@ -401,7 +409,7 @@ def unload_all(kube: Kube, body: Mapping[str, Any], options: Options, timeout: f
     count = 0
     for pod in pods:
         try:
-            with PodClient(options.pod_url(pod, options.settings), token, timeout=timeout) as client:
+            with options.connect(options.pod_url(pod, options.settings), token, timeout=timeout) as client:
                 for instance in client.loaded():
                     client.unload(instance.instance_id)
                     count += 1

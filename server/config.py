@@ -1,4 +1,9 @@
-"""Server settings, gathered from the CLI, the environment and token files."""
+"""Server settings: the one definition of every setting and its default.
+
+`lmkube serve`'s flags take their defaults from these classes, `ServerConfig` carries them to the app and
+`RuntimeSettings` to the model manager, so a default is written here and nowhere else. This module imports
+nothing heavy: the command line reads it to build `--help`.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,25 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .runtime.manager import RuntimeSettings
 from .store.paths import default_models_dir, lmkube_home
 
 DEFAULT_MAX_BODY_BYTES = 32 << 20  # Anthropic's own limit for a Messages request
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How the model manager loads, shares and unloads model instances (runtime/manager.py)."""
+
+    default_context_length: int = 4096  # capped at the model's trained context
+    parallel: int = 4  # concurrent requests per instance (slots)
+    jit: bool = True  # load a downloaded model on its first request
+    auto_evict: bool = True  # JIT-loading a model unloads the other JIT-loaded ones
+    jit_ttl: float | None = 3600.0  # idle seconds before a JIT-loaded instance unloads; None: never
+    n_threads: int = 0  # 0: one per available core
+    reap_interval: float = 1.0
+    evict_drain_timeout: float = 120.0  # longest auto-evict waits for the evicted instance's requests
+    max_queue: int | None = None  # requests waiting per instance beyond its running ones; None: unbounded
+    cache_ram_mib: int = 1024  # host memory per instance for idle prompt caches (engine/host_cache.py); 0: off
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ from typing import Any
 
 import httpx
 
-DEFAULT_BASE_URL = "http://127.0.0.1:1234"
+from lmkube.server.config import ServerConfig
+
+DEFAULT_BASE_URL = f"http://{ServerConfig.host}:{ServerConfig.port}"  # where `lmkube serve` listens by default
 
 
 class CliError(Exception):
@@ -33,7 +35,7 @@ def base_url(host: str | None, port: int | None) -> str:
     """--host/--port win over LMKUBE_BASE_URL, which wins over http://127.0.0.1:1234."""
     url = httpx.URL(os.environ.get("LMKUBE_BASE_URL") or DEFAULT_BASE_URL)
     if host is not None or port is not None:
-        url = url.copy_with(host=host or url.host, port=port or url.port or 1234)
+        url = url.copy_with(host=host or url.host, port=port or url.port or ServerConfig.port)
     return str(url).rstrip("/")
 
 

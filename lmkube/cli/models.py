@@ -7,6 +7,7 @@ import sys
 from datetime import datetime
 from typing import Any
 
+from .arg_types import positive_int
 from .client import Client, CliError, add_connection_arguments
 from .output import ago, choose, duration, gib, human_bytes, print_json, style, table
 
@@ -45,13 +46,6 @@ def _gpu(text: str) -> str | float:
     return value
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def register(commands: Any) -> None:
     raw = argparse.RawDescriptionHelpFormatter
     ls = commands.add_parser("ls", help="list the server's models", epilog=LS_EXAMPLES, formatter_class=raw)
@@ -67,8 +61,8 @@ def register(commands: Any) -> None:
     load.add_argument("model", nargs="?", help="model key, key@variant or file name (asked for on a terminal)")
     load.add_argument("--ttl", type=float, metavar="S", help="unload after S idle seconds (default: never)")
     load.add_argument("--gpu", type=_gpu, metavar="off|max|0..1", help="share of the layers to offload to the GPU")
-    load.add_argument("-c", "--context-length", type=_positive, metavar="N", help="context length in tokens")
-    load.add_argument("--parallel", type=_positive, metavar="N", help="concurrent predictions")
+    load.add_argument("-c", "--context-length", type=positive_int, metavar="N", help="context length in tokens")
+    load.add_argument("--parallel", type=positive_int, metavar="N", help="concurrent predictions")
     load.add_argument("--identifier", metavar="ID", help="the name to address the loaded instance by")
     load.add_argument("--draft-model", metavar="KEY",
                       help="speculative decoding: a smaller model with the same vocabulary drafts tokens")

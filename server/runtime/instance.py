@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..config import RuntimeSettings
 from ..engine import llama_lib as lib
 from ..engine.embedding import EmbeddingEngine
 from ..engine.generation import GenerationEngine
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LoadConfig:
     context_length: int | None = None  # None: the server default, capped at the trained context
-    parallel: int = 4
+    parallel: int = RuntimeSettings.parallel  # the loads the server makes pass its own --parallel
     eval_batch_size: int = 512
     flash_attention: bool | None = None
     offload_kv_cache_to_gpu: bool = True

@@ -19,25 +19,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
+from ..config import RuntimeSettings
 from ..engine.stats import EngineStats
 from ..store.model_store import ModelNotFound, ModelStore, ModelVariant
 from .instance import LoadConfig, ModelInstance
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RuntimeSettings:
-    default_context_length: int = 4096
-    parallel: int = 4
-    jit: bool = True
-    auto_evict: bool = True
-    jit_ttl: float | None = 3600.0  # idle seconds before a JIT-loaded instance unloads
-    n_threads: int = 0  # 0: one per available core
-    reap_interval: float = 1.0
-    evict_drain_timeout: float = 120.0  # longest auto-evict waits for the evicted instance's requests
-    max_queue: int | None = None  # requests waiting per instance beyond its running ones; None: unbounded
-    cache_ram_mib: int = 1024  # host memory per instance for idle prompt caches (engine/host_cache.py); 0: off
 
 
 @dataclass(eq=False)

@@ -305,8 +305,8 @@ async def chat(
 ) -> dict[str, Any] | EventStreamResponse:
     config = request.app.state.config
     integrations = parse_integrations(
-        body.integrations or [], home=config.home, allow_remote=getattr(config, "allow_remote_mcp", False),
-        has_tokens=bool(getattr(request.app.state, "api_tokens", ())),
+        body.integrations or [], home=config.home, allow_remote=config.allow_remote_mcp,
+        has_tokens=bool(request.app.state.api_tokens),
     )
     if body.tool_choice not in (None, "auto", "none") and not integrations:
         raise APIError(400, "tool_choice requires MCP integrations (the tools come from them).", param="tool_choice")

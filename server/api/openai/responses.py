@@ -67,7 +67,7 @@ def _renamed(error: APIError) -> APIError:
 def _integrations(tools: list[dict[str, Any]], request: Request) -> list[Any]:
     """The request's `mcp` tools as MCP integrations (400 when the server does not allow them)."""
     config = request.app.state.config
-    if not getattr(config, "allow_remote_mcp", False):
+    if not config.allow_remote_mcp:
         raise bad_request("MCP tools ({\"type\": \"mcp\"}) are disabled on this server; start it with "
                           "--allow-remote-mcp to allow them.", param="tools", code="remote_mcp_disabled")
     items = []

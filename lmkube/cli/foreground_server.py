@@ -1,15 +1,21 @@
-"""`lmkube serve` (the model server in this process), `lmkube token` and `lmkube operator`."""
+"""`lmkube serve`: the model server in this process, in the foreground.
+
+Every default comes from `lmkube.server.config` (ServerConfig, RuntimeSettings): the help text shows it
+with %(default)s, and a flag left out leaves the setting as the server defines it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from lmkube import __version__
+from lmkube.server.config import DEFAULT_MAX_BODY_BYTES, RuntimeSettings, ServerConfig
+
+from .arg_types import non_negative_int, positive_int
 
 SERVE_EXAMPLES = """examples:
   lmkube serve --demo                      offline demo models (SmolLM2-135M-Instruct), http://127.0.0.1:1234
@@ -17,50 +23,37 @@ SERVE_EXAMPLES = """examples:
 """
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 # llama.cpp's LLAMA_MAX_SEQ: a context with more sequences is refused.
 MAX_PARALLEL = 256
 
 
 def _slot_count(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > MAX_PARALLEL:
         raise argparse.ArgumentTypeError(f"must be at most {MAX_PARALLEL}, got {value}")
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=1234, help="port (default 1234)")
+    serve.add_argument("--host", default=ServerConfig.host, help="address to bind (default %(default)s)")
+    serve.add_argument("--port", type=int, default=ServerConfig.port, help="port (default %(default)s)")
     serve.add_argument("--models-dir", type=Path, help="model store (default $LMKUBE_HOME/models)")
-    serve.add_argument("--parallel", type=_slot_count, default=4,
-                       help=f"concurrent requests per model instance, 1-{MAX_PARALLEL} (default 4)")
-    serve.add_argument("--ctx-size", type=_positive_int, default=4096,
-                       help="default context length, capped at the model's trained context (default 4096)")
-    serve.add_argument("--ttl", type=float, default=3600.0,
-                       help="idle seconds before a JIT-loaded model unloads (default 3600)")
-    serve.add_argument("--max-queue", type=_non_negative_int, default=None, metavar="N",
+    serve.add_argument("--parallel", type=_slot_count, default=RuntimeSettings.parallel,
+                       help=f"concurrent requests per model instance, 1-{MAX_PARALLEL} (default %(default)s)")
+    serve.add_argument("--ctx-size", type=positive_int, default=RuntimeSettings.default_context_length,
+                       help="default context length, capped at the model's trained context (default %(default)s)")
+    serve.add_argument("--ttl", type=float, default=RuntimeSettings.jit_ttl,
+                       help="idle seconds before a JIT-loaded model unloads; 0: never (default %(default).0f)")
+    serve.add_argument("--max-queue", type=non_negative_int, default=RuntimeSettings.max_queue, metavar="N",
                        help="requests waiting per model instance beyond the --parallel running ones; more get "
                             "503 with Retry-After (529 on /v1/messages); 0: no waiting (default: unbounded)")
-    serve.add_argument("--cache-ram", type=_non_negative_int, default=1024, metavar="MIB",
+    serve.add_argument("--cache-ram", type=non_negative_int, default=RuntimeSettings.cache_ram_mib, metavar="MIB",
                        help="host memory per model for prompt caches of finished requests, kept out of the KV "
                             "cache while others run and brought back for a prompt that continues them; "
-                            "0: keep them in the KV cache (default 1024)")
-    serve.add_argument("--max-body-size", type=_positive_int, default=None, metavar="MIB",
-                       help="largest request body in MiB; a larger one gets 413 before it is read (default 32)")
+                            "0: keep them in the KV cache (default %(default)s)")
+    serve.add_argument("--max-body-size", type=positive_int, default=DEFAULT_MAX_BODY_BYTES >> 20, metavar="MIB",
+                       help="largest request body in MiB; a larger one gets 413 before it is read "
+                            "(default %(default)s)")
     serve.add_argument("--no-jit", action="store_true", help="do not load models on first request")
     serve.add_argument("--no-auto-evict", action="store_true",
                        help="keep earlier JIT-loaded models when JIT-loading another")
@@ -68,7 +61,8 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                        help="require this API token (repeatable; also LMKUBE_API_TOKENS)")
     serve.add_argument("--api-token-file", action="append", default=[], type=Path, metavar="FILE",
                        help="file with one API token per line (repeatable)")
-    serve.add_argument("--threads", type=int, default=0, help="CPU threads per model (default: all cores)")
+    serve.add_argument("--threads", type=int, default=RuntimeSettings.n_threads,
+                       help="CPU threads per model (default: all cores)")
     serve.add_argument("--public-metrics", action="store_true",
                        help="serve GET /metrics without an API token (for Prometheus scrapes without credentials)")
     serve.add_argument("--cors", action="store_true", help="allow cross-origin requests from browsers")
@@ -88,56 +82,10 @@ def register(commands: Any) -> None:
     add_serve_arguments(serve_parser)
     serve_parser.set_defaults(func=serve)
 
-    token = commands.add_parser("token", help="API tokens")
-    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
-    token_commands.add_parser("new", help="print a fresh sk-lm-... token").set_defaults(func=new_token)
 
-    from lmkube.operator.main import add_arguments as add_operator_arguments
-
-    operator = commands.add_parser("operator", help="run the Kubernetes operator for LocalModels")
-    add_operator_arguments(operator)
-    operator.set_defaults(func=run_operator)
-
-
-def new_token(_args: argparse.Namespace) -> int:
-    from lmkube.random_ids import new_token as make_token
-
-    print(make_token())
-    return 0
-
-
-def run_operator(args: argparse.Namespace) -> int:
-    from lmkube.operator.main import run
-
-    return run(args)
-
-
-def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from lmkube.real_model import RealModelUnavailable
-    from lmkube.server.app import create_app
-    from lmkube.server.config import ServerConfig, collect_api_tokens
-    from lmkube.server.demo import ensure_demo_model, link_real_model
-    from lmkube.server.runtime.manager import RuntimeSettings
-    from lmkube.server.store.paths import default_models_dir
-
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    models_dir = (args.models_dir or default_models_dir()).expanduser()
-    models_dir.mkdir(parents=True, exist_ok=True)
-    if args.demo:
-        ensure_demo_model(models_dir)
-        try:
-            link_real_model(models_dir)
-        except RealModelUnavailable as exc:
-            # Still serve the random-weight model, so the endpoints can be tried; say why answers are gibberish.
-            print(f"lmkube: warning: only lmkube/demo (random weights) is served: {exc}", file=sys.stderr)
-    try:
-        tokens = collect_api_tokens(args.api_token, args.api_token_file)
-    except OSError as exc:
-        print(f"lmkube: cannot read API token file: {exc}", file=sys.stderr)
-        return 2
-    config = ServerConfig(
+def server_config(args: argparse.Namespace, models_dir: Path, tokens: tuple[str, ...]) -> ServerConfig:
+    """The settings `lmkube serve` runs with, from its flags."""
+    return ServerConfig(
         host=args.host,
         port=args.port,
         models_dir=models_dir,
@@ -155,9 +103,35 @@ def serve(args: argparse.Namespace) -> int:
         cors=args.cors,
         public_metrics=args.public_metrics,
         allow_remote_mcp=args.allow_remote_mcp,
+        max_body_bytes=args.max_body_size << 20,
     )
-    if args.max_body_size is not None:
-        config = replace(config, max_body_bytes=args.max_body_size << 20)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lmkube.real_model import RealModelUnavailable
+    from lmkube.server.app import create_app
+    from lmkube.server.config import collect_api_tokens
+    from lmkube.server.demo import ensure_demo_model, link_real_model
+    from lmkube.server.store.paths import default_models_dir
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    models_dir = (args.models_dir or default_models_dir()).expanduser()
+    models_dir.mkdir(parents=True, exist_ok=True)
+    if args.demo:
+        ensure_demo_model(models_dir)
+        try:
+            link_real_model(models_dir)
+        except RealModelUnavailable as exc:
+            # Still serve the random-weight model, so the endpoints can be tried; say why answers are gibberish.
+            print(f"lmkube: warning: only lmkube/demo (random weights) is served: {exc}", file=sys.stderr)
+    try:
+        tokens = collect_api_tokens(args.api_token, args.api_token_file)
+    except OSError as exc:
+        print(f"lmkube: cannot read API token file: {exc}", file=sys.stderr)
+        return 2
+    config = server_config(args, models_dir, tokens)
     print(f"lmkube {__version__} serving {models_dir} on http://{args.host}:{args.port}"
           + (f" ({len(tokens)} API token(s) required)" if tokens else ""), flush=True)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level,

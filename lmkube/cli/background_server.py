@@ -15,6 +15,9 @@ from typing import Any
 
 import httpx
 
+from lmkube.server.config import ServerConfig
+from lmkube.server.store.paths import lmkube_home
+
 from .client import Client, CliError
 from .output import print_json, style
 
@@ -27,12 +30,8 @@ SERVER_EXAMPLES = """examples:
 _START_TIMEOUT_S = 60.0
 
 
-def _home() -> Path:
-    return Path(os.environ.get("LMKUBE_HOME") or "~/.lmkube").expanduser()
-
-
 def pid_file() -> Path:
-    return _home() / "server.json"
+    return lmkube_home() / "server.json"
 
 
 def register(commands: Any) -> None:
@@ -41,8 +40,8 @@ def register(commands: Any) -> None:
     actions = server.add_subparsers(dest="server_command", required=True, metavar="ACTION")
     start = actions.add_parser("start", help="start the server", epilog=SERVER_EXAMPLES,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    start.add_argument("-p", "--port", type=int, default=1234, help="port (default 1234)")
-    start.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    start.add_argument("-p", "--port", type=int, default=ServerConfig.port, help="port (default %(default)s)")
+    start.add_argument("--bind", default=ServerConfig.host, help="address to listen on (default %(default)s)")
     start.add_argument("--cors", action="store_true", help="allow cross-origin requests from browsers")
     start.add_argument("-d", "--detach", action="store_true", help="run in the background")
     start.add_argument("--models-dir", type=Path, help="model store (default $LMKUBE_HOME/models)")
@@ -82,8 +81,8 @@ def _alive(pid: int) -> bool:
 
 
 def _serve_command(args: argparse.Namespace) -> list[str]:
-    # The installed script, not `python -m lmkube`: run from a source checkout, -m would import the
-    # checkout's lmkube/ (which lacks lmkube.server and lmkube.operator) instead of the installed package.
+    # The installed script next to this interpreter: `python -m lmkube` run from some other checkout's root would
+    # import that checkout's lmkube/ rather than the installed one.
     script = Path(sys.executable).with_name("lmkube")
     launcher = [str(script)] if script.exists() else [sys.executable, "-m", "lmkube"]
     command = [*launcher, "serve", "--host", args.bind, "--port", str(args.port)]
@@ -114,7 +113,7 @@ def start_server(args: argparse.Namespace) -> int:
             return 0
         finally:
             pid_file().unlink(missing_ok=True)
-    log = _home() / "server.log"
+    log = lmkube_home() / "server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         process = subprocess.Popen(_serve_command(args), stdout=out, stderr=subprocess.STDOUT,
