@@ -123,7 +123,8 @@ build_llama() {
   # A venv kept from an earlier run already has both at the same version numbers: replace them anyway.
   pip install --no-index $find_links --force-reinstall --no-deps "${fresh[@]}" || return 1
   # On the GPU machine a build that cannot offload would turn every later figure into a CPU one: stop here.
-  python -c 'import sys, llama_cpp, lmkube.server
+  # (-I: the checkout's lmkube/ folder must not shadow the installed package.)
+  python -I -c 'import sys, llama_cpp, lmkube.server
 offload = bool(llama_cpp.llama_supports_gpu_offload())
 print("llama_cpp", llama_cpp.__version__, "gpu offload", offload)
 sys.exit(sys.argv[1] == "gpu" and not offload)' "$mode"
