@@ -64,6 +64,8 @@ else
   cmake_args=""
   limits=(venv=300 build=2400 models=300 tests=600 memory=300 bench=300)
 fi
+# Always the venv's interpreter (first on PATH), never another environment's `pip` script.
+pip() { python -m pip --disable-pip-version-check "$@"; }
 limit() { local kv; for kv in "${limits[@]}"; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}"; done; }
 venv=$work/venv
 export PATH="$venv/bin:$PATH" PYTHONUNBUFFERED=1
@@ -90,7 +92,9 @@ make_venv() {
   [ -n "$python" ] || { echo "no Python 3.12 found (set PYTHON=...)"; return 1; }
   "$python" -c 'import sys; assert sys.version_info[:2] == (3, 12), sys.version' || return 1
   if [ ! -x "$venv/bin/python" ]; then
-    "$python" -m venv "$venv" || return 1
+    # Without ensurepip (some distributions' Pythons) the venv has no pip of its own: in GPU mode the image's pip,
+    # seen through the .pth file below, installs into the venv all the same (`python -m pip`).
+    "$python" -m venv "$venv" || { [ -n "$image_packages" ] && "$python" -m venv --without-pip "$venv"; } || return 1
     # The image's python3 is itself a venv, whose packages `--system-site-packages` would not show (that means
     # the base interpreter's): a .pth file puts its site-packages after the new venv's own.
     [ -z "$image_packages" ] || "$python" -c 'import site; print("\n".join(site.getsitepackages()))' \
@@ -158,7 +162,7 @@ run_tests() {
 check() { python bench/gpu_check.py "$1" --mode "$mode" --work "$work" --out "$out"; }
 
 export LLAMA_CPP_PYTHON_VERSION mode carry work out venv python image_packages find_links cmake_args jobs test_gpu
-export -f make_venv build_llama run_tests check
+export -f pip make_venv build_llama run_tests check
 
 {
   echo "gpu-check mode=$mode phase=$phase jobs=$jobs $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null)"
