@@ -65,7 +65,8 @@ GPU_PLAN = Plan(
     contexts=(8192, 32768), memory_parallel=4, streams=(1, 16, 64), tokens=64, bench_ctx=16384, repeat=2,
     threads=8, gpu=True,
 )
-# Small enough for two busy cores: the same steps, the sizes shrunk.
+# Small enough for two busy cores: the same steps, the sizes shrunk. One thread per server: two spinning llama.cpp
+# threads collapse whenever anything else wants a core (bench/README.md).
 CPU_PLAN = Plan(
     models=(
         CheckModel("llama-tiny", LlamaShape(n_vocab=2048, n_embd=256, n_layer=4, n_head=4, n_head_kv=2, n_ff=768,
@@ -73,7 +74,7 @@ CPU_PLAN = Plan(
         CheckModel("llama-small", LlamaShape(n_vocab=4096, n_embd=512, n_layer=6, n_head=8, n_head_kv=2, n_ff=1536,
                                              n_ctx_train=8192), "nothing (CPU run)"),
     ),
-    contexts=(1024, 4096), memory_parallel=4, streams=(1, 2, 4), tokens=16, bench_ctx=2048, repeat=1, threads=2,
+    contexts=(1024, 4096), memory_parallel=4, streams=(1, 2, 4), tokens=16, bench_ctx=2048, repeat=2, threads=1,
     gpu=False,
 )
 
