@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from lmkube.server.engine import llama_lib as lib
 from lmkube.server.engine.events import Finish, TextDelta
 from lmkube.server.engine.generation import GenerationEngine, GenerationRequest
 from lmkube.server.engine.sampling import SamplingParams
+
+# LMKUBE_TEST_GPU=max (scripts/gpu-check.sh on a GPU machine) puts every layer of the models the in-process engine
+# tests load on the GPU; servers the tests start offload everything already (a load's `gpu` defaults to "max").
+TEST_GPU_LAYERS = 999 if os.environ.get("LMKUBE_TEST_GPU") == "max" else 0
+
+
+def load_model(path: Path) -> lib.LlamaModel:
+    """A model for in-process engine tests, offloaded as LMKUBE_TEST_GPU says."""
+    if TEST_GPU_LAYERS and not lib.gpu_offload_supported():
+        raise RuntimeError("LMKUBE_TEST_GPU=max, but this llama.cpp build cannot offload to a GPU")
+    return lib.LlamaModel(path, n_gpu_layers=TEST_GPU_LAYERS)
 
 
 def context_config(n_ctx: int = 2048, parallel: int = 4, n_batch: int = 512) -> lib.ContextConfig:

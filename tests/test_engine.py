@@ -19,7 +19,17 @@ from pathlib import Path
 
 import llama_cpp
 import pytest
-from engine_support import Result, collect, common_prefix, context_config, filler, first_text, greedy, running
+from engine_support import (
+    Result,
+    collect,
+    common_prefix,
+    context_config,
+    filler,
+    first_text,
+    greedy,
+    load_model,
+    running,
+)
 from lmkube.server.engine import llama_lib as lib
 from lmkube.server.engine.generation import GenerationRequest
 from lmkube.server.engine.sampling import build_sampler_chain
@@ -40,7 +50,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def chat_model(model_dir: Path) -> Iterator[lib.LlamaModel]:
-    model = lib.LlamaModel(write_llama_model(model_dir / "chat-F32.gguf", dtype="f32", seed=1))
+    model = load_model(write_llama_model(model_dir / "chat-F32.gguf", dtype="f32", seed=1))
     yield model
     model.close()
 
@@ -49,7 +59,7 @@ def chat_model(model_dir: Path) -> Iterator[lib.LlamaModel]:
 def byte_model(model_dir: Path) -> Iterator[lib.LlamaModel]:
     path = write_llama_model(model_dir / "bytes-F32.gguf", dtype="f32", seed=3, emit_bytes=True, emit_eos=True,
                              shape=LlamaShape(n_vocab=600))
-    model = lib.LlamaModel(path)
+    model = load_model(path)
     yield model
     model.close()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from engine_support import Result, collect, common_prefix, filler, first_text, greedy, running
+from engine_support import Result, collect, common_prefix, filler, first_text, greedy, load_model, running
 from lmkube.server.engine import llama_lib as lib
 from lmkube.server.engine.host_cache import CachedPrompt, HostPromptCache
 
@@ -25,7 +25,7 @@ from lmkube.synthetic_gguf import write_llama_model
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lib.LlamaModel]:
     path = write_llama_model(tmp_path_factory.mktemp("sharing") / "chat-F32.gguf", dtype="f32", seed=1)
-    model = lib.LlamaModel(Path(path))
+    model = load_model(Path(path))
     yield model
     model.close()
 

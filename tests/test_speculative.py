@@ -18,6 +18,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+from engine_support import TEST_GPU_LAYERS, load_model
 from lmkube.server.engine import llama_lib as lib
 from lmkube.server.engine.events import Finish, TextDelta
 from lmkube.server.engine.generation import GenerationEngine
@@ -60,7 +61,7 @@ def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def target(paths: dict[str, Path]) -> Iterator[lib.LlamaModel]:
-    model = lib.LlamaModel(paths[TARGET])
+    model = load_model(paths[TARGET])
     yield model
     model.close()
 
@@ -70,7 +71,7 @@ CONFIG = lib.ContextConfig(n_ctx=2048, n_seq_max=4, n_batch=512, n_threads=1, fl
 
 @pytest.fixture(scope="module")
 def drafters(paths: dict[str, Path], target: lib.LlamaModel) -> Iterator[dict[str, Any]]:
-    loaded = {name: load_drafter(name, paths[name], target, CONFIG, 0) for name in (SAME, DRAFT_SMALL)}
+    loaded = {name: load_drafter(name, paths[name], target, CONFIG, TEST_GPU_LAYERS) for name in (SAME, DRAFT_SMALL)}
     yield loaded
     for drafter in loaded.values():
         drafter.close()
