@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from lmkube import __version__
 
-from . import chat, get, logs, models, serve, server
+from . import chat, gateway, get, logs, models, serve, server
 from .client import CliError
 from .output import error
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"lmkube {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (serve, server, get, models, chat, logs):
+    for module in (serve, server, gateway, get, models, chat, logs):
         module.register(commands)
     return parser
 
