@@ -6,6 +6,8 @@ few routes the gateway answers itself (`/health`, `/metrics`, the model lists) n
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -24,7 +26,7 @@ from .errors import GatewayError, family
 from .keys import Grant, KeyRing, presented_key
 from .limits import ConcurrencyLimiter
 from .metrics import GatewayMetrics
-from .proxy import Proxy, Receive, Scope, Send, UpstreamDied
+from .proxy import Proxy, Receive, Scope, Send, UpstreamDied, client_gone
 from .resolve import resolve, upstream_model
 
 log = logging.getLogger("lmkube.gateway")
@@ -243,12 +245,14 @@ class Gateway:
         self.metrics.in_flight[labels] += 1
         began = time.monotonic()
         status = 499
+        gone = client_gone(receive)
         try:
-            status = await self._forward(scope, receive, send, model, grant, body, raw)
+            status = await self._forward(scope, gone, send, model, grant, body, raw)
         except GatewayError as error:
             status = error.status
             raise
         finally:
+            gone.cancel()
             self.metrics.in_flight[labels] -= 1
             self.limiter.release(grant)
             self.metrics.finished(model.id, grant.name, status, time.monotonic() - began)
@@ -272,9 +276,9 @@ class Gateway:
                         self.owners.popitem(last=False)
         return record
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, model: ServedModel, grant: Grant,
-                       body: dict[str, Any], raw: bytes) -> int:
-        """Tries replicas until one answers; returns the status passed on."""
+    async def _forward(self, scope: Scope, gone: asyncio.Future[None], send: Send, model: ServedModel,
+                       grant: Grant, body: dict[str, Any], raw: bytes) -> int:
+        """Tries replicas until one answers; returns the status passed on (499: the client went away first)."""
         assert self.proxy is not None
         path = scope["path"]
         affinity = routes.affinity_key(body)
@@ -294,8 +298,15 @@ class Gateway:
             self.balancer.acquire(replica.url)
             try:
                 began = time.monotonic()
+                opening = asyncio.ensure_future(self.proxy.open(replica, scope, raw))
+                await asyncio.wait({opening, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not opening.done():  # the client left before the answer began: so does the request
+                    opening.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await opening
+                    return 499
                 try:
-                    upstream = await self.proxy.open(replica, scope, raw)
+                    upstream = opening.result()
                 except httpx.TransportError as exc:
                     # Nothing came back, so nothing was generated for the client: another replica may answer.
                     log.warning("replica %s of %s unreachable: %s", replica.name, model.id, exc)
@@ -311,7 +322,8 @@ class Gateway:
                     await self._send_buffered(upstream, content, replica, send)
                     return upstream.status_code
                 try:
-                    await self.proxy.relay(upstream, replica, scope, receive, send, self._recorder(path, replica))
+                    if not await self.proxy.relay(upstream, replica, scope, gone, send, self._recorder(path, replica)):
+                        return 499
                 except UpstreamDied as exc:
                     log.warning("replica %s of %s died mid-answer: %s", replica.name, model.id, exc)
                     self.balancer.eject(replica.url)

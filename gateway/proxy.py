@@ -65,24 +65,21 @@ class Proxy:
                                             headers=upstream_headers(scope, self.upstream_token))
         return await self.client.send(request, stream=True)
 
-    async def relay(self, upstream: httpx.Response, replica: Replica, scope: Scope, receive: Receive, send: Send,
-                    on_chunk: Callable[[bytes], None] | None = None) -> bool:
-        """Passes the answer on. False when the client went away first (the upstream is closed at once).
-        Raises UpstreamDied when the replica broke off a non-streamed answer (after sending the headers)."""
+    async def relay(self, upstream: httpx.Response, replica: Replica, scope: Scope, gone: asyncio.Future[None],
+                    send: Send, on_chunk: Callable[[bytes], None] | None = None) -> bool:
+        """Passes the answer on. False when the client went away first (`gone`, see `client_gone`): the
+        upstream is closed at once. Raises UpstreamDied when the replica broke off its answer."""
         pump = asyncio.ensure_future(self._pump(upstream, replica, scope, send, on_chunk))
-        watch = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
-            done, _ = await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if pump in done:
+            await asyncio.wait({pump, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if pump.done():
                 pump.result()
                 return True
             return False
         finally:
-            for task in (pump, watch):
-                task.cancel()
-            for task in (pump, watch):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pump
             await upstream.aclose()
 
     async def _pump(self, upstream: httpx.Response, replica: Replica, scope: Scope, send: Send,
@@ -109,3 +106,9 @@ class Proxy:
 async def _wait_for_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+def client_gone(receive: Receive) -> asyncio.Future[None]:
+    """Done when the client disconnects. Started once the request body is read, so it also covers the wait
+    for the replica's first byte (a non-streamed answer comes whole, after the whole generation)."""
+    return asyncio.ensure_future(_wait_for_disconnect(receive))

@@ -21,6 +21,7 @@ import httpx
 import openai
 import pytest
 from gateway_support import GatewayProcess, start_gateway, write_yaml
+from prometheus_client.parser import text_string_to_metric_families
 from support import ServerProcess, wait_until
 
 from lmkube.synthetic_gguf import LlamaShape, write_llama_model
@@ -287,6 +288,13 @@ def test_disconnect_closes_the_upstream_request(gw: GatewayProcess, replicas: li
     direct = httpx.post(f"{replica.base_url}/v1/chat/completions", headers=replica.headers, timeout=30,
                         json={"model": "acme/long-chat", "messages": USER, "max_tokens": 1})
     assert direct.status_code == 200
+    # A non-streamed answer comes whole at the end: a client that gives up before then cancels it too.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gw.base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {ALL_KEY}"},
+                   timeout=httpx.Timeout(30, read=1),
+                   json={"model": "team-c/victim", "messages": USER, "max_tokens": 60000})
+    wait_until(lambda: not any(busy(s) for s in replicas[2:]), timeout=20,
+               message="the replica still generates a whole answer for a gone client")
 
 
 # -- failures ----------------------------------------------------------------------------------------------
@@ -332,3 +340,15 @@ def test_replica_killed_mid_stream_ends_with_the_error_event(
             if event.type == "content_block_delta":
                 replica.process.send_signal(signal.SIGKILL)
     assert "stopped answering" in str(caught.value)
+
+    health = httpx.get(f"{gw.base_url}/health", timeout=10)
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    metrics = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(httpx.get(f"{gw.base_url}/metrics", timeout=10).text)
+               for sample in family.samples}
+    died = ("lmkube_gateway_upstream_errors_total", (("key", "everything"), ("model", "team-c/victim"),
+                                                     ("reason", "died")))
+    assert metrics[died] == 2
+    assert metrics[("lmkube_gateway_requests_total", (("code", "200"), ("key", "everything"),
+                                                      ("model", "team-a/chat")))] >= 1
+    assert metrics[("lmkube_gateway_ready_replicas", (("model", "team-c/victim"),))] == 2
