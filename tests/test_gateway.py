@@ -9,8 +9,10 @@ the Kubernetes API.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ import openai
 import pytest
 from gateway_support import GatewayProcess, start_gateway, write_yaml
 from prometheus_client.parser import text_string_to_metric_families
-from support import ServerProcess, wait_until
+from support import LMKUBE, ServerProcess, wait_until
 
 from lmkube.synthetic_gguf import LlamaShape, write_llama_model
 
@@ -163,6 +165,17 @@ def test_lm_studio_native_chat_and_lists(gw: GatewayProcess) -> None:
     assert {m["id"] for m in legacy} == set(keys)
     one = httpx.get(f"{gw.base_url}/api/v0/models/tiny", headers=headers, timeout=30)
     assert one.status_code == 200 and one.json()["id"] == "acme/tiny-chat" and one.json()["type"] == "llm"
+
+
+def test_lmkube_ls_lists_the_cluster_models(gw: GatewayProcess) -> None:
+    env = {**os.environ, "LMKUBE_BASE_URL": gw.base_url, "LMKUBE_API_TOKEN": ALL_KEY, "NO_COLOR": "1"}
+    listed = subprocess.run([LMKUBE, "ls"], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert listed.returncode == 0, listed.stderr
+    for key in ("acme/tiny-chat", "acme/other-chat", "acme/stopped-chat", "team-c/victim"):
+        assert key in listed.stdout
+    only_a = subprocess.run([LMKUBE, "ls"], env={**env, "LMKUBE_API_TOKEN": TEAM_A_KEY}, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert "acme/tiny-chat" in only_a.stdout and "acme/other-chat" not in only_a.stdout
 
 
 def test_model_lists_are_what_the_key_may_use(gw: GatewayProcess) -> None:
