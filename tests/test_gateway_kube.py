@@ -115,10 +115,23 @@ def test_discovers_and_follows_local_models_pods_and_keys(
         local_model(api, ns, "other", "acme/other-chat", ["second"])
         pod(api, ns, "other-a", "other", replicas[0])
         wait_until(lambda: chat(gw, "second").status_code == 200, timeout=30)
+        # A pod that goes away mid-stream (scale-down, rollout) finishes what it streams; new requests avoid it.
+        body = {"model": "second", "messages": USER, "max_tokens": 1500, "stream": True}
+        with httpx.stream("POST", f"{gw.base_url}/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"}) as held:
+            lines = held.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            kubernetes.client.CoreV1Api(api).delete_namespaced_pod("other-a", ns)
+            wait_until(lambda: chat(gw, "second").status_code == 503, timeout=30,
+                       message="a deleted pod still gets new requests")
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and not any('"error"' in line for line in rest)
+        assert '"finish_reason":"length"' in rest[-2] or '"finish_reason":"length"' in rest[-3]
         kubernetes.client.CustomObjectsApi(api).delete_namespaced_custom_object(
             crd.GROUP, crd.VERSION, ns, crd.PLURAL, "chat")
         wait_until(lambda: chat(gw, "tiny").status_code == 404, timeout=30)
         # Keys follow their Secrets: a new key works, a deleted one no longer does.
+        pod(api, ns, "other-b", "other", replicas[1])
         second_key = f"gw-{secrets.token_hex(12)}"
         gateway_key(api, ns, "second", second_key, models="second")
         wait_until(lambda: chat(gw, "second", key=second_key).status_code == 200, timeout=30)
