@@ -207,6 +207,18 @@ def test_responses_chain_across_gateway_replicas(gateways: list[GatewayProcess])
     assert final and final[0].previous_response_id == turn.id
 
 
+def test_a_restarted_gateway_replica_continues_conversations(gateways: list[GatewayProcess],
+                                                             gateway_files: dict[str, Path]) -> None:
+    """A gateway replica keeps nothing a conversation needs: a new one finds where it lives."""
+    first = oai(gateways[0]).responses.with_raw_response.create(model="tiny", input="Hi", max_output_tokens=4)
+    gateways[1].stop()
+    gateways[1] = _start(gateway_files)
+    for _ in range(2):  # by prefix affinity or by trying the replicas: always the one that holds it
+        raw = oai(gateways[1]).responses.with_raw_response.create(
+            model="tiny", input="Go on", max_output_tokens=4, previous_response_id=first.parse().id)
+        assert raw.headers["x-lmkube-replica"] == first.headers["x-lmkube-replica"]
+
+
 # -- errors in each family's shape -----------------------------------------------------------------------
 
 
