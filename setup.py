@@ -6,7 +6,7 @@ top-level module named `server` or `operator` (the latter would shadow the stand
 
 from setuptools import find_packages, setup
 
-ROOTS = {"lmkube": "lmkube", "lmkube.server": "server", "lmkube.operator": "operator"}
+ROOTS = {"lmkube": "lmkube", "lmkube.server": "server", "lmkube.operator": "operator", "lmkube.gateway": "gateway"}
 
 packages = []
 for namespace, folder in ROOTS.items():

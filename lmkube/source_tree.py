@@ -1,9 +1,9 @@
-"""In a source checkout, `lmkube.server` and `lmkube.operator` are the top-level folders server/ and operator/.
+"""In a source checkout, `lmkube.server`, `lmkube.operator` and `lmkube.gateway` are the top-level folders.
 
-A wheel installs them inside the package (lmkube/server, lmkube/operator: setup.py's package_dir). A
+A wheel installs them inside the package (lmkube/server, ...: setup.py's package_dir, whose ROOTS this mirrors). A
 checkout keeps them at the top, the layout the project is known by, and must not put the checkout itself
 on sys.path: `import server` would then find server/, and the checkout's folders would stand in for any
-top-level name. This finder maps exactly the two names to the two folders, so the editable install only has
+top-level name. This finder maps exactly these names to their folders, so the editable install only has
 to make `lmkube` importable, and a new module under server/ or operator/ imports at once, without
 re-running set-up (tests/test_source_tree.py).
 """
@@ -17,11 +17,11 @@ from importlib.util import spec_from_file_location
 from pathlib import Path
 from types import ModuleType
 
-SUBPACKAGES = {"lmkube.server": "server", "lmkube.operator": "operator"}
+SUBPACKAGES = {"lmkube.server": "server", "lmkube.operator": "operator", "lmkube.gateway": "gateway"}
 
 
 class SourceTreeFinder:
-    """A meta path finder for `lmkube.server` and `lmkube.operator` in the checkout at `root`.
+    """A meta path finder for SUBPACKAGES in the checkout at `root`.
 
     Their submodules need no finder: the standard one searches the package's `__path__`, which is the folder.
     """

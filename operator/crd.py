@@ -161,6 +161,14 @@ def spec_schema() -> dict[str, Any]:
                     },
                 },
             },
+            "aliases": {
+                "type": "array",
+                "description": "More names `lmkube gateway` routes to this model (besides its key, its name and "
+                               "`namespace/name`), e.g. `gpt-4o-mini` for clients that cannot be reconfigured.",
+                "maxItems": 32,
+                "items": _string("An alias.", minLength=1, maxLength=256),
+                "x-kubernetes-list-type": "set",
+            },
             "image": _string("Server container image; the operator's default when unset.", minLength=1),
             "resources": _free_object("Container resources (requests/limits), as in a Pod spec."),
             "nodeSelector": {

@@ -85,6 +85,10 @@ def ensure_objects(kube: Kube, body: Mapping[str, Any], spec: LocalModelSpec, se
     if token is None:
         token = new_token()
         kube.create(resources.token_secret(name, namespace, token, owner))
+    if settings.gateway_token:
+        gateway = resources.gateway_secret(name, namespace, settings.gateway_token, owner)
+        if kube.get("Secret", namespace, gateway["metadata"]["name"]) is None:
+            kube.create(gateway)
     claim = resources.pvc(name, namespace, spec, owner)
     if claim is not None and kube.get("PersistentVolumeClaim", namespace, claim["metadata"]["name"]) is None:
         kube.create(claim)
@@ -98,7 +102,7 @@ def ensure_objects(kube: Kube, body: Mapping[str, Any], spec: LocalModelSpec, se
         kube.patch("Service", namespace, svc["metadata"]["name"],
                    {"spec": {"selector": svc["spec"]["selector"], "ports": svc["spec"]["ports"]}})
     # The token reaches the pod as an env var read at start: a changed token must roll the pods.
-    dep = resources.deployment(name, namespace, spec, settings, owner, secret_version=fingerprint({"t": token}))
+    dep = resources.deployment(name, namespace, spec, settings, owner, secret_version=secret_version(token, settings))
     live = kube.get("Deployment", namespace, dep["metadata"]["name"])
     if live is None:
         kube.create(dep)
@@ -115,8 +119,15 @@ def ensure_objects(kube: Kube, body: Mapping[str, Any], spec: LocalModelSpec, se
     return token
 
 
+def secret_version(token: str, settings: OperatorSettings) -> str:
+    """What the pods read from Secrets at start; a change rolls them. (Without a gateway credential: the
+    same digest as before there was one, so an operator upgrade does not roll every pod.)"""
+    secrets = {"t": token} | ({"g": settings.gateway_token} if settings.gateway_token else {})
+    return fingerprint(secrets)
+
+
 def desired_pod_hash(name: str, spec: LocalModelSpec, settings: OperatorSettings, token: str) -> str:
-    template = resources.pod_template(name, spec, settings, secret_version=fingerprint({"t": token}))
+    template = resources.pod_template(name, spec, settings, secret_version=secret_version(token, settings))
     return template["metadata"]["annotations"][resources.POD_HASH_ANNOTATION]
 
 

@@ -121,6 +121,35 @@ def token_secret(name: str, namespace: str, token: str, owner: Mapping[str, Any]
     }
 
 
+def gateway_secret_name(name: str, gateway_token: str) -> str:
+    """`lm-<name>-gw-<digest>`: a new token makes a new Secret (created once, never patched) and rolls the pods."""
+    return _label_safe(name, "lm-", f"-gw-{_hash(gateway_token)}")
+
+
+def gateway_secret(name: str, namespace: str, gateway_token: str,
+                   owner: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The gateway's credential in the LocalModel's namespace, where its pods can reference it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(gateway_secret_name(name, gateway_token), namespace, name, owner),
+        "type": "Opaque",
+        "stringData": {TOKEN_KEY: gateway_token},
+    }
+
+
+def _token_env(name: str, spec: LocalModelSpec, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """LMKUBE_API_TOKENS: the model's own token, and the gateway's when the operator has one (Kubernetes
+    expands `$(VAR)` from the variables before it)."""
+    secret_name, secret_key = token_ref(name, spec)
+    own = {"secretKeyRef": {"name": secret_name, "key": secret_key}}
+    if not settings.gateway_token:
+        return [{"name": "LMKUBE_API_TOKENS", "valueFrom": own}]
+    gateway = {"secretKeyRef": {"name": gateway_secret_name(name, settings.gateway_token), "key": TOKEN_KEY}}
+    return [{"name": "LMKUBE_MODEL_TOKEN", "valueFrom": own}, {"name": "LMKUBE_GATEWAY_TOKEN", "valueFrom": gateway},
+            {"name": "LMKUBE_API_TOKENS", "value": "$(LMKUBE_MODEL_TOKEN),$(LMKUBE_GATEWAY_TOKEN)"}]
+
+
 def token_ref(name: str, spec: LocalModelSpec) -> tuple[str, str]:
     """(Secret name, key) holding the API token: the user's auth.secretRef, else the operator's Secret."""
     if spec.auth is not None:
@@ -214,7 +243,6 @@ def pod_template(name: str, spec: LocalModelSpec, settings: OperatorSettings | N
                  secret_version: str | None = None) -> dict[str, Any]:
     """The Deployment's pod template, with the POD_HASH_ANNOTATION over everything else in it."""
     settings = settings or _DEFAULT_SETTINGS
-    secret_name, secret_key = token_ref(name, spec)
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": image(spec, settings),
@@ -223,8 +251,7 @@ def pod_template(name: str, spec: LocalModelSpec, settings: OperatorSettings | N
         "ports": [{"name": PORT_NAME, "containerPort": settings.port, "protocol": "TCP"}],
         "env": [
             {"name": "LMKUBE_HOME", "value": f"{settings.models_dir.rstrip('/')}/.lmkube"},
-            {"name": "LMKUBE_API_TOKENS",
-             "valueFrom": {"secretKeyRef": {"name": secret_name, "key": secret_key}}},
+            *_token_env(name, spec, settings),
             *copy.deepcopy(list(spec.env)),
         ],
         "resources": container_resources(spec),

@@ -85,10 +85,13 @@ class OperatorSettings:
     models_dir: str = "/models"
     port: int = 1234
     image_pull_policy: str | None = None  # None: Kubernetes' default for the tag
+    # The credential `lmkube gateway` sends; every model-server pod then accepts it besides its own token.
+    gateway_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
-        """Settings from LMKUBE_OPERATOR_CPU_IMAGE, _CUDA_IMAGE, _MODELS_DIR, _PORT, _IMAGE_PULL_POLICY."""
+        """Settings from LMKUBE_OPERATOR_CPU_IMAGE, _CUDA_IMAGE, _MODELS_DIR, _PORT, _IMAGE_PULL_POLICY,
+        _GATEWAY_TOKEN."""
         env = os.environ if environ is None else environ
         default = cls()
         return cls(
@@ -97,6 +100,7 @@ class OperatorSettings:
             models_dir=env.get("LMKUBE_OPERATOR_MODELS_DIR") or default.models_dir,
             port=int(env.get("LMKUBE_OPERATOR_PORT") or default.port),
             image_pull_policy=env.get("LMKUBE_OPERATOR_IMAGE_PULL_POLICY") or None,
+            gateway_token=env.get("LMKUBE_OPERATOR_GATEWAY_TOKEN") or None,
         )
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from lmkube import __version__
 
-from . import api_tokens, background_server, chat, foreground_server, get, kube_operator, logs, models
+from . import api_tokens, background_server, chat, foreground_server, gateway, get, kube_operator, logs, models
 from .client import CliError
 from .output import error
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"lmkube {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (foreground_server, api_tokens, kube_operator, background_server, get, models, chat, logs):
+    for module in (foreground_server, api_tokens, kube_operator, gateway, background_server, get, models, chat, logs):
         module.register(commands)
     return parser
 

@@ -78,3 +78,24 @@ app.kubernetes.io/component: operator
 {{- define "lmkube.clusterWide" -}}
 {{- if empty .Values.operator.watchNamespaces }}true{{ end }}
 {{- end }}
+
+{{/* Selector labels of the gateway's pods (component=gateway). */}}
+{{- define "lmkube.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: {{ include "lmkube.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{- define "lmkube.gatewayLabels" -}}
+{{ include "lmkube.commonLabels" . }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{- define "lmkube.gatewayFullname" -}}
+{{- printf "%s-gateway" (include "lmkube.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The Secret holding the credential the gateway sends to the model servers. */}}
+{{- define "lmkube.gatewayCredential" -}}
+{{- printf "%s-upstream" (include "lmkube.gatewayFullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}

@@ -1,0 +1,91 @@
+"""Unit tests of the gateway's pure parts (resolution, grants, balancing) and of the operator's side of the
+gateway credential (the pods accept it besides their own token)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from lmkube.gateway.balance import Balancer
+from lmkube.gateway.catalog import Replica, ServedModel
+from lmkube.gateway.keys import KeyRing, grant_from_fields
+from lmkube.gateway.resolve import resolve, upstream_model
+from lmkube.operator import reconcile
+from lmkube.operator.resources import deployment, gateway_secret, gateway_secret_name, token_secret
+from lmkube.operator.spec import OperatorSettings, parse_spec
+
+CHAT = ServedModel("team-a", "chat", "acme/tiny-chat", aliases=("gpt-4o-mini",))
+TWIN = ServedModel("team-b", "chat", "acme/tiny-chat")
+
+
+def test_a_model_answers_to_its_key_name_alias_and_namespace_name() -> None:
+    for name in ("acme/tiny-chat", "ACME/Tiny-Chat@q4_k_m", "gpt-4o-mini", "team-a/chat"):
+        assert resolve(name, [CHAT]) == [CHAT], name
+    assert resolve("acme/other", [CHAT]) == []
+    # Two models share a key: namespace/name picks one; a key that may see only one gets that one.
+    assert resolve("acme/tiny-chat", [CHAT, TWIN]) == [CHAT, TWIN]
+    assert resolve("team-b/chat", [CHAT, TWIN]) == [TWIN]
+    assert resolve("acme/tiny-chat", [CHAT, TWIN], lambda m: m.namespace == "team-b") == [TWIN]
+    assert upstream_model("gpt-4o-mini", CHAT) == "acme/tiny-chat"
+    assert upstream_model("acme/tiny-chat@q4_k_m", CHAT) == "acme/tiny-chat@q4_k_m"
+
+
+def test_grants_and_constant_time_lookup() -> None:
+    ring = KeyRing({
+        "a": grant_from_fields("a", {"key": "k-a", "namespaces": "team-a"}),
+        "b": grant_from_fields("b", {"key": "k-b", "models": "team-b/* gpt-4o-mini", "maxConcurrency": "2"}),
+        "none": grant_from_fields("none", {"key": "k-none"}),
+    })
+    a, b, nothing = ring.lookup("k-a"), ring.lookup("k-b"), ring.lookup("k-none")
+    assert a and b and nothing and ring.lookup("k-") is None and ring.lookup("k-ab") is None
+    assert a.allows(CHAT) and not a.allows(TWIN)
+    assert b.allows(TWIN) and b.allows(CHAT) and b.max_concurrency == 2  # CHAT through its alias
+    assert not nothing.allows(CHAT) and not nothing.allows(TWIN)
+
+
+def test_least_outstanding_then_bounded_prefix_affinity() -> None:
+    replicas = [Replica(f"http://10.0.0.{i}:1234", f"pod-{i}") for i in range(3)]
+    balancer = Balancer()
+    picks = [balancer.pick(replicas) for _ in range(3)]
+    for replica in picks:
+        assert replica is not None
+        balancer.acquire(replica.url)
+    assert {r.url for r in picks if r} == {r.url for r in replicas}  # spread by outstanding count
+    for replica in picks:
+        balancer.release(replica.url)  # type: ignore[union-attr]
+    home = balancer.pick(replicas, "conversation 7")
+    assert home is not None and all(balancer.pick(replicas, "conversation 7") == home for _ in range(5))
+    # The conversation's replica is overloaded (more than 1.25x the mean): the walk moves on, then comes back.
+    for _ in range(4):
+        balancer.acquire(home.url)
+    moved = balancer.pick(replicas, "conversation 7")
+    assert moved is not None and moved != home
+    for _ in range(4):
+        balancer.release(home.url)
+    assert balancer.pick(replicas, "conversation 7") == home
+    balancer.eject(home.url)  # it failed: avoided until the ejection expires
+    assert balancer.pick(replicas, "conversation 7") != home
+
+
+def test_pods_accept_the_gateway_credential_only_when_the_operator_has_one() -> None:
+    spec = parse_spec({"model": "acme/tiny-chat", "gpu": {"count": 0}})
+    plain = deployment("chat", "ns", spec)
+    env = {e["name"]: e for e in plain["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LMKUBE_API_TOKENS"]["valueFrom"]["secretKeyRef"]["name"] == "lm-chat-token"
+    assert "LMKUBE_GATEWAY_TOKEN" not in env
+    # Without a gateway credential the Secret digest is what it was, so upgrading the operator rolls nothing.
+    assert reconcile.secret_version("t", OperatorSettings()) == reconcile.fingerprint({"t": "t"})
+
+    settings = replace(OperatorSettings(), gateway_token="gw-secret")
+    assert "gw-secret" not in repr(settings)
+    rolled = deployment("chat", "ns", spec, settings)
+    env = {e["name"]: e for e in rolled["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LMKUBE_MODEL_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "lm-chat-token"
+    assert env["LMKUBE_GATEWAY_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == gateway_secret_name("chat", "gw-secret")
+    assert env["LMKUBE_API_TOKENS"]["value"] == "$(LMKUBE_MODEL_TOKEN),$(LMKUBE_GATEWAY_TOKEN)"
+    names = [e["name"] for e in rolled["spec"]["template"]["spec"]["containers"][0]["env"]]
+    assert names.index("LMKUBE_API_TOKENS") > names.index("LMKUBE_GATEWAY_TOKEN")  # $(VAR) needs them first
+    secret = gateway_secret("chat", "ns", "gw-secret")
+    assert secret["stringData"] == {"token": "gw-secret"} and secret["metadata"]["name"].startswith("lm-chat-gw-")
+    assert gateway_secret_name("chat", "rotated") != secret["metadata"]["name"]  # a new token, a new Secret
+    assert reconcile.secret_version("t", settings) != reconcile.secret_version("t", OperatorSettings())
+    assert token_secret("chat", "ns", "t")["metadata"]["name"] != secret["metadata"]["name"]
