@@ -299,7 +299,7 @@ class Gateway:
             try:
                 began = time.monotonic()
                 opening = asyncio.ensure_future(self.proxy.open(replica, scope, raw))
-                await asyncio.wait({opening, gone}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait((opening, gone), return_when=asyncio.FIRST_COMPLETED)
                 if not opening.done():  # the client left before the answer began: so does the request
                     opening.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

@@ -72,7 +72,7 @@ def load_kube_config() -> KubeConfig:
     context_name = config.get("current-context")
     context = next(c["context"] for c in config["contexts"] if c["name"] == context_name)
     cluster = next(c["cluster"] for c in config["clusters"] if c["name"] == context["cluster"])
-    user = next((u["user"] for u in config.get("users", []) if u["name"] == context.get("user")), {})
+    user: dict[str, Any] = next((u["user"] for u in config.get("users", []) if u["name"] == context.get("user")), {})
     cert = None
     if "client-certificate-data" in user:
         cert = (_data_file(user["client-certificate-data"]), _data_file(user["client-key-data"]))
@@ -127,7 +127,7 @@ class Watch:
     async def run(self) -> None:
         while True:
             try:
-                version = await self._list()
+                version: str | None = await self._list()
                 while version:
                     version = await self._watch(version)
             except asyncio.CancelledError:
