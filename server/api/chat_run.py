@@ -162,7 +162,8 @@ class ChatRun:
 
     async def _submit(self, prompt: Sequence[int], params: SamplingParams, prepared: PreparedChat | None) -> Round:
         await inference.load_draft(self.instance, params)
-        generation = inference.submit(self.instance, prompt, params, param=self.param)
+        images = prepared.images if prepared is not None else None
+        generation = inference.submit(self.instance, prompt, params, param=self.param, images=images)
         round = Round(self.instance, params, generation, prepared)
         self.rounds.append(round)
         return round

@@ -18,10 +18,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..engine.vision import PromptImages
 from ..errors import APIError
 from ..runtime.instance import ModelInstance
 from .deltas import ChatDelta, ChatResult
-from .prompt import normalize_messages, prompt_tokens, refuse_oversized, render_chat
+from .images import decode_images
+from .prompt import normalize_messages, prompt_tokens, prompt_with_images, refuse_oversized, render_chat
 from .reasoning import (
     ReasoningSplitter,
     ReasoningStyle,
@@ -80,6 +82,7 @@ class PreparedChat:
     starts_in_reasoning: bool
     tool_format: ToolFormat | None
     registry: ToolRegistry | None
+    images: PromptImages | None = None  # the image chunks behind the prompt's placeholder runs
 
     def new_output(self) -> ChatOutput:
         return ChatOutput(self)
@@ -165,7 +168,9 @@ def prepare_chat(instance: ModelInstance, spec: ChatSpec, *, param: str = "messa
     template_format = detect_tool_format(template_source)
     tool_format = template_format if registry is not None else None
 
-    messages = normalize_messages(spec.messages)
+    image_urls: list[Any] = []
+    messages = normalize_messages(spec.messages, image_urls if instance.projector is not None else None)
+    images = decode_images(image_urls, param=param) if image_urls else None
     refuse_oversized(instance, (m["content"] for m in messages if isinstance(m["content"], str)), param=param)
     if registry is not None:
         messages = rewrite_history_tool_names(messages, registry, fmt=tool_format)
@@ -182,8 +187,14 @@ def prepare_chat(instance: ModelInstance, spec: ChatSpec, *, param: str = "messa
         grammar = response_format_grammar(dict(spec.response_format), model=instance.model)
 
     style = detect_reasoning_style(template_source)
+    chunks: PromptImages | None = None
+    if images:
+        prompt, chunks = prompt_with_images(instance, text, images, param=param)
+    else:
+        prompt = prompt_tokens(instance, text, param=param)
     return PreparedChat(
-        prompt=prompt_tokens(instance, text, param=param),
+        prompt=prompt,
+        images=chunks,
         prompt_text=text,
         grammar=grammar,
         # Tool-call and channel markers are control tokens in real GGUFs; the parsers need their text.

@@ -29,6 +29,7 @@ from .slot_cache import SlotCaches
 from .speculative import Draft, Speculation
 from .stats import EngineStats
 from .text_stream import TextStream
+from .vision import Image, Projector, PromptImages
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,10 @@ class GenerationEngine:
         max_queue: int | None = None,
         stats: EngineStats | None = None,
         host_cache_bytes: int = 0,
+        projector: Projector | None = None,
     ) -> None:
         self.model = model
+        self.projector = projector
         self.context = context
         self.name = name
         self.n_ctx = context.n_ctx
@@ -66,13 +69,30 @@ class GenerationEngine:
         self._cond = threading.Condition()
         self._closed = False
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[EventStream, list[Event]]]] = {}
+        if projector is not None:
+            self._warm_up_images(projector)
         self._thread = threading.Thread(target=self._run, name=f"engine:{name}", daemon=True)
         self._thread.start()
 
+    def _warm_up_images(self, projector: Projector) -> None:
+        """The first image a context evaluates takes ~1 s more than the rest (graph and buffer set-up, measured
+        on the tiny projector), and every stream would stall for it: pay it at load, before the engine runs."""
+        started = time.perf_counter()
+        side = projector.image_size
+        _, images = projector.tokenize(f"{projector.marker}.", [Image(side, side, bytes(side * side * 3))],
+                                       add_bos=False)
+        for start, (_, chunk) in images.spans.items():
+            projector.evaluate(self.context, chunk, start, 0)
+        self.context.seq_remove(0)
+        log.info("%s: vision projector warmed up in %.2f s", self.name, time.perf_counter() - started)
+
     # -- called from event loops ------------------------------------------------------------------
 
-    def submit(self, prompt: Sequence[int], params: SamplingParams, draft: Draft | None = None) -> GenerationRequest:
-        request = GenerationRequest(self._wake, list(prompt), params, draft)
+    def submit(self, prompt: Sequence[int], params: SamplingParams, draft: Draft | None = None,
+               images: PromptImages | None = None) -> GenerationRequest:
+        if images is not None:
+            draft = None  # a draft model has no projector: it cannot follow a prompt with images
+        request = GenerationRequest(self._wake, list(prompt), params, draft, images)
         with self._cond:
             if self._closed:
                 raise RuntimeError("engine is closed")
@@ -192,6 +212,7 @@ class GenerationEngine:
         allow_prefill = True
         if any(s.spec is not None for s in self._slots):
             plan_drafts(self._slots, self.n_ctx)
+        self._evaluate_images()
         while True:
             self._fill_batch(allow_prefill)
             if self.context.batch.n_tokens == 0:
@@ -221,6 +242,44 @@ class GenerationEngine:
             self._caches.forget(victim)
         self._advance()
 
+    def _evaluate_images(self) -> None:
+        """Evaluates, one at a time, the image each prefilling slot has reached, into that slot's sequence.
+        Between engine steps: the other streams wait for one image's encode (a few ms for small projectors,
+        see docs/vision.md), never for a whole prompt's."""
+        projector = self.projector
+        if projector is None:
+            return
+        for slot in self._slots:
+            request = slot.request
+            if request is None or request.images is None or not slot.prefilling or request.cancelled:
+                continue
+            found = request.images.at(slot.prompt_pos)
+            if found is None:
+                continue
+            start, n_tokens, chunk = found
+            assert slot.cached is not None
+            if start != slot.prompt_pos:  # a reused prefix never ends inside an image; if it did, redo it whole
+                self.context.seq_remove(slot.seq, start, -1)
+                del slot.cached[start:]
+                slot.cached_at_start = min(slot.cached_at_start, start)
+                slot.prompt_pos = start
+            if start + n_tokens >= len(request.prompt):
+                self._finish(slot, "error", error="a prompt must not end with an image")
+                self._caches.forget(slot)
+                continue
+            started = time.perf_counter()
+            result = projector.evaluate(self.context, chunk, start, slot.seq)
+            seconds = time.perf_counter() - started
+            if result != 0:
+                self._finish(slot, "error", error=f"the image could not be evaluated (libmtmd error {result})")
+                self._caches.forget(slot)
+                continue
+            slot.cached.extend(request.prompt[start : start + n_tokens])
+            slot.prompt_pos = start + n_tokens
+            self.stats.images_evaluated += 1
+            self.stats.image_seconds += seconds  # every other stream waited this long
+            log.info("image of %d tokens evaluated in %.2f ms", n_tokens, seconds * 1e3)
+
     def _fill_batch(self, allow_prefill: bool) -> None:
         batch = self.context.batch
         batch.clear()
@@ -245,6 +304,14 @@ class GenerationEngine:
             prompt = slot.request.prompt
             last = len(prompt) - 1
             slot.chunk_end = min(len(prompt), slot.prompt_pos + batch.free)
+            images = slot.request.images
+            if images is not None:  # text up to the next image; the image itself is evaluated apart
+                upcoming = images.next_start(slot.prompt_pos)
+                if upcoming is not None:
+                    slot.chunk_end = min(slot.chunk_end, upcoming)
+                if slot.chunk_end == slot.prompt_pos:
+                    slot.chunk_end = -1
+                    continue
             for pos in range(slot.prompt_pos, slot.chunk_end):
                 index = batch.add(prompt[pos], pos, slot.seq, pos == last)
             if slot.chunk_end == len(prompt):

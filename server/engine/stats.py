@@ -27,6 +27,8 @@ class EngineStats:
     draft_accepted: int = 0
     draft_rejected: int = 0
     draft_ignored: int = 0
+    images_evaluated: int = 0  # image chunks encoded and decoded (a cached image is not)
+    image_seconds: float = 0.0  # engine time spent on them, during which no other stream advanced
 
     def finished(self, prompt_tokens: int, prompt_seconds: float, predicted_tokens: int,
                  predicted_seconds: float, sequence_length: int) -> None:
