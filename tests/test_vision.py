@@ -8,11 +8,14 @@ encoding it again, and each bad input is a 400 in the family's own error shape.
 from __future__ import annotations
 
 import base64
+import http.server
 import io
 import json
 import re
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -50,13 +53,18 @@ def chat_parts(*urls: str, text: str = "What is in this picture?") -> list[dict[
 
 
 @pytest.fixture(scope="module")
-def vision_server(start_server: ServerFactory, tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+def vision_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     models = tmp_path_factory.mktemp("vision-models")
     folder = models / "acme" / "tiny-vision"
     write_llama_model(folder / "tiny-vision-F16.gguf", seed=7, name="Tiny Vision")
     write_mmproj(folder / "mmproj-tiny-vision-F32.gguf", text_n_embd=64)
     write_llama_model(models / "acme" / "tiny-text" / "tiny-text-F16.gguf", seed=8, name="Tiny Text")
-    return start_server(models, "--parallel", "4")
+    return models
+
+
+@pytest.fixture(scope="module")
+def vision_server(start_server: ServerFactory, vision_models: Path) -> ServerProcess:
+    return start_server(vision_models, "--parallel", "4")
 
 
 @pytest.fixture(scope="module")
@@ -100,16 +108,16 @@ def test_vision_model_is_listed_with_its_capability(vision_server: ServerProcess
 
 def test_chat_completions_one_and_two_images_count_image_tokens(oai: openai.OpenAI) -> None:
     one = oai.chat.completions.create(model=VISION, max_tokens=4, messages=[
-        {"role": "user", "content": chat_parts(RED)}])  # type: ignore[list-item]
+        {"role": "user", "content": chat_parts(RED)}])
     two = oai.chat.completions.create(model=VISION, max_tokens=4, messages=[
-        {"role": "user", "content": chat_parts(RED, BLUE)}])  # type: ignore[list-item]
+        {"role": "user", "content": chat_parts(RED, BLUE)}])
     assert one.choices[0].message.content and two.choices[0].message.content
     assert one.usage is not None and two.usage is not None
     assert two.usage.prompt_tokens - one.usage.prompt_tokens == IMAGE_TOKENS  # the second image's tokens
     pieces = []
     for chunk in oai.chat.completions.create(model=VISION, max_tokens=4, stream=True,
                                              stream_options={"include_usage": True},
-                                             messages=[{"role": "user", "content": chat_parts(BLUE, RED)}]):  # type: ignore[list-item]
+                                             messages=[{"role": "user", "content": chat_parts(BLUE, RED)}]):
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
         if chunk.usage is not None:
@@ -120,7 +128,7 @@ def test_chat_completions_one_and_two_images_count_image_tokens(oai: openai.Open
 def test_the_image_changes_the_answer(oai: openai.OpenAI) -> None:
     def answer(url: str) -> str:
         reply = oai.chat.completions.create(model=VISION, max_tokens=12, temperature=0, messages=[
-            {"role": "user", "content": chat_parts(url)}])  # type: ignore[list-item]
+            {"role": "user", "content": chat_parts(url)}])
         return reply.choices[0].message.content or ""
     noise = Image.effect_noise((48, 40), 100).convert("RGB")
     buffer = io.BytesIO()
@@ -133,11 +141,11 @@ def test_second_turn_about_the_same_image_does_not_encode_it_again(oai: openai.O
                                                                    vision_server: ServerProcess) -> None:
     image = data_url(png((10, 200, 90), (64, 64)))
     turn = [{"role": "user", "content": chat_parts(image, text="Describe it.")}]
-    first = oai.chat.completions.create(model=VISION, max_tokens=6, temperature=0, messages=turn)  # type: ignore[arg-type]
+    first = oai.chat.completions.create(model=VISION, max_tokens=6, temperature=0, messages=turn)
     encoded = metric(vision_server, "lmkube_images_evaluated_total")
     turn += [{"role": "assistant", "content": first.choices[0].message.content},
              {"role": "user", "content": "And the colour?"}]
-    second = oai.chat.completions.create(model=VISION, max_tokens=6, messages=turn)  # type: ignore[arg-type]
+    second = oai.chat.completions.create(model=VISION, max_tokens=6, messages=turn)
     assert second.usage is not None and second.usage.prompt_tokens_details is not None
     assert second.usage.prompt_tokens_details.cached_tokens > IMAGE_TOKENS  # past the image
     assert metric(vision_server, "lmkube_images_evaluated_total") == encoded
@@ -147,11 +155,11 @@ def test_responses_input_image(oai: openai.OpenAI) -> None:
     content = [{"type": "input_text", "text": "What is this?"}, {"type": "input_image", "image_url": RED},
                {"type": "input_image", "image_url": BLUE}]
     response = oai.responses.create(model=VISION, max_output_tokens=4,
-                                    input=[{"role": "user", "content": content}])  # type: ignore[list-item,misc]
+                                    input=[{"role": "user", "content": content}])
     assert response.output_text and response.usage is not None
     assert response.usage.input_tokens > 2 * IMAGE_TOKENS
     kinds = [e.type for e in oai.responses.create(model=VISION, max_output_tokens=4, stream=True,
-                                                  input=[{"role": "user", "content": content}])]  # type: ignore[list-item,misc]
+                                                  input=[{"role": "user", "content": content}])]
     assert kinds[-1] in ("response.completed", "response.incomplete")  # 4 tokens may cut it short
     assert "response.output_text.delta" in kinds
 
@@ -160,14 +168,14 @@ def test_messages_image_blocks(claude: anthropic.Anthropic) -> None:
     block = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                          "data": RED.split(",", 1)[1]}}
     one = claude.messages.create(model=VISION, max_tokens=4, messages=[
-        {"role": "user", "content": [block, {"type": "text", "text": "What is this?"}]}])  # type: ignore[list-item]
+        {"role": "user", "content": [block, {"type": "text", "text": "What is this?"}]}])
     two = claude.messages.create(model=VISION, max_tokens=4, messages=[
-        {"role": "user", "content": [block, block, {"type": "text", "text": "What is this?"}]}])  # type: ignore[list-item]
+        {"role": "user", "content": [block, block, {"type": "text", "text": "What is this?"}]}])
     def prompt(message: anthropic.types.Message) -> int:  # Anthropic counts cache reads apart from input_tokens
         return message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0)
     assert one.content and prompt(two) - prompt(one) == IMAGE_TOKENS
     with claude.messages.stream(model=VISION, max_tokens=4, messages=[
-            {"role": "user", "content": [block, {"type": "text", "text": "Again?"}]}]) as stream:  # type: ignore[list-item]
+            {"role": "user", "content": [block, {"type": "text", "text": "Again?"}]}]) as stream:
         final = stream.get_final_message()
     assert prompt(final) > IMAGE_TOKENS and final.stop_reason in ("end_turn", "max_tokens")
 
@@ -228,7 +236,7 @@ def test_too_many_images(vision_server: ServerProcess) -> None:
 def test_gif_and_webp_and_jpeg(oai: openai.OpenAI) -> None:
     for fmt, mime in (("GIF", "image/gif"), ("WEBP", "image/webp"), ("JPEG", "image/jpeg")):
         reply = oai.chat.completions.create(model=VISION, max_tokens=2, messages=[
-            {"role": "user", "content": chat_parts(data_url(png((90, 90, 9), fmt=fmt), mime))}])  # type: ignore[list-item]
+            {"role": "user", "content": chat_parts(data_url(png((90, 90, 9), fmt=fmt), mime))}])
         assert reply.usage is not None and reply.usage.prompt_tokens > IMAGE_TOKENS, fmt
 
 
@@ -236,16 +244,16 @@ def test_image_for_a_text_only_model_is_400_in_each_family(oai: openai.OpenAI, c
                                                            vision_server: ServerProcess) -> None:
     with pytest.raises(openai.BadRequestError) as chat:
         oai.chat.completions.create(model=TEXT_ONLY, max_tokens=2, messages=[
-            {"role": "user", "content": chat_parts(RED)}])  # type: ignore[list-item]
+            {"role": "user", "content": chat_parts(RED)}])
     assert chat.value.code == "model_not_vision_capable"
     with pytest.raises(openai.BadRequestError):
         oai.responses.create(model=TEXT_ONLY, input=[
-            {"role": "user", "content": [{"type": "input_image", "image_url": RED}]}])  # type: ignore[list-item,misc]
+            {"role": "user", "content": [{"type": "input_image", "image_url": RED}]}])
     with pytest.raises(anthropic.BadRequestError) as messages:
         claude.messages.create(model=TEXT_ONLY, max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                         "data": RED.split(",", 1)[1]}}]}])  # type: ignore[list-item]
-    assert messages.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+                                         "data": RED.split(",", 1)[1]}}]}])
+    assert messages.value.body["error"]["type"] == "invalid_request_error"
     native = httpx.post(f"{vision_server.base_url}/api/v1/chat", timeout=60, json={
         "model": TEXT_ONLY, "input": [{"type": "image", "data_url": RED}]})
     assert native.status_code == 400 and native.json()["error"]["code"] == "model_not_vision_capable"
@@ -256,11 +264,11 @@ def test_cancel_while_images_are_evaluated_frees_the_slots(oai: openai.OpenAI,
     for i in range(6):  # more than the 4 slots: a slot that was not freed would leave a request queued
         url = data_url(png((i, 40 * i, 7), (300 + i, 200)))
         stream = oai.chat.completions.create(model=VISION, max_tokens=5000, stream=True, messages=[
-            {"role": "user", "content": chat_parts(url, url, url)}])  # type: ignore[list-item]
+            {"role": "user", "content": chat_parts(url, url, url)}])
         stream.response.close()  # gone while the images are still being read and evaluated
     wait_until_idle(vision_server)
     reply = oai.chat.completions.create(model=VISION, max_tokens=2, messages=[
-        {"role": "user", "content": chat_parts(RED)}])  # type: ignore[list-item]
+        {"role": "user", "content": chat_parts(RED)}])
     assert reply.choices[0].finish_reason == "length"
 
 
@@ -283,8 +291,74 @@ def test_text_streams_keep_flowing_while_images_are_evaluated(oai: openai.OpenAI
     for i in range(3):
         url = data_url(png((i * 80, 3, 3), (128, 96)))
         reply = oai.chat.completions.create(model=VISION, max_tokens=2, messages=[
-            {"role": "user", "content": chat_parts(url, url)}])  # type: ignore[list-item]
+            {"role": "user", "content": chat_parts(url, url)}])
         assert reply.usage is not None and reply.usage.prompt_tokens > 2 * IMAGE_TOKENS
     during = len(tokens) - before
     reader.join(timeout=120)
     assert done.is_set() and during > 0  # the text stream advanced while the images went in
+
+
+class _ImageHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path == "/red.png":
+            body = png((220, 20, 20))
+        elif self.path == "/huge.png":
+            body = b"\0" * (21 << 20)  # past the 20 MB limit
+        else:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_host() -> Iterator[str]:
+    """A local web server with images: what `--allow-image-urls` lets the server fetch."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def test_image_urls_are_fetched_only_when_allowed(start_server: ServerFactory, vision_server: ServerProcess,
+                                                  vision_models: Path, image_host: str) -> None:
+    fetching = start_server(vision_models, "--allow-image-urls", "--parallel", "1")
+    client = anthropic.Anthropic(base_url=fetching.base_url, api_key="none", max_retries=0)
+    reply = client.messages.create(model=VISION, max_tokens=2, messages=[{"role": "user", "content": [
+        {"type": "image", "source": {"type": "url", "url": f"{image_host}/red.png"}},
+        {"type": "text", "text": "?"}]}])
+    assert reply.usage.input_tokens + (reply.usage.cache_read_input_tokens or 0) > IMAGE_TOKENS
+    for path, code in (("/missing.png", "image_fetch_failed"), ("/huge.png", "image_too_large")):
+        answer = httpx.post(f"{fetching.base_url}/v1/chat/completions", timeout=60, json={
+            "model": VISION, "max_tokens": 2,
+            "messages": [{"role": "user", "content": chat_parts(f"{image_host}{path}")}]})
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == code, answer.text
+    refused = httpx.post(f"{vision_server.base_url}/v1/chat/completions", timeout=60, json={
+        "model": VISION, "max_tokens": 2,
+        "messages": [{"role": "user", "content": chat_parts(f"{image_host}/red.png")}]})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "image_url_not_allowed"
+
+
+def test_a_broken_projector_is_a_load_error_not_a_dead_server(start_server: ServerFactory,
+                                                              tmp_path: Path) -> None:
+    folder = tmp_path / "models" / "acme" / "broken-vision"
+    write_llama_model(folder / "broken-vision-F16.gguf", seed=9)
+    write_mmproj(folder / "mmproj-broken-F32.gguf")
+    projector = folder / "mmproj-broken-F32.gguf"
+    # The same file with its vision-encoder flag renamed: libmtmd alone would fail (or crash) on it.
+    projector.write_bytes(projector.read_bytes().replace(b"clip.has_vision_encoder", b"clip.has_vision_xxxxxxx"))
+    server = start_server(tmp_path / "models")
+    reply = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=60, json={
+        "model": "acme/broken-vision", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code >= 400 and "clip.has_vision_encoder" in reply.json()["error"]["message"], reply.text
+    assert server.process.poll() is None
+    assert httpx.get(f"{server.base_url}/v1/models", timeout=10).status_code == 200

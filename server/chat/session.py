@@ -150,9 +150,11 @@ def _named_tool(choice: ToolChoice) -> str | None:
     return None
 
 
-def prepare_chat(instance: ModelInstance, spec: ChatSpec, *, param: str = "messages") -> PreparedChat:
-    """Blocks for as long as templating and tokenizing the conversation take (a long one: seconds); routes
-    run it off the event loop (`asyncio.to_thread`). `param` names the request field of the prompt in errors."""
+def prepare_chat(instance: ModelInstance, spec: ChatSpec, *, param: str = "messages",
+                 fetch_image_urls: bool = False) -> PreparedChat:
+    """Blocks for as long as templating, tokenizing and fetching the conversation's images take (a long one:
+    seconds); routes run it off the event loop (`asyncio.to_thread`). `param` names the request field of the
+    prompt in errors; `fetch_image_urls` lets http(s) image URLs be fetched (else they are a 400)."""
     template_source = instance.template.source
     named = _named_tool(spec.tool_choice)
     registry: ToolRegistry | None = None
@@ -170,7 +172,7 @@ def prepare_chat(instance: ModelInstance, spec: ChatSpec, *, param: str = "messa
 
     image_urls: list[Any] = []
     messages = normalize_messages(spec.messages, image_urls if instance.projector is not None else None)
-    images = decode_images(image_urls, param=param) if image_urls else None
+    images = decode_images(image_urls, param=param, fetch=fetch_image_urls) if image_urls else None
     refuse_oversized(instance, (m["content"] for m in messages if isinstance(m["content"], str)), param=param)
     if registry is not None:
         messages = rewrite_history_tool_names(messages, registry, fmt=tool_format)
