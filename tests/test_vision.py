@@ -24,6 +24,7 @@ import openai
 import pytest
 from cli_support import run_cli
 from conftest import ServerFactory
+from hf_hub_server import FakeHub
 from PIL import Image
 from support import ServerProcess, wait_until
 
@@ -362,3 +363,31 @@ def test_a_broken_projector_is_a_load_error_not_a_dead_server(start_server: Serv
     assert reply.status_code >= 400 and "clip.has_vision_encoder" in reply.json()["error"]["message"], reply.text
     assert server.process.poll() is None
     assert httpx.get(f"{server.base_url}/v1/models", timeout=10).status_code == 200
+
+
+def test_downloading_a_repo_with_a_projector_brings_it_along(start_server: ServerFactory, tmp_path: Path) -> None:
+    """What an operator's LocalModel download does (it asks the pod's server): the projector comes with the model."""
+    source = tmp_path / "hub-files"
+    model = write_llama_model(source / "seer-Q4_K_M.gguf", seed=21, name="Seer")
+    projector = write_mmproj(source / "mmproj-seer-F16.gguf")
+    hub = FakeHub().start()
+    try:
+        hub.add_repo("hub-org/Seer-GGUF", {model.name: model, projector.name: projector, "README.md": b"# seer\n"})
+        models = tmp_path / "models"
+        server = start_server(models, env={"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": "",
+                                           "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"})
+        started = httpx.post(f"{server.base_url}/api/v1/models/download", json={"model": "hub-org/Seer-GGUF"},
+                             timeout=60).json()
+
+        def finished() -> dict[str, Any] | None:
+            state = httpx.get(f"{server.base_url}/api/v1/models/download/status/{started['job_id']}").json()
+            return None if state["status"] == "downloading" else state
+        assert wait_until(finished, timeout=60)["status"] == "completed"
+        assert (models / "hub-org" / "Seer-GGUF" / projector.name).read_bytes() == projector.read_bytes()
+        listed = {m["key"]: m for m in httpx.get(f"{server.base_url}/api/v1/models").json()["models"]}
+        assert listed["hub-org/seer-gguf"]["capabilities"]["vision"] is True
+        reply = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=60, json={
+            "model": "hub-org/seer-gguf", "max_tokens": 2, "messages": [{"role": "user", "content": chat_parts(RED)}]})
+        assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] > IMAGE_TOKENS, reply.text
+    finally:
+        hub.stop()

@@ -40,6 +40,10 @@ EngineStatus = Literal["idle", "processingPrompt", "generating"]
 # costs ~5 µs per cell), else right after the step.
 PARK_BEFORE_PREFILLING = 32
 
+# Image rows decoded per engine step: the longest any other stream waits for an image once it is encoded is
+# the decode of this many rows (about a prompt chunk of as many tokens).
+IMAGE_SLICE = 32
+
 
 class GenerationEngine:
     def __init__(
@@ -243,9 +247,10 @@ class GenerationEngine:
         self._advance()
 
     def _evaluate_images(self) -> None:
-        """Evaluates, one at a time, the image each prefilling slot has reached, into that slot's sequence.
-        Between engine steps: the other streams wait for one image's encode (a few ms for small projectors,
-        see docs/vision.md), never for a whole prompt's."""
+        """Moves every prefilling slot that has reached an image one slice further into it: the image is encoded
+        once (vision encoder and projector), then its rows are decoded into the slot's sequence IMAGE_SLICE at a
+        time, one slice per engine step, so the other streams wait for one slice (or one encode) per step rather
+        than for a whole image (numbers in docs/vision.md)."""
         projector = self.projector
         if projector is None:
             return
@@ -258,27 +263,49 @@ class GenerationEngine:
                 continue
             start, n_tokens, chunk = found
             assert slot.cached is not None
-            if start != slot.prompt_pos:  # a reused prefix never ends inside an image; if it did, redo it whole
-                self.context.seq_remove(slot.seq, start, -1)
-                del slot.cached[start:]
-                slot.cached_at_start = min(slot.cached_at_start, start)
-                slot.prompt_pos = start
-            if start + n_tokens >= len(request.prompt):
-                self._finish(slot, "error", error="a prompt must not end with an image")
-                self._caches.forget(slot)
-                continue
             started = time.perf_counter()
-            result = projector.evaluate(self.context, chunk, start, slot.seq)
-            seconds = time.perf_counter() - started
+            if slot.image_rows is None or slot.image_start != start:
+                if start != slot.prompt_pos:  # a reused prefix ended inside an image (one cut short): redo it whole
+                    self.context.seq_remove(slot.seq, start, -1)
+                    del slot.cached[start:]
+                    slot.cached_at_start = min(slot.cached_at_start, start)
+                    slot.prompt_pos = start
+                if start + n_tokens >= len(request.prompt):
+                    self._image_failed(slot, "a prompt must not end with an image")
+                    continue
+                if not projector.sliceable(chunk):
+                    result = projector.evaluate(self.context, chunk, start, slot.seq)
+                    if result != 0:
+                        self._image_failed(slot, f"the image could not be evaluated (libmtmd error {result})")
+                        continue
+                    self.stats.images_evaluated += 1
+                    self._image_progress(slot, start + n_tokens, started)
+                    continue
+                rows = projector.encode(chunk, n_tokens)
+                if rows is None:
+                    self._image_failed(slot, "the image could not be encoded")
+                    continue
+                slot.image_rows, slot.image_start = rows, start
+                self.stats.images_evaluated += 1
+            done = slot.prompt_pos - start
+            end = min(n_tokens, done + IMAGE_SLICE, done + self.context.n_batch)
+            result = self.context.decode_embeddings(slot.image_rows[done:end], slot.prompt_pos, slot.seq)
             if result != 0:
-                self._finish(slot, "error", error=f"the image could not be evaluated (libmtmd error {result})")
-                self._caches.forget(slot)
+                self._image_failed(slot, f"the image could not be decoded (llama_decode {result})")
                 continue
-            slot.cached.extend(request.prompt[start : start + n_tokens])
-            slot.prompt_pos = start + n_tokens
-            self.stats.images_evaluated += 1
-            self.stats.image_seconds += seconds  # every other stream waited this long
-            log.info("image of %d tokens evaluated in %.2f ms", n_tokens, seconds * 1e3)
+            if end == n_tokens:
+                slot.image_rows = None
+            self._image_progress(slot, start + end, started)
+
+    def _image_progress(self, slot: Slot, pos: int, started: float) -> None:
+        assert slot.cached is not None and slot.request is not None
+        slot.cached.extend(slot.request.prompt[slot.prompt_pos : pos])
+        slot.prompt_pos = pos
+        self.stats.image_seconds += time.perf_counter() - started  # every other stream waited this long
+
+    def _image_failed(self, slot: Slot, error: str) -> None:
+        self._finish(slot, "error", error=error)
+        self._caches.forget(slot)
 
     def _fill_batch(self, allow_prefill: bool) -> None:
         batch = self.context.batch
@@ -306,6 +333,9 @@ class GenerationEngine:
             slot.chunk_end = min(len(prompt), slot.prompt_pos + batch.free)
             images = slot.request.images
             if images is not None:  # text up to the next image; the image itself is evaluated apart
+                if images.at(slot.prompt_pos) is not None:
+                    slot.chunk_end = -1
+                    continue
                 upcoming = images.next_start(slot.prompt_pos)
                 if upcoming is not None:
                     slot.chunk_end = min(slot.chunk_end, upcoming)
@@ -425,6 +455,7 @@ class GenerationEngine:
         slot.chain = None
         slot.text = None
         slot.spec = None
+        slot.image_rows = None
         slot.pending = -1
         slot.last_used = now
 

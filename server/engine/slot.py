@@ -11,6 +11,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from . import llama_lib as lib
 from .events import EventStream
 from .sampling import SamplingParams
@@ -62,6 +65,8 @@ class Slot:
     started_at: float = 0.0  # when the request got this slot
     first_token_at: float = 0.0
     spec: Speculation | None = None  # drafting state of a request with a draft model
+    image_rows: npt.NDArray[np.float32] | None = None  # the encoded image being decoded a slice per step
+    image_start: int = -1  # its first prompt position
 
     @property
     def n_past(self) -> int:

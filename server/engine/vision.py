@@ -19,6 +19,8 @@ from pathlib import Path
 
 import gguf
 import llama_cpp as C
+import numpy as np
+import numpy.typing as npt
 from llama_cpp import mtmd_cpp as M
 
 from . import llama_lib as lib
@@ -123,6 +125,10 @@ class Projector:
         self.path = path
         self.marker: str = (M.mtmd_get_marker(ctx) or M.mtmd_default_marker()).decode()
         self.image_size = image_size  # what libmtmd resizes every image to
+        self.n_embd = model.n_embd
+        # Image rows go into the context a slice per engine step, unless the model needs the whole image in one
+        # decode (non-causal attention over it) or M-RoPE positions; those take libmtmd's helper in one piece.
+        self._mrope = bool(M.mtmd_decode_use_mrope(ctx))
         self._lock = threading.Lock()
         self.encode_seconds = 0.0  # total time spent evaluating image chunks (metrics, the bench)
         self.images_encoded = 0
@@ -169,6 +175,20 @@ class Projector:
         finally:
             if keep is None:
                 M.mtmd_input_chunks_free(chunks)
+
+    def sliceable(self, chunk: ctypes.c_void_p) -> bool:
+        return not (self._mrope or M.mtmd_decode_use_non_causal(self.ctx, chunk))
+
+    def encode(self, chunk: ctypes.c_void_p, n_tokens: int) -> npt.NDArray[np.float32] | None:
+        """The image chunk through the vision encoder and projector: its rows of text-model embeddings (a copy),
+        or None when libmtmd fails."""
+        with self._lock:
+            if M.mtmd_encode_chunk(self.ctx, chunk) != 0:
+                return None
+            out = M.mtmd_get_output_embd(self.ctx)
+            if not out:
+                return None
+            return np.ctypeslib.as_array(out, shape=(n_tokens * self.n_embd,)).reshape(n_tokens, self.n_embd).copy()
 
     def evaluate(self, context: lib.LlamaContext, chunk: ctypes.c_void_p, n_past: int, seq: int) -> int:
         """Encodes an image chunk and decodes its embeddings into `seq` at `n_past`; 0 on success. Engine
