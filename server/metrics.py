@@ -9,7 +9,7 @@ which breaks as soon as two scrapers poll). Per HTTP route: `lmkube_http_request
 `lmkube_http_request_duration_seconds` histogram by method, route template and status. lmkube's own
 per-model extras: `lmkube_requests_rejected_total`, `lmkube_instance_max_queue`, `lmkube_host_cache_tokens`,
 speculative decoding's `lmkube_draft_tokens_total{outcome="accepted|rejected|ignored"}`, and vision's
-`lmkube_images_evaluated_total` and `lmkube_image_seconds_total`.
+`lmkube_images_evaluated_total`, `lmkube_image_encode_seconds_total` and `lmkube_image_seconds_total`.
 
 Hot path cost: the engines bump plain attributes once per decode call or finished request
 (engine/stats.py); the request observer does one dict update and one bisect per HTTP request, on the event
@@ -164,8 +164,11 @@ def write_model_metrics(out: Exposition, manager: ModelManager) -> None:
     out.family("lmkube_images_evaluated_total", "counter",
                "Images encoded by the vision projector and decoded into a sequence (cached ones are not).",
                ((labels, s.images_evaluated) for labels, s in every))
+    out.family("lmkube_image_encode_seconds_total", "counter",
+               "Time spent encoding images (vision encoder and projector), beside the engine's steps.",
+               ((labels, s.image_encode_seconds) for labels, s in every))
     out.family("lmkube_image_seconds_total", "counter",
-               "Engine time spent evaluating images, during which no other request advanced.",
+               "Engine time spent decoding images into sequences, during which no other request advanced.",
                ((labels, s.image_seconds) for labels, s in every))
     out.family("lmkube_instance_max_queue", "gauge",
                "Requests an instance queues beyond its running ones (-1: unbounded).",

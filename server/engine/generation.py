@@ -23,13 +23,14 @@ from typing import Literal
 
 from . import llama_lib as lib
 from .events import Event, EventStream, Finish, FinishReason, QueueFull, TextDelta
+from .image_prefill import ImagePrefill
 from .sampling import SamplingParams, build_sampler_chain
 from .slot import GenerationRequest, Slot, plan_drafts
 from .slot_cache import SlotCaches
 from .speculative import Draft, Speculation
 from .stats import EngineStats
 from .text_stream import TextStream
-from .vision import Image, Projector, PromptImages
+from .vision import Projector, PromptImages
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ EngineStatus = Literal["idle", "processingPrompt", "generating"]
 # one would attend over their cells: measured ~0.2 µs per token and idle cell on 2 cores, while parking
 # costs ~5 µs per cell), else right after the step.
 PARK_BEFORE_PREFILLING = 32
-
-# Image rows decoded per engine step: the longest any other stream waits for an image once it is encoded is
-# the decode of this many rows (about a prompt chunk of as many tokens).
-IMAGE_SLICE = 32
 
 
 class GenerationEngine:
@@ -73,22 +70,10 @@ class GenerationEngine:
         self._cond = threading.Condition()
         self._closed = False
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[EventStream, list[Event]]]] = {}
-        if projector is not None:
-            self._warm_up_images(projector)
+        self._images = (ImagePrefill(projector, context, self.stats, name=name, wake=self._wake,
+                                     fail=self._image_failed) if projector is not None else None)
         self._thread = threading.Thread(target=self._run, name=f"engine:{name}", daemon=True)
         self._thread.start()
-
-    def _warm_up_images(self, projector: Projector) -> None:
-        """The first image a context evaluates takes ~1 s more than the rest (graph and buffer set-up, measured
-        on the tiny projector), and every stream would stall for it: pay it at load, before the engine runs."""
-        started = time.perf_counter()
-        side = projector.image_size
-        _, images = projector.tokenize(f"{projector.marker}.", [Image(side, side, bytes(side * side * 3))],
-                                       add_bos=False)
-        for start, (_, chunk) in images.spans.items():
-            projector.evaluate(self.context, chunk, start, 0)
-        self.context.seq_remove(0)
-        log.info("%s: vision projector warmed up in %.2f s", self.name, time.perf_counter() - started)
 
     # -- called from event loops ------------------------------------------------------------------
 
@@ -140,6 +125,8 @@ class GenerationEngine:
             self._closed = True
             self._cond.notify()
         self._thread.join()
+        if self._images is not None:
+            self._images.close()
         self._caches.close()
         self.context.close()
 
@@ -176,7 +163,18 @@ class GenerationEngine:
             self._flush()
 
     def _has_work(self) -> bool:
-        return bool(self._waiting) or any(s.request is not None for s in self._slots)
+        images = self._images
+        if images is None:
+            return bool(self._waiting) or any(s.request is not None for s in self._slots)
+        # A slot waiting for its image's encode has nothing to step: the encode's end (or a cancel) wakes us.
+        busy = [s for s in self._slots if s.request is not None]
+        if self._waiting and len(busy) < len(self._slots):
+            return True
+        return any(s.request.cancelled or not images.waiting(s) for s in busy if s.request is not None)
+
+    def _image_failed(self, slot: Slot, error: str) -> None:
+        self._finish(slot, "error", error=error)
+        self._caches.forget(slot)
 
     def _drop_cancelled(self) -> None:
         if any(r.cancelled for r in self._waiting):
@@ -216,7 +214,8 @@ class GenerationEngine:
         allow_prefill = True
         if any(s.spec is not None for s in self._slots):
             plan_drafts(self._slots, self.n_ctx)
-        self._evaluate_images()
+        if self._images is not None:
+            self._images.advance(self._slots)
         while True:
             self._fill_batch(allow_prefill)
             if self.context.batch.n_tokens == 0:
@@ -245,67 +244,6 @@ class GenerationEngine:
             self._finish(victim, "length")
             self._caches.forget(victim)
         self._advance()
-
-    def _evaluate_images(self) -> None:
-        """Moves every prefilling slot that has reached an image one slice further into it: the image is encoded
-        once (vision encoder and projector), then its rows are decoded into the slot's sequence IMAGE_SLICE at a
-        time, one slice per engine step, so the other streams wait for one slice (or one encode) per step rather
-        than for a whole image (numbers in docs/vision.md)."""
-        projector = self.projector
-        if projector is None:
-            return
-        for slot in self._slots:
-            request = slot.request
-            if request is None or request.images is None or not slot.prefilling or request.cancelled:
-                continue
-            found = request.images.at(slot.prompt_pos)
-            if found is None:
-                continue
-            start, n_tokens, chunk = found
-            assert slot.cached is not None
-            started = time.perf_counter()
-            if slot.image_rows is None or slot.image_start != start:
-                if start != slot.prompt_pos:  # a reused prefix ended inside an image (one cut short): redo it whole
-                    self.context.seq_remove(slot.seq, start, -1)
-                    del slot.cached[start:]
-                    slot.cached_at_start = min(slot.cached_at_start, start)
-                    slot.prompt_pos = start
-                if start + n_tokens >= len(request.prompt):
-                    self._image_failed(slot, "a prompt must not end with an image")
-                    continue
-                if not projector.sliceable(chunk):
-                    result = projector.evaluate(self.context, chunk, start, slot.seq)
-                    if result != 0:
-                        self._image_failed(slot, f"the image could not be evaluated (libmtmd error {result})")
-                        continue
-                    self.stats.images_evaluated += 1
-                    self._image_progress(slot, start + n_tokens, started)
-                    continue
-                rows = projector.encode(chunk, n_tokens)
-                if rows is None:
-                    self._image_failed(slot, "the image could not be encoded")
-                    continue
-                slot.image_rows, slot.image_start = rows, start
-                self.stats.images_evaluated += 1
-            done = slot.prompt_pos - start
-            end = min(n_tokens, done + IMAGE_SLICE, done + self.context.n_batch)
-            result = self.context.decode_embeddings(slot.image_rows[done:end], slot.prompt_pos, slot.seq)
-            if result != 0:
-                self._image_failed(slot, f"the image could not be decoded (llama_decode {result})")
-                continue
-            if end == n_tokens:
-                slot.image_rows = None
-            self._image_progress(slot, start + end, started)
-
-    def _image_progress(self, slot: Slot, pos: int, started: float) -> None:
-        assert slot.cached is not None and slot.request is not None
-        slot.cached.extend(slot.request.prompt[slot.prompt_pos : pos])
-        slot.prompt_pos = pos
-        self.stats.image_seconds += time.perf_counter() - started  # every other stream waited this long
-
-    def _image_failed(self, slot: Slot, error: str) -> None:
-        self._finish(slot, "error", error=error)
-        self._caches.forget(slot)
 
     def _fill_batch(self, allow_prefill: bool) -> None:
         batch = self.context.batch
@@ -455,7 +393,8 @@ class GenerationEngine:
         slot.chain = None
         slot.text = None
         slot.spec = None
-        slot.image_rows = None
+        if self._images is not None:
+            self._images.release(slot)
         slot.pending = -1
         slot.last_used = now
 
