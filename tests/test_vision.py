@@ -194,6 +194,13 @@ def test_native_chat_image_items(vision_server: ServerProcess) -> None:
     assert reply.status_code == 200, reply.text
     stats = reply.json()["stats"]
     assert stats["input_tokens"] > IMAGE_TOKENS
+    encoded = metric(vision_server, "lmkube_images_evaluated_total")
+    follow_up = httpx.post(f"{vision_server.base_url}/api/v1/chat", timeout=60, json={
+        "model": VISION, "max_output_tokens": 4, "input": "And the colour?",
+        "previous_response_id": reply.json()["response_id"]})
+    assert follow_up.status_code == 200, follow_up.text
+    assert follow_up.json()["stats"]["input_tokens"] > stats["input_tokens"]  # the stored turn kept its image
+    assert metric(vision_server, "lmkube_images_evaluated_total") == encoded  # and its KV was reused
     body["input"].append({"type": "image", "data_url": BLUE})
     with httpx.stream("POST", f"{vision_server.base_url}/api/v1/chat", json={**body, "stream": True},
                       timeout=60) as stream:
