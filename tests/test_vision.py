@@ -104,6 +104,8 @@ def test_vision_model_is_listed_with_its_capability(vision_server: ServerProcess
     v0 = {m["id"]: m for m in httpx.get(f"{vision_server.base_url}/api/v0/models").json()["data"]}
     assert v0[VISION]["type"] == "vlm" and "vision" in v0[VISION]["capabilities"]
     assert v0[TEXT_ONLY]["type"] == "llm"
+    table = run_cli("ls", server=vision_server).out
+    assert re.search(rf"^{VISION} .* vision\s*$", table, re.M) and not re.search(rf"^{TEXT_ONLY} .*vision", table, re.M)
     listed = run_cli("ls", "--json", server=vision_server)
     assert listed.code == 0, listed.err
     by_key = {m["modelKey"]: m for m in json.loads(listed.out)}

@@ -71,7 +71,8 @@ class GenerationEngine:
         self._closed = False
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[EventStream, list[Event]]]] = {}
         self._images = (ImagePrefill(projector, context, self.stats, name=name, wake=self._wake,
-                                     fail=self._image_failed) if projector is not None else None)
+                                     fail=self._image_failed, make_room=self._caches.drop_idle)
+                        if projector is not None else None)
         self._thread = threading.Thread(target=self._run, name=f"engine:{name}", daemon=True)
         self._thread.start()
 

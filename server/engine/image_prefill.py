@@ -35,12 +35,14 @@ Rows = npt.NDArray[np.float32]
 
 class ImagePrefill:
     def __init__(self, projector: Projector, context: lib.LlamaContext, stats: EngineStats, *, name: str,
-                 wake: Callable[[], None], fail: Callable[[Slot, str], None]) -> None:
+                 wake: Callable[[], None], fail: Callable[[Slot, str], None],
+                 make_room: Callable[[], bool]) -> None:
         self.projector = projector
         self.context = context
         self.stats = stats
         self._wake = wake  # the engine sleeps while every busy slot waits for an encode
         self._fail = fail  # ends a slot's request with an error and forgets its cache
+        self._make_room = make_room  # drops idle caches from the KV cache; False when there were none
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vision:{name}")
         self._jobs: dict[int, Future[Rows | None]] = {}  # slot.seq → its image's encode
         self.warm_up()
@@ -119,6 +121,8 @@ class ImagePrefill:
         done = slot.prompt_pos - start
         end = min(n_tokens, done + IMAGE_SLICE, done + self.context.n_batch)
         result = self.context.decode_embeddings(slot.image_rows[done:end], slot.prompt_pos, slot.seq)
+        while result == 1 and self._make_room():  # no room in the KV cache: idle caches go first
+            result = self.context.decode_embeddings(slot.image_rows[done:end], slot.prompt_pos, slot.seq)
         if result != 0:
             self._fail(slot, f"the image could not be decoded (llama_decode {result})")
             return

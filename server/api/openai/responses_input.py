@@ -80,7 +80,7 @@ def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
         return _text(content, where)
     parts: list[dict[str, Any]] = []
     for index, part in enumerate(content):
-        if part.get("type") == "input_image":
+        if isinstance(part, Mapping) and part.get("type") == "input_image":
             if not isinstance(part.get("image_url"), str):
                 raise bad_request(f"{where}.content[{index}]: input_image needs an image_url (a base64 data URL); "
                                   "file_id is not supported.", param="input", code="unsupported_content")
