@@ -406,3 +406,9 @@ def test_downloading_a_repo_with_a_projector_brings_it_along(start_server: Serve
         assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] > IMAGE_TOKENS, reply.text
     finally:
         hub.stop()
+
+
+def test_the_projectors_marker_typed_in_text_is_just_text(oai: openai.OpenAI) -> None:
+    typed = oai.chat.completions.create(model=VISION, max_tokens=2, messages=[
+        {"role": "user", "content": chat_parts(RED, text="What is <__media__> here <__lmkube_image__>?")}])
+    assert typed.usage is not None and typed.usage.prompt_tokens > IMAGE_TOKENS

@@ -96,8 +96,9 @@ def prompt_with_images(instance: ModelInstance, text: str, images: list[Image], 
     projector = instance.projector
     assert projector is not None
     try:
-        tokens, chunks = projector.tokenize(text.replace(IMAGE_MARKER, projector.marker), images,
-                                            add_bos=_adds_bos(instance, text))
+        # The projector's own marker typed into a message would count as one more image: it goes.
+        marked = text.replace(projector.marker, "").replace(IMAGE_MARKER, projector.marker)
+        tokens, chunks = projector.tokenize(marked, images, add_bos=_adds_bos(instance, text))
     except ImageTokenizeError as exc:
         raise APIError(400, str(exc), param=param, code="invalid_image") from None
     if len(tokens) >= instance.context_length:

@@ -13,7 +13,6 @@ import ctypes
 import hashlib
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,8 +107,8 @@ def _route_logs() -> None:
 
 
 class Projector:
-    """One model's libmtmd context. Tokenizing (request threads) and encoding (the engine thread) share it
-    under one lock."""
+    """One model's libmtmd context. Tokenizing (request threads), encoding (the engine's encoder thread) and
+    the helper's whole-image evaluation (the engine thread) share it under one lock."""
 
     def __init__(self, path: Path, model: lib.LlamaModel, *, n_threads: int, use_gpu: bool) -> None:
         image_size = _check_projector(path)
@@ -130,8 +129,6 @@ class Projector:
         # decode (non-causal attention over it) or M-RoPE positions; those take libmtmd's helper in one piece.
         self._mrope = bool(M.mtmd_decode_use_mrope(ctx))
         self._lock = threading.Lock()
-        self.encode_seconds = 0.0  # total time spent evaluating image chunks (metrics, the bench)
-        self.images_encoded = 0
 
     def close(self) -> None:
         if self.ctx:
@@ -142,18 +139,18 @@ class Projector:
         """`text` holds `self.marker` once per image, in order. Raises ImageTokenizeError."""
         chunks = M.mtmd_input_chunks_init()
         keep: PromptImages | None = None
+        bitmaps = (M.mtmd_bitmap_p_ctypes * max(len(images), 1))()
         try:
-            bitmaps = (M.mtmd_bitmap_p_ctypes * max(len(images), 1))()
             for i, image in enumerate(images):
                 bitmaps[i] = M.mtmd_bitmap_init(image.width, image.height,
                                                  (ctypes.c_uint8 * len(image.rgb)).from_buffer_copy(image.rgb))
+                if not bitmaps[i]:
+                    raise ImageTokenizeError(f"image {i + 1} could not be read by libmtmd")
             raw = text.encode()
             with self._lock:
                 result = M.mtmd_tokenize(self.ctx, chunks, ctypes.byref(M.mtmd_input_text(raw, len(raw), add_bos,
                                                                                            True)),
                                          bitmaps, len(images))
-            for i in range(len(images)):
-                M.mtmd_bitmap_free(bitmaps[i])
             if result != 0:
                 raise ImageTokenizeError(f"the prompt's images could not be tokenized (libmtmd error {result})")
             tokens: list[int] = []
@@ -173,6 +170,9 @@ class Projector:
             keep = PromptImages(chunks, spans)
             return tokens, keep
         finally:
+            for bitmap in bitmaps:
+                if bitmap:
+                    M.mtmd_bitmap_free(bitmap)
             if keep is None:
                 M.mtmd_input_chunks_free(chunks)
 
@@ -194,10 +194,7 @@ class Projector:
         """Encodes an image chunk and decodes its embeddings into `seq` at `n_past`; 0 on success. Engine
         thread only (the llama context is not thread-safe)."""
         new_n_past = C.llama_pos(0)
-        started = time.perf_counter()
         with self._lock:
             result = M.mtmd_helper_eval_chunk_single(self.ctx, context.ptr, chunk, n_past, seq, context.n_batch,
                                                      False, ctypes.byref(new_n_past))
-        self.encode_seconds += time.perf_counter() - started
-        self.images_encoded += 1
         return int(result)
