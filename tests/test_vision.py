@@ -291,27 +291,37 @@ def test_cancel_while_images_are_encoded_frees_the_slots(oai: openai.OpenAI, vis
 def test_text_streams_keep_flowing_while_images_are_evaluated(oai: openai.OpenAI,
                                                              vision_server: ServerProcess) -> None:
     tokens: list[float] = []
-    done = threading.Event()
+    images_done = threading.Event()
+    ended_early = threading.Event()
 
-    def text_stream() -> None:
-        for chunk in oai.chat.completions.create(model=VISION, max_tokens=400, stream=True, messages=[
-                {"role": "user", "content": "Tell me a long story."}]):
+    def text_stream() -> None:  # on the slow projector's model too: one instance, one engine
+        stream = oai.chat.completions.create(model=SLOW_VISION, max_tokens=1800, stream=True, messages=[
+            {"role": "user", "content": "Tell me a long story."}])
+        for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 tokens.append(time.monotonic())
-        done.set()
+            if images_done.is_set():
+                stream.response.close()
+                return
+        ended_early.set()
 
     reader = threading.Thread(target=text_stream)
     reader.start()
-    wait_until(lambda: len(tokens) >= 5, timeout=30, message="the text stream did not start")
-    before = len(tokens)
-    for i in range(3):
-        url = data_url(png((i * 80, 3, 3), (128, 96)))
-        reply = oai.chat.completions.create(model=VISION, max_tokens=2, messages=[
-            {"role": "user", "content": chat_parts(url, url)}])
-        assert reply.usage is not None and reply.usage.prompt_tokens > 2 * IMAGE_TOKENS
-    during = len(tokens) - before
-    reader.join(timeout=120)
-    assert done.is_set() and during > 0  # the text stream advanced while the images went in
+    try:
+        wait_until(lambda: len(tokens) >= 5, timeout=60, message="the text stream did not start")
+        before = len(tokens)
+        for i in range(3):
+            url = data_url(png((i * 80, 3, 3), (128, 96)))
+            reply = oai.chat.completions.create(model=SLOW_VISION, max_tokens=2, messages=[
+                {"role": "user", "content": chat_parts(url, url)}])
+            assert reply.usage is not None and reply.usage.prompt_tokens > 2 * SLOW_SHAPE.image_tokens
+        during = len(tokens) - before
+    finally:
+        images_done.set()
+        reader.join(timeout=120)
+    assert not ended_early.is_set(), "the text stream ended before the images were in: nothing was measured"
+    assert during > 0  # the text stream advanced while the images were encoded and decoded
+    wait_until_idle(vision_server)
 
 
 class _ImageHandler(http.server.BaseHTTPRequestHandler):
