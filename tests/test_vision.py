@@ -183,6 +183,9 @@ def test_messages_image_blocks(claude: anthropic.Anthropic) -> None:
     def prompt(message: anthropic.types.Message) -> int:  # Anthropic counts cache reads apart from input_tokens
         return message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0)
     assert one.content and prompt(two) - prompt(one) == IMAGE_TOKENS
+    counted = claude.messages.count_tokens(model=VISION, messages=[
+        {"role": "user", "content": [block, {"type": "text", "text": "What is this?"}]}])
+    assert counted.input_tokens == prompt(one)  # image tokens counted as /v1/messages counts them
     with claude.messages.stream(model=VISION, max_tokens=4, messages=[
             {"role": "user", "content": [block, {"type": "text", "text": "Again?"}]}]) as stream:
         final = stream.get_final_message()
