@@ -31,6 +31,7 @@ class RuntimeSettings:
     evict_drain_timeout: float = 120.0  # longest auto-evict waits for the evicted instance's requests
     max_queue: int | None = None  # requests waiting per instance beyond its running ones; None: unbounded
     cache_ram_mib: int = 1024  # host memory per instance for idle prompt caches (engine/host_cache.py); 0: off
+    fetch_image_urls: bool = False  # http(s) image URLs in chat requests are fetched (--allow-image-urls)
 
 
 @dataclass(frozen=True)

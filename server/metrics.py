@@ -7,8 +7,9 @@ counters although they are a mean and a maximum), and the `*_tokens_seconds` thr
 the instance's lifetime rather than since the previous scrape (llama-server resets them on every scrape,
 which breaks as soon as two scrapers poll). Per HTTP route: `lmkube_http_requests_total` and the
 `lmkube_http_request_duration_seconds` histogram by method, route template and status. lmkube's own
-per-model extras: `lmkube_requests_rejected_total`, `lmkube_instance_max_queue`, `lmkube_host_cache_tokens`
-and speculative decoding's `lmkube_draft_tokens_total{outcome="accepted|rejected|ignored"}`.
+per-model extras: `lmkube_requests_rejected_total`, `lmkube_instance_max_queue`, `lmkube_host_cache_tokens`,
+speculative decoding's `lmkube_draft_tokens_total{outcome="accepted|rejected|ignored"}`, and vision's
+`lmkube_images_evaluated_total`, `lmkube_image_encode_seconds_total` and `lmkube_image_seconds_total`.
 
 Hot path cost: the engines bump plain attributes once per decode call or finished request
 (engine/stats.py); the request observer does one dict update and one bisect per HTTP request, on the event
@@ -160,6 +161,15 @@ def write_model_metrics(out: Exposition, manager: ModelManager) -> None:
                "rejected: the first mismatch of a round; ignored: drafted after it or past the end).",
                ((((*labels, ("outcome", outcome)), getattr(s, f"draft_{outcome}")) for labels, s in every
                  for outcome in DRAFT_OUTCOMES)))
+    out.family("lmkube_images_evaluated_total", "counter",
+               "Images encoded by the vision projector and decoded into a sequence (cached ones are not).",
+               ((labels, s.images_evaluated) for labels, s in every))
+    out.family("lmkube_image_encode_seconds_total", "counter",
+               "Time spent encoding images (vision encoder and projector), beside the engine's steps.",
+               ((labels, s.image_encode_seconds) for labels, s in every))
+    out.family("lmkube_image_seconds_total", "counter",
+               "Engine time spent decoding images into sequences, during which no other request advanced.",
+               ((labels, s.image_seconds) for labels, s in every))
     out.family("lmkube_instance_max_queue", "gauge",
                "Requests an instance queues beyond its running ones (-1: unbounded).",
                ((labels, -1 if i.engine.max_queue is None else i.engine.max_queue) for labels, i in loaded))

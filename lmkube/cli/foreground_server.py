@@ -66,11 +66,15 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--public-metrics", action="store_true",
                        help="serve GET /metrics without an API token (for Prometheus scrapes without credentials)")
     serve.add_argument("--cors", action="store_true", help="allow cross-origin requests from browsers")
+    serve.add_argument("--allow-image-urls", action="store_true",
+                       help="fetch http(s) image URLs in chat requests (off: only base64 data URLs are taken); "
+                            "each image at most 20 MB and 10 s")
     serve.add_argument("--allow-remote-mcp", action="store_true",
                        help="allow per-request MCP servers (ephemeral_mcp integrations on /api/v1/chat)")
     serve.add_argument("--demo", action="store_true",
                        help="add the offline demo models: huggingfacetb/smollm2-135m-instruct (a small real "
-                            "instruct model, cached by set-up) and lmkube/demo (random weights, gibberish, fast)")
+                            "instruct model, cached by set-up), lmkube/demo (random weights, gibberish, fast) and "
+                            "lmkube/demo-vision (the same with a random vision projector: takes images)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -98,6 +102,7 @@ def server_config(args: argparse.Namespace, models_dir: Path, tokens: tuple[str,
             n_threads=args.threads,
             max_queue=args.max_queue,
             cache_ram_mib=args.cache_ram,
+            fetch_image_urls=args.allow_image_urls,
         ),
         api_tokens=tokens,
         cors=args.cors,
@@ -113,7 +118,7 @@ def serve(args: argparse.Namespace) -> int:
     from lmkube.real_model import RealModelUnavailable
     from lmkube.server.app import create_app
     from lmkube.server.config import collect_api_tokens
-    from lmkube.server.demo import ensure_demo_model, link_real_model
+    from lmkube.server.demo import ensure_demo_model, ensure_demo_vision_model, link_real_model
     from lmkube.server.store.paths import default_models_dir
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -121,11 +126,13 @@ def serve(args: argparse.Namespace) -> int:
     models_dir.mkdir(parents=True, exist_ok=True)
     if args.demo:
         ensure_demo_model(models_dir)
+        ensure_demo_vision_model(models_dir)
         try:
             link_real_model(models_dir)
         except RealModelUnavailable as exc:
             # Still serve the random-weight model, so the endpoints can be tried; say why answers are gibberish.
-            print(f"lmkube: warning: only lmkube/demo (random weights) is served: {exc}", file=sys.stderr)
+            print(f"lmkube: warning: only lmkube/demo and lmkube/demo-vision (random weights) are served: {exc}",
+                  file=sys.stderr)
     try:
         tokens = collect_api_tokens(args.api_token, args.api_token_file)
     except OSError as exc:

@@ -141,10 +141,12 @@ def list_models(args: argparse.Namespace) -> int:
             continue
         rows: list[list[str]] = []
         for m in group:
-            loaded = style("✓ LOADED", "green") if m.get("loaded_instances") else ""
+            marks = ["vision"] if (m.get("capabilities") or {}).get("vision") else []
+            if m.get("loaded_instances"):
+                marks.append(style("✓ LOADED", "green"))
             quant = (m.get("quantization") or {}).get("name") or ""
             rows.append([m["key"], m.get("params_string") or "", m.get("architecture") or "", quant,
-                         human_bytes(m.get("size_bytes")), loaded])
+                         human_bytes(m.get("size_bytes")), "  ".join(marks)])
             if args.variants or args.key:
                 for variant in m.get("variants", []):
                     mark = "*" if variant == m.get("selected_variant") else " "

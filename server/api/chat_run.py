@@ -115,8 +115,9 @@ class ChatRun:
 
     def __init__(self, instance: ModelInstance, sampling: Sampling, *, param: str = "messages",
                  header_tool_choice: str | None = None,
-                 rename: Callable[[APIError], APIError] | None = None) -> None:
+                 rename: Callable[[APIError], APIError] | None = None, fetch_image_urls: bool = False) -> None:
         self.instance = instance
+        self.fetch_image_urls = fetch_image_urls
         self.sampling = sampling
         self.param = param
         self.header_tool_choice = header_tool_choice
@@ -136,14 +137,16 @@ class ChatRun:
                 instance = await manager.acquire(model, ttl=ttl, context_length=context_length)
             except ModelNotFound as exc:
                 raise inference.model_not_found(exc) from None
-        return cls(instance, sampling, param=param, header_tool_choice=header_tool_choice, rename=rename)
+        return cls(instance, sampling, param=param, header_tool_choice=header_tool_choice, rename=rename,
+                   fetch_image_urls=manager.settings.fetch_image_urls)
 
     async def prepare(self, spec: ChatSpec) -> PreparedChat:
         """The spec templated and tokenized, off the event loop (a long conversation takes seconds)."""
         if not self.rounds:
             spec = with_header_tool_choice(spec, self.header_tool_choice)
         try:
-            return await asyncio.to_thread(prepare_chat, self.instance, spec, param=self.param)
+            return await asyncio.to_thread(prepare_chat, self.instance, spec, param=self.param,
+                                           fetch_image_urls=self.fetch_image_urls)
         except APIError as exc:
             raise (self.rename(exc) if self.rename is not None else exc) from None
 
@@ -162,7 +165,8 @@ class ChatRun:
 
     async def _submit(self, prompt: Sequence[int], params: SamplingParams, prepared: PreparedChat | None) -> Round:
         await inference.load_draft(self.instance, params)
-        generation = inference.submit(self.instance, prompt, params, param=self.param)
+        images = prepared.images if prepared is not None else None
+        generation = inference.submit(self.instance, prompt, params, param=self.param, images=images)
         round = Round(self.instance, params, generation, prepared)
         self.rounds.append(round)
         return round

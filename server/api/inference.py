@@ -15,6 +15,7 @@ from ..engine.llama_lib import ModelLoadError
 from ..engine.sampling import SamplingParams
 from ..engine.slot import GenerationRequest
 from ..engine.speculative import Draft, DraftIncompatible, DraftSettings
+from ..engine.vision import PromptImages
 from ..errors import APIError, ContextOverflow
 from ..logs import observe
 from ..runtime.instance import ModelInstance
@@ -58,13 +59,14 @@ async def acquire(manager: ModelManager, name: str, *, ttl: float | None, kind: 
 
 
 def submit(
-    instance: ModelInstance, prompt: Sequence[int], params: SamplingParams, *, param: str = "messages"
+    instance: ModelInstance, prompt: Sequence[int], params: SamplingParams, *, param: str = "messages",
+    images: PromptImages | None = None,
 ) -> GenerationRequest:
     engine = instance.engine
     assert isinstance(engine, GenerationEngine)
     if len(prompt) >= engine.n_ctx:
         raise ContextOverflow(len(prompt), engine.n_ctx, param=param)
-    return observe(instance, engine.submit(prompt, params, draft(instance, params)))
+    return observe(instance, engine.submit(prompt, params, draft(instance, params), images))
 
 
 def draft_not_found(exc: ModelNotFound) -> APIError:

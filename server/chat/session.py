@@ -18,10 +18,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..engine.vision import PromptImages
 from ..errors import APIError
 from ..runtime.instance import ModelInstance
 from .deltas import ChatDelta, ChatResult
-from .prompt import normalize_messages, prompt_tokens, refuse_oversized, render_chat
+from .images import decode_images
+from .prompt import normalize_messages, prompt_tokens, prompt_with_images, refuse_oversized, render_chat
 from .reasoning import (
     ReasoningSplitter,
     ReasoningStyle,
@@ -82,6 +84,7 @@ class PreparedChat:
     starts_in_reasoning: bool
     tool_format: ToolFormat | None
     registry: ToolRegistry | None
+    images: PromptImages | None = None  # the image chunks behind the prompt's placeholder runs
 
     def new_output(self) -> ChatOutput:
         return ChatOutput(self)
@@ -149,9 +152,11 @@ def _named_tool(choice: ToolChoice) -> str | None:
     return None
 
 
-def prepare_chat(instance: ModelInstance, spec: ChatSpec, *, param: str = "messages") -> PreparedChat:
-    """Blocks for as long as templating and tokenizing the conversation take (a long one: seconds); routes
-    run it off the event loop (`asyncio.to_thread`). `param` names the request field of the prompt in errors."""
+def prepare_chat(instance: ModelInstance, spec: ChatSpec, *, param: str = "messages",
+                 fetch_image_urls: bool = False) -> PreparedChat:
+    """Blocks for as long as templating, tokenizing and fetching the conversation's images take (a long one:
+    seconds); routes run it off the event loop (`asyncio.to_thread`). `param` names the request field of the
+    prompt in errors; `fetch_image_urls` lets http(s) image URLs be fetched (else they are a 400)."""
     template_source = instance.template.source
     named = _named_tool(spec.tool_choice)
     registry: ToolRegistry | None = None
@@ -167,7 +172,9 @@ def prepare_chat(instance: ModelInstance, spec: ChatSpec, *, param: str = "messa
     template_format = detect_tool_format(template_source)
     tool_format = template_format if registry is not None else None
 
-    messages = normalize_messages(spec.messages)
+    image_urls: list[Any] = []
+    messages = normalize_messages(spec.messages, image_urls if instance.projector is not None else None)
+    images = decode_images(image_urls, param=param, fetch=fetch_image_urls) if image_urls else None
     refuse_oversized(instance, (m["content"] for m in messages if isinstance(m["content"], str)), param=param)
     if registry is not None:
         messages = rewrite_history_tool_names(messages, registry, fmt=tool_format)
@@ -184,8 +191,14 @@ def prepare_chat(instance: ModelInstance, spec: ChatSpec, *, param: str = "messa
         grammar = response_format_grammar(dict(spec.response_format), model=instance.model)
 
     style = detect_reasoning_style(template_source)
+    chunks: PromptImages | None = None
+    if images:
+        prompt, chunks = prompt_with_images(instance, text, images, param=param)
+    else:
+        prompt = prompt_tokens(instance, text, param=param)
     return PreparedChat(
-        prompt=prompt_tokens(instance, text, param=param),
+        prompt=prompt,
+        images=chunks,
         prompt_text=text,
         grammar=grammar,
         # Tool-call and channel markers are control tokens in real GGUFs; the parsers need their text.

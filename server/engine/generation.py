@@ -23,12 +23,14 @@ from typing import Literal
 
 from . import llama_lib as lib
 from .events import Event, EventStream, Finish, FinishReason, QueueFull, TextDelta
+from .image_prefill import ImagePrefill
 from .sampling import SamplingParams, build_sampler_chain
 from .slot import GenerationRequest, Slot, plan_drafts
 from .slot_cache import SlotCaches
 from .speculative import Draft, Speculation
 from .stats import EngineStats
 from .text_stream import TextStream
+from .vision import Projector, PromptImages
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +52,10 @@ class GenerationEngine:
         max_queue: int | None = None,
         stats: EngineStats | None = None,
         host_cache_bytes: int = 0,
+        projector: Projector | None = None,
     ) -> None:
         self.model = model
+        self.projector = projector
         self.context = context
         self.name = name
         self.n_ctx = context.n_ctx
@@ -66,13 +70,19 @@ class GenerationEngine:
         self._cond = threading.Condition()
         self._closed = False
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[EventStream, list[Event]]]] = {}
+        self._images = (ImagePrefill(projector, context, self.stats, name=name, wake=self._wake,
+                                     fail=self._image_failed, make_room=self._caches.drop_idle)
+                        if projector is not None else None)
         self._thread = threading.Thread(target=self._run, name=f"engine:{name}", daemon=True)
         self._thread.start()
 
     # -- called from event loops ------------------------------------------------------------------
 
-    def submit(self, prompt: Sequence[int], params: SamplingParams, draft: Draft | None = None) -> GenerationRequest:
-        request = GenerationRequest(self._wake, list(prompt), params, draft)
+    def submit(self, prompt: Sequence[int], params: SamplingParams, draft: Draft | None = None,
+               images: PromptImages | None = None) -> GenerationRequest:
+        if images is not None:
+            draft = None  # a draft model has no projector: it cannot follow a prompt with images
+        request = GenerationRequest(self._wake, list(prompt), params, draft, images)
         with self._cond:
             if self._closed:
                 raise RuntimeError("engine is closed")
@@ -116,6 +126,8 @@ class GenerationEngine:
             self._closed = True
             self._cond.notify()
         self._thread.join()
+        if self._images is not None:
+            self._images.close()
         self._caches.close()
         self.context.close()
 
@@ -152,7 +164,18 @@ class GenerationEngine:
             self._flush()
 
     def _has_work(self) -> bool:
-        return bool(self._waiting) or any(s.request is not None for s in self._slots)
+        images = self._images
+        if images is None:
+            return bool(self._waiting) or any(s.request is not None for s in self._slots)
+        # A slot waiting for its image's encode has nothing to step: the encode's end (or a cancel) wakes us.
+        busy = [s for s in self._slots if s.request is not None]
+        if self._waiting and len(busy) < len(self._slots):
+            return True
+        return any(s.request.cancelled or not images.waiting(s) for s in busy if s.request is not None)
+
+    def _image_failed(self, slot: Slot, error: str) -> None:
+        self._finish(slot, "error", error=error)
+        self._caches.forget(slot)
 
     def _drop_cancelled(self) -> None:
         if any(r.cancelled for r in self._waiting):
@@ -192,6 +215,8 @@ class GenerationEngine:
         allow_prefill = True
         if any(s.spec is not None for s in self._slots):
             plan_drafts(self._slots, self.n_ctx)
+        if self._images is not None:
+            self._images.advance(self._slots)
         while True:
             self._fill_batch(allow_prefill)
             if self.context.batch.n_tokens == 0:
@@ -245,6 +270,17 @@ class GenerationEngine:
             prompt = slot.request.prompt
             last = len(prompt) - 1
             slot.chunk_end = min(len(prompt), slot.prompt_pos + batch.free)
+            images = slot.request.images
+            if images is not None:  # text up to the next image; the image itself is evaluated apart
+                if images.at(slot.prompt_pos) is not None:
+                    slot.chunk_end = -1
+                    continue
+                upcoming = images.next_start(slot.prompt_pos)
+                if upcoming is not None:
+                    slot.chunk_end = min(slot.chunk_end, upcoming)
+                if slot.chunk_end == slot.prompt_pos:
+                    slot.chunk_end = -1
+                    continue
             for pos in range(slot.prompt_pos, slot.chunk_end):
                 index = batch.add(prompt[pos], pos, slot.seq, pos == last)
             if slot.chunk_end == len(prompt):
@@ -358,6 +394,8 @@ class GenerationEngine:
         slot.chain = None
         slot.text = None
         slot.spec = None
+        if self._images is not None:
+            self._images.release(slot)
         slot.pending = -1
         slot.last_used = now
 

@@ -242,15 +242,26 @@ class LlamaContext:
         # llama.cpp caps n_batch at the requested n_ctx; a fuller batch aborts the process (GGML_ASSERT).
         self.n_batch: int = C.llama_n_batch(ptr)
         self.batch = TokenBatch(self.n_batch)
+        self._embd_batch: EmbeddingBatch | None = None
 
     def close(self) -> None:
         if self.ptr:
             self.batch.close()
+            if self._embd_batch is not None:
+                self._embd_batch.close()
             C.llama_free(self.ptr)
             self.ptr = None
 
     def decode(self) -> int:
         return C.llama_decode(self.ptr, self.batch.raw)
+
+    def decode_embeddings(self, rows: npt.NDArray[np.float32], pos: int, seq: int) -> int:
+        """Decodes input embeddings (an image's rows, at most n_batch of them) into `seq` from `pos`, no logits;
+        llama_decode's result (0: done)."""
+        if self._embd_batch is None:
+            self._embd_batch = EmbeddingBatch(self.n_batch, self.model.n_embd)
+        self._embd_batch.fill(rows, pos, seq)
+        return C.llama_decode(self.ptr, self._embd_batch.raw)
 
     def seq_remove(self, seq: int, start: int = -1, end: int = -1) -> bool:
         return bool(C.llama_memory_seq_rm(self.memory, seq, start, end))
@@ -331,6 +342,34 @@ class TokenBatch:
     @property
     def free(self) -> int:
         return self.capacity - self.n_tokens
+
+    def close(self) -> None:
+        if self.raw is not None:
+            C.llama_batch_free(self.raw)
+            self.raw = None
+
+
+class EmbeddingBatch:
+    """A reusable llama_batch of input embeddings for one sequence (token ids are NULL in such a batch)."""
+
+    def __init__(self, capacity: int, n_embd: int) -> None:
+        self.capacity = capacity
+        self.n_embd = n_embd
+        self.raw = C.llama_batch_init(capacity, n_embd, 1)
+
+    def fill(self, rows: npt.NDArray[np.float32], pos: int, seq: int) -> None:
+        n = rows.shape[0]
+        if n > self.capacity or rows.shape[1] != self.n_embd:
+            raise ValueError(f"{rows.shape} embeddings do not fit a batch of {self.capacity} x {self.n_embd}")
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        ctypes.memmove(self.raw.embd, rows.ctypes.data, rows.nbytes)
+        raw = self.raw
+        for i in range(n):
+            raw.pos[i] = pos + i
+            raw.n_seq_id[i] = 1
+            raw.seq_id[i][0] = seq
+            raw.logits[i] = False
+        raw.n_tokens = n
 
     def close(self) -> None:
         if self.raw is not None:

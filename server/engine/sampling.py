@@ -62,7 +62,7 @@ def build_sampler_chain(
                     params.repeat_penalty,
                     params.frequency_penalty,
                     params.presence_penalty,
-                    prompt,
+                    [t for t in prompt if t >= 0],  # image placeholders are no vocabulary tokens
                 )
             )
         if params.grammar:

@@ -11,24 +11,29 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from . import llama_lib as lib
 from .events import EventStream
 from .sampling import SamplingParams
 from .speculative import Draft, Drafter, DraftJob, Speculation
 from .text_stream import TextStream
+from .vision import PromptImages
 
 
 class GenerationRequest:
     """A prompt and its sampling parameters, as seen by both the engine thread and its event loop."""
 
-    __slots__ = ("_wake_engine", "cancelled", "draft", "events", "params", "prompt", "submitted_at")
+    __slots__ = ("_wake_engine", "cancelled", "draft", "events", "images", "params", "prompt", "submitted_at")
 
     def __init__(self, wake_engine: Callable[[], None], prompt: list[int], params: SamplingParams,
-                 draft: Draft | None = None) -> None:
+                 draft: Draft | None = None, images: PromptImages | None = None) -> None:
         self._wake_engine = wake_engine  # the engine thread sleeps while it has nothing to do
         self.prompt = prompt
         self.params = params
         self.draft = draft
+        self.images = images  # the image chunks behind the prompt's placeholder runs (vision.py)
         self.events = EventStream(asyncio.get_running_loop())
         self.cancelled = False
         self.submitted_at = time.perf_counter()
@@ -60,6 +65,8 @@ class Slot:
     started_at: float = 0.0  # when the request got this slot
     first_token_at: float = 0.0
     spec: Speculation | None = None  # drafting state of a request with a draft model
+    image_rows: npt.NDArray[np.float32] | None = None  # the encoded image being decoded a slice per step
+    image_start: int = -1  # its first prompt position
 
     @property
     def n_past(self) -> int:

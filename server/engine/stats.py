@@ -27,6 +27,9 @@ class EngineStats:
     draft_accepted: int = 0
     draft_rejected: int = 0
     draft_ignored: int = 0
+    images_evaluated: int = 0  # images encoded (a cached image is not)
+    image_encode_seconds: float = 0.0  # their encodes, on a thread of their own (other streams keep going)
+    image_seconds: float = 0.0  # engine-thread time on their rows, during which no other stream advanced
 
     def finished(self, prompt_tokens: int, prompt_seconds: float, predicted_tokens: int,
                  predicted_seconds: float, sequence_length: int) -> None:

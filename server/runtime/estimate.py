@@ -66,6 +66,7 @@ class MemoryEstimate:
     total_bytes: int  # GPU and host together (the draft's included)
     breakdown: Breakdown  # this model's own parts
     draft: MemoryEstimate | None = None  # the draft model's share, already in gpu_bytes and total_bytes
+    projector_bytes: int = 0  # the vision projector's weights (its file), already in total_bytes
 
     @property
     def host_bytes(self) -> int:
@@ -76,6 +77,8 @@ class MemoryEstimate:
                 "breakdown": asdict(self.breakdown)}
         if self.draft is not None:
             body["draft"] = self.draft.as_dict()
+        if self.projector_bytes:
+            body["projector_bytes"] = self.projector_bytes
         return body
 
 
@@ -126,6 +129,34 @@ def estimate_memory(
     gpu_supported: bool = False,
     embedding: bool = False,
     draft_files: list[Path] | None = None,
+    projector_file: Path | None = None,
+) -> MemoryEstimate:
+    estimate = _with_draft(files, context_length=context_length, default_context=default_context,
+                           parallel=parallel, eval_batch_size=eval_batch_size, flash_attention=flash_attention,
+                           offload_kv_cache=offload_kv_cache, gpu=gpu, gpu_supported=gpu_supported,
+                           embedding=embedding, draft_files=draft_files)
+    if projector_file is None or embedding:
+        return estimate
+    # libmtmd loads the whole projector (weights as in the file) on the GPU when the model is offloaded.
+    size = projector_file.stat().st_size
+    on_gpu = size if estimate.gpu_layers > 0 else 0
+    return replace(estimate, projector_bytes=size, total_bytes=estimate.total_bytes + size,
+                   gpu_bytes=estimate.gpu_bytes + on_gpu)
+
+
+def _with_draft(
+    files: list[Path],
+    *,
+    context_length: int | None,
+    default_context: int,
+    parallel: int,
+    eval_batch_size: int,
+    flash_attention: bool | None,
+    offload_kv_cache: bool,
+    gpu: GpuOffload,
+    gpu_supported: bool,
+    embedding: bool,
+    draft_files: list[Path] | None,
 ) -> MemoryEstimate:
     headers = _headers(files)
     shape = _Shape.of(headers[0])

@@ -16,6 +16,7 @@ from ..engine.embedding import EmbeddingEngine
 from ..engine.generation import GenerationEngine
 from ..engine.speculative import Drafter, DraftPool, load_drafter
 from ..engine.stats import EngineStats
+from ..engine.vision import Projector
 from ..store.model_store import ModelVariant
 from .chat_template import ChatTemplate, ChatTemplateError
 from .estimate import context_size
@@ -73,7 +74,11 @@ class ModelInstance:
         started = time.perf_counter()
         n_gpu_layers = gpu_layers(config.gpu, variant.block_count or 0)
         self.model = lib.LlamaModel(variant.path, n_gpu_layers=n_gpu_layers)
+        self.projector: Projector | None = None  # vision: the projector file next to the model
         try:
+            if variant.mmproj_path is not None and not variant.is_embedding:
+                self.projector = Projector(variant.mmproj_path, self.model, n_threads=n_threads,
+                                           use_gpu=n_gpu_layers > 0)
             n_ctx = context_size(config.context_length, default_context=default_context,
                                  trained=self.model.n_ctx_train, parallel=config.parallel,
                                  embedding=variant.is_embedding)
@@ -98,7 +103,8 @@ class ModelInstance:
                 self._n_gpu_layers = n_gpu_layers
                 context = lib.LlamaContext(self.model, self._context_config)
                 self.engine = GenerationEngine(self.model, context, name=instance_id, max_queue=max_queue,
-                                               stats=stats, host_cache_bytes=cache_ram_mib << 20)
+                                               stats=stats, host_cache_bytes=cache_ram_mib << 20,
+                                               projector=self.projector)
                 n_ctx = context.n_ctx  # llama.cpp rounds the context up (to 256); report what it really holds
                 if config.draft_model:
                     self.default_draft = self.drafter(config.draft_model)
@@ -106,6 +112,8 @@ class ModelInstance:
             if hasattr(self, "engine"):
                 self.engine.close()
             self._drafts.close()
+            if self.projector is not None:
+                self.projector.close()
             self.model.close()
             raise
         self.context_length = n_ctx
@@ -167,4 +175,6 @@ class ModelInstance:
     def close(self) -> None:
         self.engine.close()
         self._drafts.close()  # after the engine thread, the drafters' only user, has stopped
+        if self.projector is not None:
+            self.projector.close()
         self.model.close()

@@ -22,6 +22,7 @@ from fastapi import Depends, Request
 from pydantic import ConfigDict, Field
 
 from ...chat.deltas import ChatDelta, ChatResult, ToolCall
+from ...chat.images import image_url_part
 from ...chat.session import ChatSpec
 from ...conversations import ConversationStore
 from ...engine.events import Finish
@@ -78,13 +79,15 @@ def _invalid_input(message: str) -> APIError:
     return APIError(400, message, param="input", code="invalid_union")
 
 
-def _parse_input(value: str | list[Any]) -> tuple[str, bool]:
-    """The user's text, and whether the input had images."""
+def _parse_input(value: str | list[Any]) -> tuple[str | list[dict[str, Any]], bool]:
+    """The user's message content (the chat layer's text and image parts where there are images), and
+    whether the input had images."""
     if isinstance(value, str):
         return value, False
     if not value:
         raise _invalid_input("'input' must be a string or a non-empty array of items.")
     texts: list[str] = []
+    parts: list[dict[str, Any]] = []
     images = False
     for index, item in enumerate(value):
         kind = item.get("type") if isinstance(item, dict) else None
@@ -93,13 +96,15 @@ def _parse_input(value: str | list[Any]) -> tuple[str, bool]:
             if not isinstance(content, str):
                 raise _invalid_input(f"input[{index}].content must be a string.")
             texts.append(content)
+            parts.append({"type": "text", "text": ("\n" if len(texts) > 1 else "") + content})
         elif kind == "image":
             if not isinstance(item.get("data_url"), str):
                 raise _invalid_input(f"input[{index}].data_url must be a string (a data: URL).")
             images = True
+            parts.append(image_url_part(item["data_url"]))
         else:
             raise _invalid_input(f"Invalid discriminator value at input[{index}]. Expected 'text' | 'image'")
-    return "\n".join(texts), images
+    return (parts if images else "\n".join(texts)), images
 
 
 def _check_model(manager: ModelManager, name: str) -> tuple[ModelInstance | None, ModelVariant | None]:
@@ -310,7 +315,7 @@ async def chat(
     )
     if body.tool_choice not in (None, "auto", "none") and not integrations:
         raise APIError(400, "tool_choice requires MCP integrations (the tools come from them).", param="tool_choice")
-    text, images = _parse_input(body.input)
+    content, images = _parse_input(body.input)
     loaded, variant = _check_model(manager, body.model)
     if body.draft_model is not None:  # refused before a stream starts; compatibility is checked at submit
         try:
@@ -320,12 +325,10 @@ async def chat(
     if variant is not None and variant.type != "llm":
         raise APIError(400, f"Model \"{body.model}\" is an embedding model; it cannot serve this endpoint.",
                        param="model", code="model_not_supported")
-    if images:
-        target = loaded.variant if loaded is not None else variant
-        has_projector = target is not None and target.mmproj_path is not None
-        message = ("Image input is not supported by this server yet." if has_projector
-                   else f"Model \"{body.model}\" does not support image input (it has no vision projector).")
-        raise APIError(400, message, param="input", code="model_not_vision_capable")
+    target = loaded.variant if loaded is not None else variant
+    if images and (target is None or target.mmproj_path is None):
+        raise APIError(400, f"Model \"{body.model}\" does not support image input (it has no vision projector).",
+                       param="input", code="model_not_vision_capable")
     history: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
         if not body.previous_response_id.startswith("resp_"):
@@ -338,7 +341,7 @@ async def chat(
     turn: list[dict[str, Any]] = []
     if body.system_prompt is not None:
         turn.append({"role": "system", "content": body.system_prompt})
-    turn.append({"role": "user", "content": text})
+    turn.append({"role": "user", "content": content})
     instance_id = loaded.id if loaded is not None else variant.model_key if variant is not None else body.model
     toolbox = await open_toolbox(integrations) if integrations else None
     if toolbox is not None and not toolbox.tools and body.tool_choice not in (None, "auto", "none"):

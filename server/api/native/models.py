@@ -204,7 +204,7 @@ async def estimate_load(name: str, config: LoadConfig, manager: ModelManager) ->
         default_context=manager.settings.default_context_length, parallel=config.parallel,
         eval_batch_size=config.eval_batch_size, flash_attention=config.flash_attention,
         offload_kv_cache=config.offload_kv_cache_to_gpu, gpu=config.gpu, gpu_supported=gpu_offload_supported(),
-        embedding=variant.is_embedding, draft_files=draft_files,
+        embedding=variant.is_embedding, draft_files=draft_files, projector_file=variant.mmproj_path,
     )
     available = await asyncio.to_thread(available_memory)
     answer = {

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ...chat.images import image_url_part
 from ...errors import APIError, bad_request
 from ..draft_fields import DraftFields
 
@@ -70,6 +71,23 @@ def _invalid(message: str, param: str = "input") -> APIError:
 
 
 _TEXT_PARTS = {"input_text", "output_text", "text", "summary_text", "reasoning_text"}
+
+
+def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """A user message's content: its text, or (with `input_image` parts) the chat layer's text and image parts."""
+    if not isinstance(content, list) or not any(
+            isinstance(part, Mapping) and part.get("type") == "input_image" for part in content):
+        return _text(content, where)
+    parts: list[dict[str, Any]] = []
+    for index, part in enumerate(content):
+        if isinstance(part, Mapping) and part.get("type") == "input_image":
+            if not isinstance(part.get("image_url"), str):
+                raise bad_request(f"{where}.content[{index}]: input_image needs an image_url (a base64 data URL); "
+                                  "file_id is not supported.", param="input", code="unsupported_content")
+            parts.append(image_url_part(part["image_url"]))
+        else:
+            parts.append({"type": "text", "text": _text([part], f"{where}")})
+    return parts
 
 
 def _text(content: Any, where: str) -> str:
@@ -137,8 +155,8 @@ def input_messages(value: str | list[dict[str, Any]] | None) -> list[dict[str, A
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
                 raise _invalid(f"{where}.role must be 'user', 'system', 'developer' or 'assistant', got {role!r}.")
-            text = _text(item.get("content"), where)
             if role == "assistant":
+                text = _text(item.get("content"), where)
                 target = assistant()
                 if target.get("tool_calls"):  # text after calls starts a new message
                     target = {"role": "assistant", "content": ""}
@@ -147,7 +165,8 @@ def input_messages(value: str | list[dict[str, Any]] | None) -> list[dict[str, A
             else:
                 if reasoning:  # reasoning with no answer after it (cut short) is still the assistant's turn
                     assistant()
-                messages.append({"role": "system" if role == "developer" else role, "content": text})
+                messages.append({"role": "system" if role == "developer" else role,
+                                 "content": _content(item.get("content"), where)})
         elif kind == "function_call":
             name = _string(item, "name", where)
             if isinstance(item.get("namespace"), str) and item["namespace"]:
