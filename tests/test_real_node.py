@@ -9,8 +9,6 @@ controller-manager.
 from __future__ import annotations
 
 import json
-import secrets
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +20,6 @@ from support import wait_until
 
 # Generous: a busy 2-core machine shared with other work.
 POD_TIMEOUT = 120
-
-
-@pytest.fixture
-def namespace(real_node: RealNode) -> Iterator[str]:
-    name = f"rn-{secrets.token_hex(4)}"
-    real_node.cluster.create_namespace(name)
-    yield name
-    real_node.cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 def _apply(node: RealNode, manifest: dict[str, Any]) -> None:
@@ -162,6 +152,32 @@ def test_readiness_probe_run_by_the_kubelet(real_node: RealNode, namespace: str)
     wait_until(lambda: _condition(_pod(real_node, namespace, "probe"), "Ready").get("status") == "True",
                timeout=POD_TIMEOUT, interval=0.5, message="the readiness probe never passed")
     real_node.cluster.kubectl("delete", "pod", "probe", "-n", namespace, "--grace-period=0", "--force")
+
+
+def test_missing_secret_is_a_config_error_and_liveness_restarts(real_node: RealNode, namespace: str) -> None:
+    missing = _busybox_pod("misconfigured", "sleep 3600",
+                           env=[{"name": "X", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k"}}}])
+    missing["metadata"]["namespace"] = namespace
+    _apply(real_node, missing)
+    # Healthy for a few seconds, then the liveness probe fails: the kubelet kills and restarts the container.
+    live = _busybox_pod("liveness", "touch /tmp/alive; sleep 4; rm /tmp/alive; sleep 3600", restartPolicy="Always",
+                        livenessProbe={"exec": {"command": ["/bin/sh", "-c", "test -f /tmp/alive"]},
+                                       "periodSeconds": 1, "failureThreshold": 2})
+    live["metadata"]["namespace"] = namespace
+    _apply(real_node, live)
+
+    def config_error() -> dict[str, Any] | None:
+        waiting = _container_status(_pod(real_node, namespace, "misconfigured")).get("state", {}).get("waiting", {})
+        return waiting if waiting.get("reason") == "CreateContainerConfigError" else None
+
+    waiting = wait_until(config_error, timeout=POD_TIMEOUT, interval=0.5, message="no CreateContainerConfigError")
+    assert waiting["message"] == 'secret "absent" not found', waiting
+    restarted = wait_until(lambda: _container_status(_pod(real_node, namespace, "liveness")).get("restartCount", 0)
+                           >= 1, timeout=POD_TIMEOUT, interval=0.5, message="the liveness probe restarted nothing")
+    assert restarted
+    events = real_node.cluster.kubectl("get", "events", "-n", namespace, "--field-selector",
+                                       "involvedObject.name=liveness", "-o", "json").stdout
+    assert "Liveness probe failed" in events, events[-3000:]
 
 
 def _web_deployment(namespace: str, replicas: int = 1) -> list[dict[str, Any]]:
