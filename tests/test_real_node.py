@@ -246,7 +246,9 @@ def test_cluster_ip_service_from_host_and_pod_and_recreated_pod(real_node: RealN
 
 
 def test_killed_run_is_cleaned_up_and_the_host_left_as_found(real_node: RealNode, namespace: str,
-                                                             tmp_path: Path) -> None:
+                                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    # A short directory: containerd's sockets live under it, and a unix socket path has at most 107 bytes.
+    tmp_path = tmp_path_factory.mktemp("kr")
     before = real_node.host_before
     real_node.stop()
     try:
