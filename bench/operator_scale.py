@@ -3,6 +3,7 @@
     .venv/bin/python bench/operator_scale.py                       # 50, then 200, on a throwaway control plane
     .venv/bin/python bench/operator_scale.py --counts 200 --idle-seconds 60
     .venv/bin/python bench/operator_scale.py --kubeconfig admin.kubeconfig   # a cluster that is already there
+    .venv/bin/python bench/operator_scale.py --counts 200 --real-node      # next to the tests' real node
 
 By default it starts tests/kube_cluster.py's control plane (real etcd, kube-apiserver, kube-controller-manager;
 no scheduler and no kubelet, so every pod stays Pending and every model waits on the cluster). `--kubeconfig`
@@ -148,9 +149,25 @@ def cluster_from(args: argparse.Namespace) -> Iterator[Any]:
     if args.kubeconfig:
         yield ExistingCluster(Path(args.kubeconfig))
         return
-    from kube_cluster import KubeCluster
+    from kube_cluster import REAL_NODE_CONTROLLERS, KubeCluster
 
-    with KubeCluster() as cluster:
+    if not args.real_node:
+        with KubeCluster() as cluster:
+            yield cluster
+        return
+    import tempfile
+
+    from real_node import RealNode
+
+    # The control plane of the tests' real node, with that node (kubelet, containerd, kube-scheduler) cordoned:
+    # the scheduler and the node-lifecycle, endpointslice and PV controllers run, the 200 model pods stay
+    # Pending (Unschedulable), since 200 servers do not fit on 2 cores.
+    with tempfile.TemporaryDirectory(prefix="lmkube-bench-") as workdir, \
+            KubeCluster(workdir=Path(workdir) / "kube", controllers=REAL_NODE_CONTROLLERS) as cluster, \
+            RealNode(cluster, Path(workdir) / "node") as node:
+        cluster.kubectl("cordon", node.name)
+        print(f"real node {node.name} up in {node.start_seconds:.1f}s (cordoned)\n"
+              + cluster.kubectl("get", "nodes", "-o", "wide").stdout, flush=True)
         yield cluster
 
 
@@ -322,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counts", default="50,200", help="LocalModel counts, comma-separated")
     parser.add_argument("--kubeconfig", default=None,
                         help="admin kubeconfig of an existing cluster (default: start a throwaway control plane)")
+    parser.add_argument("--real-node", action="store_true",
+                        help="start the tests' real node (tests/real_node.py, needs root) with its control plane, "
+                             "cordoned so model pods stay Pending")
     parser.add_argument("--model", default="bench-org/Scale-GGUF", help="spec.model of every LocalModel")
     parser.add_argument("--settle-seconds", type=float, default=40.0,
                         help="after the phases are written, before measuring idle CPU")

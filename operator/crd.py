@@ -240,6 +240,11 @@ def status_schema() -> dict[str, Any]:
                         "reason": _string("Condition reason of the failure."),
                         "attempts": _integer("Consecutive failed attempts.", minimum=0),
                         "retryAt": _string("Earliest time of the next attempt.", format="date-time"),
+                        "loadAttempt": _string("Fingerprint of the load request last sent to this server."),
+                        "estimateBytes": _integer("The server's memory estimate for that load.", minimum=0,
+                                                  format="int64"),
+                        "oomKilledBy": _string("Fingerprint of a load during which the kernel killed the server "
+                                               "for its memory limit (not retried on the same pod)."),
                     },
                 },
             },

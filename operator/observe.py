@@ -33,6 +33,10 @@ class PodView:
     server_id: str  # changes whenever the server process restarts (container id + restart count)
     pod_hash: str | None  # the pod-spec-hash annotation of the template the pod came from
     failure: PodFailure | None
+    # The server container's memory limit (as written in the pod spec) and whether the kernel's OOM
+    # killer ended its last run: a load that does not fit the limit kills the server, not the request.
+    memory_limit: str | None = None
+    oom_killed: bool = False
 
 
 def _conditions(pod: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
@@ -58,6 +62,10 @@ def pod_failure(pod: Mapping[str, Any]) -> PodFailure | None:
                                                  f"({reason}: {detail})")
         if reason == "CrashLoopBackOff":
             last = (container.get("lastState") or {}).get("terminated") or {}
+            if last.get("reason") == "OOMKilled":
+                return PodFailure("OOMKilled", f"pod {name}: the kernel killed the server (OOMKilled) for going "
+                                               f"over its memory limit ({container_memory_limit(pod) or 'none set'}); "
+                                               "raise spec.resources.limits.memory or lower spec.contextLength")
             exit_info = f"; last exit code {last['exitCode']}" if "exitCode" in last else ""
             return PodFailure("CrashLoopBackOff", f"pod {name}: the server keeps crashing "
                                                   f"({container.get('restartCount', 0)} restarts{exit_info}); "
@@ -67,6 +75,20 @@ def pod_failure(pod: Mapping[str, Any]) -> PodFailure | None:
     if status.get("phase") == "Failed":
         return PodFailure("PodFailed", f"pod {name} failed: {status.get('message') or status.get('reason') or ''}")
     return None
+
+
+def container_memory_limit(pod: Mapping[str, Any]) -> str | None:
+    """resources.limits.memory of the pod's first container (the server), as written."""
+    containers = (pod.get("spec") or {}).get("containers") or [{}]
+    return ((containers[0].get("resources") or {}).get("limits") or {}).get("memory")
+
+
+def _oom_killed(pod: Mapping[str, Any]) -> bool:
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        for state in (container.get("state") or {}, container.get("lastState") or {}):
+            if (state.get("terminated") or {}).get("reason") == "OOMKilled":
+                return True
+    return False
 
 
 def _server_id(pod: Mapping[str, Any]) -> str:
@@ -90,6 +112,7 @@ def view(pod: Mapping[str, Any], hash_annotation: str) -> PodView:
         scheduled=scheduled, terminating=terminating, server_id=_server_id(pod),
         pod_hash=(meta.get("annotations") or {}).get(hash_annotation),
         failure=None if ready else pod_failure(pod),
+        memory_limit=container_memory_limit(pod), oom_killed=_oom_killed(pod),
     )
 
 

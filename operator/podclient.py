@@ -175,6 +175,13 @@ class PodClient:
         answer = self._request("POST", "/api/v1/models/load", "LoadFailed", json=dict(body), timeout=LOAD_TIMEOUT)
         return str(answer["instance_id"])
 
+    def estimate(self, body: Mapping[str, Any]) -> int | None:
+        """The memory a load would take (`estimate_only`), in bytes; None when the server cannot tell."""
+        answer = self._request("POST", "/api/v1/models/load", "LoadFailed", json={**body, "estimate_only": True},
+                               timeout=60)
+        total = (answer.get("estimate") or {}).get("total_bytes")
+        return int(total) if total is not None else None
+
     def unload(self, instance_id: str) -> None:
         """Unloads an instance; one that is already gone is not an error."""
         try:

@@ -9,6 +9,7 @@ changed spec never reuses a record made for an older one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -167,10 +168,20 @@ def examine_pod(client: PodClient, pod: PodView, spec: LocalModelSpec, record: d
     record = dict(record)
     if record.get("serverId") != pod.server_id:
         # A new server process: nothing is loaded any more; its download job table survives on the volume.
+        # If the kernel killed the last one for its memory, remember which load did it: the same load would
+        # only be killed again.
+        killed_by = record.get("loadAttempt") if pod.oom_killed and record.get("serverId") else None
         record = {"name": pod.name, "serverId": pod.server_id,
-                  **{k: record[k] for k in ("jobId", "jobFor", "downloaded") if k in record}}
+                  **{k: record[k] for k in ("jobId", "jobFor", "downloaded", "estimateBytes", "oomKilledBy")
+                     if k in record}}
+        if killed_by:
+            record["oomKilledBy"] = killed_by
     want_dl = fingerprint(resources.download_request(spec))
     want_load = fingerprint(resources.load_request(spec))
+    if record.get("oomKilledBy") == want_load:
+        message = oom_message(pod, spec, record.get("estimateBytes"))
+        record.update(phase=st.FAILED, reason="OOMKilled", message=message)
+        return PodWork(st.PodState(pod.name, st.FAILED, "OOMKilled", message), record)
     if record.get("failedFor") in (want_dl, want_load) and now < epoch(record.get("retryAt")):
         return PodWork(st.PodState(pod.name, st.FAILED, record.get("reason") or "Failed",
                                    record.get("message") or "failed"), record)
@@ -260,6 +271,15 @@ def _dl_work(record: dict[str, Any], stage: str, reason: str, message: str,
     return PodWork(st.PodState(record["name"], stage, reason, message, progress=progress), record)
 
 
+def oom_message(pod: PodView, spec: LocalModelSpec, estimate_bytes: int | None) -> str:
+    needs = (f"the model needs an estimated {estimate_bytes / (1 << 20):.0f} MiB on top of the server itself"
+             if estimate_bytes else "the server could not estimate what the model needs")
+    context = f" at context length {spec.context_length}" if spec.context_length else ""
+    return (f"pod {pod.name}: the kernel killed the server (OOMKilled) while it loaded {resources.load_model_id(spec)}"
+            f": its memory limit is {pod.memory_limit or 'not set (the node ran out)'}, and {needs}{context}; "
+            "raise spec.resources.limits.memory or lower spec.contextLength")
+
+
 def _clear_failure(record: dict[str, Any]) -> None:
     for key in ("failedFor", "attempts", "retryAt", "reason"):
         record.pop(key, None)
@@ -273,6 +293,10 @@ def load_on_pod(client: PodClient, pod: PodView, spec: LocalModelSpec, work: Pod
     try:
         for instance_id in work.unload:
             client.unload(instance_id)
+        # Noted before the load: if the kernel kills the server for it, the next pass knows which load did.
+        with contextlib.suppress(PodError):
+            record["estimateBytes"] = client.estimate(resources.load_request(spec))
+        record["loadAttempt"] = want_load
         instance_id = client.load(resources.load_request(spec))
         loaded = [i for i in client.loaded() if i.instance_id == instance_id]
     except PodError as exc:
@@ -381,7 +405,7 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
         pending = [p for p in pods if p.name in works and works[p.name].load]
         if pending:
             # Show Loading while the (blocking) load requests run.
-            _publish(kube, body, _status(body, spec, pods, works, settings, now), emit)
+            _publish(kube, body, _status(body, spec, pods, works, settings, now, old_records), emit)
             body = {**body, "status": {**previous, "phase": st.LOADING}}
             for pod in pending:
                 works[pod.name] = load_on_pod(clients[pod.name], pod, spec, works[pod.name], options.clock(),
@@ -389,15 +413,18 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
     finally:
         for client in clients.values():
             client.close()
-    status = _status(body, spec, pods, works, settings, now)
+    status = _status(body, spec, pods, works, settings, now, old_records)
     _publish(kube, body, status, emit)
     return status
 
 
 def _status(body: Mapping[str, Any], spec: LocalModelSpec, pods: list[PodView], works: dict[str, PodWork],
-            settings: OperatorSettings, now: str) -> dict[str, Any]:
+            settings: OperatorSettings, now: str, kept: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     states = [works[p.name].state for p in pods if p.name in works]
-    records = [works[p.name].record for p in pods if p.name in works]
+    # A pod that is not ready this pass (its server restarting) keeps its record: what it loaded and why
+    # its last server died must outlive the restart.
+    records = [works[p.name].record if p.name in works else (kept or {})[p.name] for p in pods
+               if p.name in works or p.name in (kept or {})]
     summary = st.summarize(spec.replicas, pods, states)
     return build_status(body, spec, summary, states, records, settings, now)
 

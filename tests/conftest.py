@@ -1,6 +1,7 @@
 """Shared fixtures: generated GGUF models, real `lmkube serve` processes on free ports, a real control plane
-(etcd + kube-apiserver + kube-controller-manager), emulated nodes (tests/kubelet_emulator.py) and a real node
-(kubelet + containerd + runc, tests/real_node.py) on a control plane of its own."""
+(etcd + kube-apiserver + kube-controller-manager) without nodes, and a real node (kubelet + containerd + runc,
+kube-scheduler, kube-proxy: tests/real_node.py) on a control plane of its own, with the project's image
+imported into its containerd once per session."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import pytest
 from kube_cluster import REAL_NODE_CONTROLLERS, KubeCluster
-from kubelet_emulator import KubeletEmulator
 from lmkube.server.demo import link_real_model
+from node_support import delete_volumes
+from project_image import Buildah, build_image, export_oci_archive
 from real_node import RealNode
 from support import LMKUBE, ServerProcess, free_port, write_test_models
 
@@ -93,8 +95,8 @@ def real_server(start_server: ServerFactory, real_models_dir: Path) -> ServerPro
 
 @pytest.fixture(scope="session")
 def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
-    """A real etcd + kube-apiserver + kube-controller-manager (no scheduler, no nodes: see the `kubelet`
-    fixture) for the session; see tests/kube_cluster.py.
+    """A real etcd + kube-apiserver + kube-controller-manager (no scheduler, no nodes: pods stay Pending; the
+    `real_node` fixture has a node) for the session, for what only needs the API; see tests/kube_cluster.py.
 
     The binaries come from scripts/install-test-cluster.sh, which this runs (instant once they are cached).
     """
@@ -105,8 +107,8 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
 @pytest.fixture(scope="session")
 def real_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
     """A real node (kubelet + containerd + runc + CNI bridge, kube-scheduler, kube-proxy) joined to a control
-    plane of its own (the `kube` fixture's runs the emulator's controller set). Started once per session,
-    when a test first asks for it; the host is left as it was (tests/real_node.py)."""
+    plane of its own (with the controllers a node needs: kube_cluster.REAL_NODE_CONTROLLERS). Started once per
+    session, when a test first asks for it; the host is left as it was (tests/real_node.py)."""
     with KubeCluster(workdir=tmp_path_factory.mktemp("real-kube"), controllers=REAL_NODE_CONTROLLERS) as cluster, \
             RealNode(cluster, tmp_path_factory.mktemp("real-node")) as node:
         print(f"\n[real-node] ready: control plane {cluster.start_seconds:.1f}s, node {node.start_seconds:.1f}s\n"
@@ -125,26 +127,34 @@ def kube_namespace(kube: KubeCluster, request: pytest.FixtureRequest) -> str:
     return name
 
 
+@pytest.fixture(scope="session")
+def built_image() -> tuple[str, Buildah]:
+    """The project's CPU image (scripts/build-image.sh: rebuilt only when the sources changed)."""
+    return build_image()
+
+
+@pytest.fixture(scope="session")
+def node_image(built_image: tuple[str, Buildah], real_node: RealNode,
+               tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The project image imported into the real node's containerd, once per session; pods use it with
+    `imagePullPolicy: Never`. Built before the node starts (so a rebuild does not hold the node's lock)."""
+    name, buildah = built_image
+    began = time.monotonic()
+    real_node.import_image(export_oci_archive(name, buildah, tmp_path_factory.mktemp("image") / "lmkube.tar"))
+    print(f"\n[real-node] image {name} imported into containerd: {time.monotonic() - began:.1f}s")
+    return name
+
+
 @pytest.fixture
-def kubelet(kube: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., KubeletEmulator]]:
-    """Factory: `kubelet(namespace, **kwargs)` starts a KubeletEmulator (scheduler + kubelets running pods as
-    local processes, see tests/kubelet_emulator.py) for that namespace. Each is closed (processes killed,
-    its Nodes deleted) after the test, which then fails if the emulator logged an error.
-    """
-    started: list[KubeletEmulator] = []
-
-    def start(namespace: str | None, **kwargs: object) -> KubeletEmulator:
-        root = kwargs.pop("root", None) or tmp_path_factory.mktemp("kubelet")
-        emulator = KubeletEmulator(kube, namespace, root=root, **kwargs)  # type: ignore[arg-type]
-        started.append(emulator)
-        emulator.start()
-        return emulator
-
-    yield start
-    for emulator in reversed(started):
-        emulator.close()
-    for emulator in started:
-        emulator.check()
+def namespace(real_node: RealNode, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace on the real node's cluster, named after the test; deleted afterwards with its pods
+    and the PersistentVolumes node_support.provide_volume made for it."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", request.node.name.removeprefix("test_").lower().replace("_", "-"))
+    name = f"rn-{slug[:40].strip('-')}-{secrets.token_hex(3)}"
+    real_node.cluster.create_namespace(name)
+    yield name
+    real_node.cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    delete_volumes(real_node, name)
 
 
 @pytest.fixture(scope="module")

@@ -34,18 +34,21 @@ class HubRepo:
 
 
 class FakeHub:
-    def __init__(self) -> None:
+    """`host`: where it listens; the real test node's pods reach the host at its bridge address (NODE_IP)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.repos: dict[str, HubRepo] = {}
         self.blobs: dict[str, bytes] = {}
         self.bytes_per_second: float | None = None  # throttle for blob downloads; None: as fast as possible
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.host = host
+        self._server = ThreadingHTTPServer((host, 0), _handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"http://{self.host}:{self._server.server_address[1]}"
 
     def start(self) -> FakeHub:
         self._thread.start()

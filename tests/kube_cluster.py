@@ -3,9 +3,10 @@
 The binaries come from `scripts/install-test-cluster.sh` (built once into ~/.cache/lmkube/bin; a
 repeat run only prints their paths). The controller-manager runs only the controllers in
 `CONTROLLERS` (Deployments, ReplicaSets, garbage collection of ownerReferences, ServiceAccounts and
-their tokens, namespace deletion, PVC protection; not EndpointSlices, see there); there is no scheduler and
-no kubelet — tests/kubelet_emulator.py stands in for both. Start-up takes about 4-5 s (etcd ~0.5 s,
-kube-apiserver ~3 s, controller-manager ~1 s).
+their tokens, namespace deletion, PVC protection), or `REAL_NODE_CONTROLLERS` for a control plane with a
+real node (tests/real_node.py adds kubelet, kube-scheduler and kube-proxy). Without a node, pods stay
+Pending: enough for what only needs the API. Start-up takes about 4-5 s (etcd ~0.5 s, kube-apiserver ~3 s,
+controller-manager ~1 s).
 
 `service_account_kubeconfig()` writes a kubeconfig holding a TokenRequest token of a ServiceAccount,
 so a subprocess (the operator) can be run with exactly that account's RBAC permissions.
@@ -68,12 +69,8 @@ def install_binaries() -> dict[str, str]:
     return paths
 
 
-# Only what the kubelet emulator does not replace. Left out on purpose: node-lifecycle (no kubelet
-# heartbeats: it would taint every node unreachable and evict the pods), pod-garbage-collector (deletes
-# pods of unknown nodes), the PersistentVolume binder (the emulator binds claims itself), ttl, taint-eviction,
-# and the endpoints/endpointslice controllers: emulated pods have loopback IPs (127.x.y.z, the only addresses
-# a test can bind many of without root), which Endpoints/EndpointSlice validation rejects ("may not be in
-# the loopback range"), so those controllers would only retry and post FailedToUpdateEndpointSlices events.
+# For a control plane without nodes. Left out: node-lifecycle, pod-garbage-collector, the PersistentVolume
+# binder and the endpointslice controllers (nothing for them to do without a node), ttl, taint-eviction.
 CONTROLLERS = (
     "deployment-controller", "replicaset-controller", "garbage-collector-controller", "namespace-controller",
     "serviceaccount-controller", "serviceaccount-token-controller", "root-ca-certificate-publisher-controller",
@@ -81,11 +78,14 @@ CONTROLLERS = (
     # controller a deleted PVC would stay Terminating forever.
     "persistentvolumeclaim-protection-controller",
 )
-# With a real kubelet (tests/real_node.py) the controllers left out above for the emulator's sake are needed:
-# node-lifecycle removes a new node's not-ready taint, the pod GC deletes pods of nodes that went away, and
-# pods have real IPs on the node's bridge, so Services get EndpointSlices.
+# With a real kubelet (tests/real_node.py) the controllers left out above are needed: node-lifecycle removes
+# a new node's not-ready taint, the pod GC deletes pods of nodes that went away, and pods have real IPs on the
+# node's bridge, so Services get EndpointSlices.
+# Statically provisioned hostPath volumes (tests/node_support.py) need the PersistentVolume binder and the
+# protection controller that lets a released volume be deleted.
 REAL_NODE_CONTROLLERS = (*CONTROLLERS, "node-lifecycle-controller", "pod-garbage-collector-controller",
-                         "endpointslice-controller", "endpointslice-mirroring-controller")
+                         "endpointslice-controller", "endpointslice-mirroring-controller",
+                         "persistentvolume-binder-controller", "persistentvolume-protection-controller")
 
 
 def _https_ok(url: str, token: str | None = None) -> bool:

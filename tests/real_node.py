@@ -62,6 +62,7 @@ CNI_PLUGINS = ("bridge", "host-local", "loopback")
 CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
 # Where pods reach the apiserver (the `kubernetes` Service's endpoint): forwarded to its loopback port.
 APISERVER_NODE_PORT = 6443
+IMPORT_TIMEOUT = 900  # the project image (~1 GB) unpacked on a busy 2-core machine
 
 
 class RealNodeUnavailable(RuntimeError):
@@ -94,8 +95,8 @@ def preflight(binaries: dict[str, str]) -> None:
         raise RealNodeUnavailable("the real test node cannot start on this machine:\n  - " + "\n  - ".join(problems))
 
 
-def _run(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True, check=check, timeout=120)
+def _run(*command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, check=check, timeout=timeout)
 
 
 def _cgroup_hierarchies() -> list[Path]:
@@ -121,6 +122,17 @@ def _kill_cgroup_tree(root: Path) -> None:
         time.sleep(0.2)
 
 
+def start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22); None if it is dead.
+    With the pid, it identifies a process: pids and namespace ids are reused once freed."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])  # a zombie is already dead
+
+
 def _pids_in_mount_namespace(namespace: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -131,19 +143,37 @@ def _pids_in_mount_namespace(namespace: str) -> list[int]:
     return pids
 
 
+def _recorded_pids(state: dict[str, Any]) -> list[int]:
+    """The node's own processes still alive: a recorded pid counts only with its recorded start time (a pid
+    reused by another program since is not the node's)."""
+    alive = []
+    for entry in state.get("pids", []):
+        pid, started = entry if isinstance(entry, list) else (entry, None)
+        if started is not None and start_time(pid) == started:
+            alive.append(pid)
+    return alive
+
+
 def clean_up(state: dict[str, Any]) -> None:
     """Undoes everything a node recorded in `state` (also for a run that was killed): its processes, pod
     cgroups, bridge, nft tables, the directories it created, its working directory."""
     namespace = state.get("mount_namespace")
-    for _ in range(50):  # processes in the node's mount namespace: containerd, shims, kubelet, kube-proxy
-        pids = _pids_in_mount_namespace(namespace) if namespace else []
-        pids += [pid for pid in state.get("pids", []) if Path(f"/proc/{pid}").exists()]
+    holder = state.get("holder")  # [pid, start time] of the sleeping process that holds the namespace open
+    # A mount namespace's id is reused once the namespace is gone (e.g. by a build tool's next `unshare`), so
+    # its members are the node's only while the holder lives: they go first, the holder last.
+    holder_alive = bool(holder) and start_time(holder[0]) == holder[1]
+    for _ in range(100):  # containerd, shims, kubelet, kube-proxy, kube-scheduler
+        members = _pids_in_mount_namespace(namespace) if namespace and holder_alive else []
+        pids = sorted({*members, *_recorded_pids(state)} - {holder[0] if holder else -1})
         if not pids:
             break
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.1)
+    if holder_alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(holder[0], signal.SIGKILL)
     for hierarchy in _cgroup_hierarchies():
         _kill_cgroup_tree(hierarchy / CGROUP_ROOT)
     # Pod network namespaces die with their last process and pin, taking their veths along.
@@ -190,6 +220,7 @@ class RealNode:
         self.name = name
         self.paths = NodePaths(workdir)
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._imported: list[Path] = []
         self._forwarder: TcpForwarder | None = None
         self._holder: subprocess.Popen[bytes] | None = None
         self._lock: IO[str] | None = None
@@ -224,6 +255,8 @@ class RealNode:
             self._enter_mount_namespace()
             self._start_containerd(timeout)
             self._import_test_images()
+            for archive in self._imported:
+                self.ctr("images", "import", str(archive), timeout=IMPORT_TIMEOUT)
             self._start_kubelet(timeout)
             self._start_scheduler(timeout)
             self._start_kube_proxy(timeout)
@@ -287,7 +320,7 @@ class RealNode:
                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=env or os.environ.copy(), start_new_session=True)
         self._processes[name] = process
-        self.state["pids"].append(process.pid)
+        self.state["pids"].append([process.pid, start_time(process.pid)])
         self._save_state()
         return process
 
@@ -327,7 +360,7 @@ class RealNode:
     def _enter_mount_namespace(self) -> None:
         self._holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "--", "sleep", "infinity"],
                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        self.state["pids"].append(self._holder.pid)
+        self.state["holder"] = [self._holder.pid, start_time(self._holder.pid)]
         namespace = ""
         deadline = time.monotonic() + 30
         own = os.readlink("/proc/self/ns/mnt")
@@ -363,12 +396,16 @@ class RealNode:
                     env={**os.environ, "PATH": NO_IPTABLES_PATH + ":/usr/sbin"})
         self._wait("containerd", lambda: self.ctr("version", check=False).returncode == 0, timeout)
 
-    def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return _run("ctr", "--address", str(self.paths.containerd_socket), "--namespace", "k8s.io", *args, check=check)
+    def ctr(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return _run("ctr", "--address", str(self.paths.containerd_socket), "--namespace", "k8s.io", *args,
+                    check=check, timeout=timeout)
 
     def import_image(self, archive: Path) -> None:
-        """Loads an OCI or docker archive into the node's containerd (pods use it with imagePullPolicy: Never)."""
-        self.ctr("images", "import", str(archive))
+        """Loads an OCI or docker archive into the node's containerd (pods use it with imagePullPolicy: Never).
+        A restarted node (stop() then start()) imports it again."""
+        self.ctr("images", "import", str(archive), timeout=IMPORT_TIMEOUT)
+        if archive not in self._imported:
+            self._imported.append(archive)
 
     def _import_test_images(self) -> None:
         """The pod sandbox image (containerd's sandbox_image) and a one-file busybox image with a shell."""
@@ -409,7 +446,7 @@ class RealNode:
         ], stdout=(self.paths.root / "kube-scheduler.log").open("ab"), stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True)
         self._processes["kube-scheduler"] = process
-        self.state["pids"].append(process.pid)
+        self.state["pids"].append([process.pid, start_time(process.pid)])
         self._save_state()
         self._wait("kube-scheduler", lambda: _https_ok(f"https://127.0.0.1:{port}/healthz"), timeout)
 

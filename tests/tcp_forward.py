@@ -1,6 +1,6 @@
 """A TCP forwarder: how pods on the real test node reach the test kube-apiserver.
 
-The apiserver listens on loopback only (the emulator-based tests and the host's kubectl/helm use it there);
+The apiserver listens on loopback only (the tests and the host's kubectl/helm use it there);
 pods cannot reach the host's loopback. The node forwards its bridge address (the `kubernetes` Service's
 endpoint, see RealNode.expose_apiserver) to it, so in-cluster clients (the operator pods) work unchanged.
 """

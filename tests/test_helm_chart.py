@@ -308,7 +308,7 @@ def test_install_and_uninstall(kube: KubeCluster, crds: None) -> None:
     assert get("poddisruptionbudget", fullname, namespace) is not None
     deployment = get("deployment", fullname, namespace)
     assert deployment["spec"]["replicas"] == 2
-    # The real controller-manager takes it from there (no pods run: this namespace has no emulated nodes).
+    # The real controller-manager takes it from there (no pods run: the `kube` control plane has no node).
     wait_until(lambda: kube.kubectl("get", "pods", "-n", namespace, "-o", "name").stdout.count("pod/") == 2,
                timeout=30, message="the operator Deployment's pods created")
     model = get("localmodel", "tiny", models_ns)

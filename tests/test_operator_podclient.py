@@ -215,3 +215,31 @@ def test_a_download_that_ends_during_the_pass_still_reports_its_variant(pod_serv
     with ListingReadBefore(pod_server.base_url, TOKEN, before) as late:
         work = rc.examine_pod(late, pod, spec, work.record, time.time(), 1.0)
     assert work.load and work.state.stage == st.LOADING and work.state.variant == "q4_k_m", work.state
+
+
+def test_a_load_the_kernel_killed_is_not_retried_on_that_pod(pod_server: ServerProcess) -> None:
+    """The server's memory estimate is noted before each load; when the pod's next server reports that the
+    last one was OOMKilled, the same load is not sent again (it would only be killed again) and the state
+    names the memory limit and the estimate. The real kill: tests/test_operator_e2e.py on the real node."""
+    spec = parse_spec({"model": REPO, "gpu": {"count": 0}, "contextLength": 256})
+    pod = PodView("p-5", "uid-5", "127.0.0.1", True, True, False, "server-1", "h", None, memory_limit="256Mi")
+    with client(pod_server) as c:
+        work = rc.examine_pod(c, pod, spec, {"name": "p-5"}, time.time(), 1.0)
+        while not work.load:
+            time.sleep(0.2)
+            work = rc.examine_pod(c, pod, spec, work.record, time.time(), 1.0)
+        work = rc.load_on_pod(c, pod, spec, work, time.time(), 1.0)
+        assert work.state.stage == st.READY and work.record["estimateBytes"] > 0
+        assert work.record["loadAttempt"] == work.record["loaded"]
+        killed = PodView("p-5", "uid-5", "127.0.0.1", True, True, False, "server-2", "h", None,
+                         memory_limit="256Mi", oom_killed=True)
+        failed = rc.examine_pod(c, killed, spec, work.record, time.time(), 1.0)
+        assert (failed.state.stage, failed.state.reason, failed.load) == (st.FAILED, "OOMKilled", False)
+        assert "memory limit is 256Mi" in failed.state.message and "needs an estimated" in failed.state.message
+        assert "at context length 256" in failed.state.message, failed.state.message
+        # A new spec (a shorter context) is a different load: tried again on the same pod.
+        shorter = parse_spec({"model": REPO, "gpu": {"count": 0}, "contextLength": 128})
+        retry = rc.examine_pod(c, killed, shorter, failed.record, time.time(), 1.0)
+        assert retry.load, retry.state
+        for instance in c.loaded():
+            c.unload(instance.instance_id)

@@ -57,6 +57,12 @@ def test_container_failures() -> None:
     crash = pod_failure(pod(waiting=("CrashLoopBackOff", "back-off 10s"), last_exit=3, restarts=4))
     assert crash is not None and crash.reason == "CrashLoopBackOff"
     assert "4 restarts" in crash.message and "exit code 3" in crash.message
+    killed = {**pod(waiting=("CrashLoopBackOff", "back-off 20s"), restarts=2),
+              "spec": {"containers": [{"resources": {"limits": {"memory": "256Mi"}}}]}}
+    killed["status"]["containerStatuses"][0]["lastState"] = {"terminated": {"reason": "OOMKilled", "exitCode": 137}}
+    oom = pod_failure(killed)
+    assert oom is not None and oom.reason == "OOMKilled" and "memory limit (256Mi)" in oom.message, oom
+    assert view(killed, HASH).oom_killed and view(killed, HASH).memory_limit == "256Mi"
     config = pod_failure(pod(waiting=("CreateContainerConfigError", 'secret "absent" not found')))
     assert config == PodFailure("CreateContainerConfigError", 'pod p: secret "absent" not found')
     assert pod_failure(pod(waiting=("ContainerCreating", ""))) is None  # just starting: no failure

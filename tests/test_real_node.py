@@ -9,8 +9,6 @@ controller-manager.
 from __future__ import annotations
 
 import json
-import secrets
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +20,6 @@ from support import wait_until
 
 # Generous: a busy 2-core machine shared with other work.
 POD_TIMEOUT = 120
-
-
-@pytest.fixture
-def namespace(real_node: RealNode) -> Iterator[str]:
-    name = f"rn-{secrets.token_hex(4)}"
-    real_node.cluster.create_namespace(name)
-    yield name
-    real_node.cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 def _apply(node: RealNode, manifest: dict[str, Any]) -> None:
@@ -164,6 +154,32 @@ def test_readiness_probe_run_by_the_kubelet(real_node: RealNode, namespace: str)
     real_node.cluster.kubectl("delete", "pod", "probe", "-n", namespace, "--grace-period=0", "--force")
 
 
+def test_missing_secret_is_a_config_error_and_liveness_restarts(real_node: RealNode, namespace: str) -> None:
+    missing = _busybox_pod("misconfigured", "sleep 3600",
+                           env=[{"name": "X", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k"}}}])
+    missing["metadata"]["namespace"] = namespace
+    _apply(real_node, missing)
+    # Healthy for a few seconds, then the liveness probe fails: the kubelet kills and restarts the container.
+    live = _busybox_pod("liveness", "touch /tmp/alive; sleep 4; rm /tmp/alive; sleep 3600", restartPolicy="Always",
+                        livenessProbe={"exec": {"command": ["/bin/sh", "-c", "test -f /tmp/alive"]},
+                                       "periodSeconds": 1, "failureThreshold": 2})
+    live["metadata"]["namespace"] = namespace
+    _apply(real_node, live)
+
+    def config_error() -> dict[str, Any] | None:
+        waiting = _container_status(_pod(real_node, namespace, "misconfigured")).get("state", {}).get("waiting", {})
+        return waiting if waiting.get("reason") == "CreateContainerConfigError" else None
+
+    waiting = wait_until(config_error, timeout=POD_TIMEOUT, interval=0.5, message="no CreateContainerConfigError")
+    assert waiting["message"] == 'secret "absent" not found', waiting
+    restarted = wait_until(lambda: _container_status(_pod(real_node, namespace, "liveness")).get("restartCount", 0)
+                           >= 1, timeout=POD_TIMEOUT, interval=0.5, message="the liveness probe restarted nothing")
+    assert restarted
+    events = real_node.cluster.kubectl("get", "events", "-n", namespace, "--field-selector",
+                                       "involvedObject.name=liveness", "-o", "json").stdout
+    assert "Liveness probe failed" in events, events[-3000:]
+
+
 def _web_deployment(namespace: str, replicas: int = 1) -> list[dict[str, Any]]:
     script = "mkdir -p /tmp/www && echo hello-from-$HOSTNAME > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www"
     labels = {"app": "web"}
@@ -230,7 +246,9 @@ def test_cluster_ip_service_from_host_and_pod_and_recreated_pod(real_node: RealN
 
 
 def test_killed_run_is_cleaned_up_and_the_host_left_as_found(real_node: RealNode, namespace: str,
-                                                             tmp_path: Path) -> None:
+                                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    # A short directory: containerd's sockets live under it, and a unix socket path has at most 107 bytes.
+    tmp_path = tmp_path_factory.mktemp("kr")
     before = real_node.host_before
     real_node.stop()
     try:

@@ -9,11 +9,10 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from project_image import BUILD_TIMEOUT, build_image, export_oci_archive
+from project_image import BUILD_TIMEOUT
 from real_node import RealNode
 from support import CHAT_MODEL, wait_until
 
@@ -46,21 +45,6 @@ reply = httpx.post(base + "/v1/chat/completions", timeout=240,
 print(json.dumps({"kubernetes": kubernetes, "anonymous": anonymous.status_code,
                   "status": reply.status_code, "body": reply.json()}))
 """
-
-
-@pytest.fixture(scope="module")
-def node_image(real_node: RealNode, tmp_path_factory: pytest.TempPathFactory) -> str:
-    name, buildah = build_image()
-    real_node.import_image(export_oci_archive(name, buildah, tmp_path_factory.mktemp("image") / "lmkube.tar"))
-    return name
-
-
-@pytest.fixture
-def namespace(real_node: RealNode) -> Iterator[str]:
-    name = f"img-{secrets.token_hex(4)}"
-    real_node.cluster.create_namespace(name)
-    yield name
-    real_node.cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 def _token_env() -> dict[str, Any]:
