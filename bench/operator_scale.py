@@ -163,7 +163,7 @@ def cluster_from(args: argparse.Namespace) -> Iterator[Any]:
     # the scheduler and the node-lifecycle, endpointslice and PV controllers run, the 200 model pods stay
     # Pending (Unschedulable), since 200 servers do not fit on 2 cores.
     with tempfile.TemporaryDirectory(prefix="lmkube-bench-") as workdir, \
-            KubeCluster(workdir=Path(workdir) / "kube", controllers=REAL_NODE_CONTROLLERS) as cluster, \
+            KubeCluster(workdir=Path(workdir), controllers=REAL_NODE_CONTROLLERS) as cluster, \
             RealNode(cluster, Path(workdir) / "node") as node:
         cluster.kubectl("cordon", node.name)
         print(f"real node {node.name} up in {node.start_seconds:.1f}s (cordoned)\n"
