@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -55,22 +55,17 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30, interval: floa
 
 
 @dataclass
-class ServerProcess:
+class ListeningProcess:
+    """An lmkube command the tests started that answers on 127.0.0.1:`port` (/health when ready)."""
+
     process: subprocess.Popen[bytes]
     port: int
     log_path: Path
-    token: str | None = None
+    command: ClassVar[str] = "lmkube"  # for messages
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
-
-    def client(self, **kwargs: object) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, headers=self.headers, timeout=60, **kwargs)  # type: ignore[arg-type]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -79,14 +74,14 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"lmkube serve exited with {self.process.returncode}:\n{self.log()}")
+                raise RuntimeError(f"{self.command} exited with {self.process.returncode}:\n{self.log()}")
             try:
                 if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
-        raise TimeoutError(f"lmkube serve did not become healthy:\n{self.log()}")
+        raise TimeoutError(f"{self.command} did not become healthy:\n{self.log()}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -96,3 +91,16 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+@dataclass
+class ServerProcess(ListeningProcess):
+    token: str | None = None
+    command: ClassVar[str] = "lmkube serve"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, headers=self.headers, timeout=60, **kwargs)  # type: ignore[arg-type]
