@@ -149,6 +149,7 @@ class FakePod:
     reachable: bool = True
     download_error: PodError | None = None  # raised by POST /api/v1/models/download
     load_error: PodError | None = None  # raised by POST /api/v1/models/load
+    estimate_bytes: int | None = 64 << 20  # what a load with `estimate_only` answers
     instances: dict[str, LoadedInstance] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)  # "GET models", "POST load", ... in order
 
@@ -224,6 +225,12 @@ class FakePodClient(PodClient):
         pod.instances[instance_id] = LoadedInstance(key, instance_id, body.get("context_length") or DEFAULT_CONTEXT,
                                                     config)
         return instance_id
+
+    def estimate(self, body: Mapping[str, Any]) -> int | None:
+        pod = self._server("POST load estimate_only")
+        if body["model"].partition("@")[0] not in pod.volume.files:
+            raise PodError("LoadFailed", f"Model not found: {body['model']}", 404)
+        return pod.estimate_bytes
 
     def unload(self, instance_id: str) -> None:
         self._server(f"POST unload {instance_id}").instances.pop(instance_id, None)

@@ -10,7 +10,7 @@ import pytest
 from fake_kube import NAMESPACE, FakeCluster, Volume
 from lmkube.operator import reconcile as rc
 from lmkube.operator import resources
-from lmkube.operator.podclient import PodError
+from lmkube.operator.podclient import PodError, PodUnreachable
 
 MODEL = "acme/Tiny-Chat-GGUF"
 KEY = "acme/tiny-chat-gguf"
@@ -114,7 +114,8 @@ def test_files_already_on_the_volume_load_in_the_first_pass(cluster: FakeCluster
     status = cluster.reconcile("tiny")
     assert status["phase"] == "Ready" and status["variant"] == "Q8_0"
     # The download request finds the files there (`already_downloaded`): no job.
-    assert server.requests == ["GET models", "POST download", "POST load", "GET models"]
+    # The estimate is asked first, so an OOM kill during the load can name what the model needed.
+    assert server.requests == ["GET models", "POST download", "POST load estimate_only", "POST load", "GET models"]
     assert server.volume.jobs == {}
 
 
@@ -305,7 +306,8 @@ def test_a_new_load_setting_reloads_on_the_same_pod(cluster: FakeCluster) -> Non
     assert cluster.deployment("tiny")["spec"]["template"] == template  # a load setting: no new pod
     assert status["phase"] == "Ready" and status["contextLength"] == 16384
     assert list(server.instances) == [KEY] and server.instances[KEY].context_length == 16384
-    assert server.requests[-4:] == ["GET models", "POST unload acme/tiny-chat-gguf", "POST load", "GET models"]
+    assert server.requests[-5:] == ["GET models", "POST unload acme/tiny-chat-gguf", "POST load estimate_only",
+                                    "POST load", "GET models"]
 
 
 def test_a_new_pod_setting_rolls_the_deployment(cluster: FakeCluster) -> None:
@@ -366,6 +368,30 @@ def test_a_terminating_pod_is_left_alone(cluster: FakeCluster) -> None:
     status = cluster.reconcile("tiny")
     assert (status["phase"], status["readyReplicas"]) == ("Pending", 0)
     assert len(server.requests) == asked
+
+
+def test_a_server_the_kernel_killed_while_loading_is_oomkilled_with_its_limit_and_the_estimate(
+        cluster: FakeCluster) -> None:
+    cluster.apply("tiny", {"model": MODEL, "contextLength": 65536})
+    cluster.reconcile("tiny")
+    server = cluster.start_pod("tiny", "tiny-0", volume=Volume(files={KEY: "q4_k_m"}))
+    cluster.pod("tiny-0")["spec"]["containers"] = [{"name": "lmkube", "resources": {"limits": {"memory": "256Mi"}}}]
+    server.estimate_bytes = 327 << 20
+    # The kernel kills the server in the middle of the load: the request's connection drops ...
+    server.load_error = PodUnreachable("PodUnreachable", "cannot reach the server at pod tiny-0: connection reset")
+    assert cluster.reconcile("tiny")["phase"] != "Ready"
+    # ... and the kubelet restarts the container, whose last state says why.
+    cluster.restart_server("tiny-0")
+    cluster.pod("tiny-0")["status"]["containerStatuses"][0]["lastState"] = {
+        "terminated": {"reason": "OOMKilled", "exitCode": 137}}
+    server.load_error = None
+    status = cluster.reconcile("tiny")
+    assert status["phase"] == "Failed" and conditions(status)["Ready"][1] == "OOMKilled", status
+    assert "256Mi" in status["message"] and "327 MiB" in status["message"] and "65536" in status["message"]
+    # The same load would only be killed again: it is not sent to the restarted server.
+    assert server.requests.count("POST load") == 1
+    cluster.now += 3600
+    assert cluster.reconcile("tiny")["phase"] == "Failed" and server.requests.count("POST load") == 1
 
 
 def test_a_restarted_server_gets_the_model_loaded_again(cluster: FakeCluster) -> None:
