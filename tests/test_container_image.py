@@ -123,7 +123,7 @@ def test_container_serves_the_demo_model(image: BuiltImage, container: str, tmp_
         with server.client() as http:
             models = http.get("/v1/models").json()
         # The real model is baked into the image (the build has network access, this run needs none).
-        assert [m["id"] for m in models["data"]] == [REAL_MODEL, "lmkube/demo"]
+        assert [m["id"] for m in models["data"]] == [REAL_MODEL, "lmkube/demo", "lmkube/demo-vision"]
 
         client = OpenAI(base_url=f"{server.base_url}/v1", api_key="lm-studio", timeout=300)
         reply = client.chat.completions.create(
