@@ -7,6 +7,8 @@ llama.cpp inside the builder stage (minutes). `pytest -m "not image"` skips thes
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -21,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from openai import OpenAI
+from PIL import Image
 from project_image import BUILD_TIMEOUT, ROOT, Buildah, build_image
 from support import REAL_MODEL, ServerProcess, free_port
 
@@ -136,6 +139,14 @@ def test_container_serves_the_demo_model(image: BuiltImage, container: str, tmp_
             temperature=0, max_tokens=100)
         assert answer.choices[0].finish_reason == "stop"
         assert "sea" in (answer.choices[0].message.content or "").lower()
+        # Vision in the image: Pillow decodes the picture and libmtmd encodes it (64 image tokens).
+        picture = io.BytesIO()
+        Image.new("RGB", (80, 60), (30, 120, 200)).save(picture, "PNG")
+        url = "data:image/png;base64," + base64.b64encode(picture.getvalue()).decode()
+        seen = client.chat.completions.create(model="lmkube/demo-vision", max_tokens=4, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                         {"type": "image_url", "image_url": {"url": url}}]}])
+        assert seen.usage is not None and seen.usage.prompt_tokens > 64
         health = httpx.get(f"{server.base_url}/health", timeout=5)
         assert health.status_code == 200
     finally:
