@@ -24,7 +24,7 @@ import httpx
 import pytest
 from openai import OpenAI
 from PIL import Image
-from project_image import BUILD_TIMEOUT, ROOT, Buildah, build_image
+from project_image import BUILD_TIMEOUT, ROOT, Buildah
 from support import REAL_MODEL, ServerProcess, free_port
 
 from lmkube import __version__
@@ -42,8 +42,9 @@ class BuiltImage:
 
 
 @pytest.fixture(scope="module")
-def image() -> BuiltImage:
-    return BuiltImage(*build_image())
+def image(built_image: tuple[str, Buildah]) -> BuiltImage:
+    """The session's one build (tests/conftest.py), shared with the real-node tests."""
+    return BuiltImage(*built_image)
 
 
 @pytest.fixture
