@@ -149,12 +149,12 @@ def validation_error(exc: RequestValidationError, path: str) -> APIError:
         return bad_request(f"Request body is not valid JSON: {first.get('msg', 'parse error')}")
     param = ".".join(loc) or None
     message = first.get("msg", "invalid request")
+    if first.get("type") == "missing" and param is None:  # the body itself, in every family
+        return bad_request("The request needs a JSON body (content-type: application/json).")
     if family(path) == "anthropic":  # Anthropic's own wording, which its clients match on: "max_tokens: Field required"
         return bad_request(f"{param}: {message}" if param else message, param=param)
     if first.get("type") == "extra_forbidden":
         message = f"Unrecognized key '{param}' in request body."
-    elif first.get("type") == "missing" and param is None:  # the body itself
-        message = "The request needs a JSON body (content-type: application/json)."
     elif first.get("type") == "missing":
         message = f"Missing required parameter: '{param}'."
     elif param:

@@ -250,13 +250,26 @@ def test_the_smaller_holes(guarded: ServerProcess) -> None:
         assert not_allowed.status_code == 405 and not_allowed.headers["allow"] == "POST"
         assert client.put(f"/v1/models/{CHAT_MODEL}").headers["allow"] == "GET"
 
-        no_body = client.post("/v1/chat/completions")
-        assert no_body.status_code == 400 and "None" not in error_of(no_body)["message"]
-        assert "JSON body" in error_of(no_body)["message"]
+        for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/api/v1/chat",
+                     "/api/v0/chat/completions", "/api/v1/models/load"):
+            no_body = client.post(path)
+            assert no_body.status_code == 400 and "None" not in error_of(no_body)["message"], (path, no_body.text)
+            assert "needs a JSON body" in error_of(no_body)["message"], (path, no_body.text)
 
-        for field in ("max_tokens", "max_completion_tokens"):
-            zero = client.post("/v1/chat/completions", json={"model": CHAT_MODEL, "messages": MESSAGES, field: 0})
-            assert zero.status_code == 400 and error_of(zero)["param"] == field, zero.text
+        # No family generates for a limit of 0 tokens (the text completions routes wrote one token).
+        for path, field, body in (
+            ("/v1/chat/completions", "max_tokens", {"messages": MESSAGES}),
+            ("/v1/chat/completions", "max_completion_tokens", {"messages": MESSAGES}),
+            ("/v1/completions", "max_tokens", {"prompt": "hello"}),
+            ("/api/v0/completions", "max_tokens", {"prompt": "hello"}),
+            ("/api/v0/chat/completions", "max_tokens", {"messages": MESSAGES}),
+            ("/v1/responses", "max_output_tokens", {"input": "hello"}),
+            ("/api/v1/chat", "max_output_tokens", {"input": "hello"}),
+            ("/v1/messages", "max_tokens", {"messages": MESSAGES}),
+        ):
+            zero = client.post(path, json={"model": CHAT_MODEL, **body, field: 0})
+            assert zero.status_code == 400, (path, zero.text)
+            assert field in error_of(zero)["message"] and error_of(zero).get("param", field) == field, zero.text
 
         def tools(count: int, parameters: dict[str, Any]) -> list[dict[str, Any]]:
             return [{"type": "function", "function": {"name": f"tool_{i}", "parameters": parameters}}

@@ -114,6 +114,14 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(default=16, ge=-1)
     echo: bool = False
 
+    @field_validator("max_tokens")
+    @classmethod
+    def _generates_something(cls, value: int | None) -> int | None:
+        # As on the chat route: 0 used to generate a token anyway (a generation always samples one).
+        if value == 0:
+            raise ValueError("must be at least 1, or -1 for no limit")
+        return value
+
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
