@@ -117,6 +117,15 @@ def test_a_full_queue_answers_503_with_retry_after_in_each_family(srv: ServerPro
                 # Streamed, the native chat is refused before its stream starts too (not a 200 with an error event).
                 await client.post("/api/v1/chat", json={"model": MODEL, "input": "one more", "max_output_tokens": 4,
                                                         "stream": True}),
+                # Every other family, streamed and not: refused before a stream starts, in its own shape.
+                await client.post("/v1/chat/completions", json={**chat, "stream": True}),
+                await client.post("/v1/responses", json={"model": MODEL, "input": "one more", "max_output_tokens": 16}),
+                await client.post("/v1/responses", json={"model": MODEL, "input": "one more", "max_output_tokens": 16,
+                                                         "stream": True}),
+                await client.post("/v1/messages", json={**chat, "stream": True}),
+                await client.post("/api/v0/chat/completions", json=chat),
+                await client.post("/api/v0/chat/completions", json={**chat, "stream": True}),
+                await client.post("/api/v0/completions", json=completion("one more", 4, stream=True)),
             ])
             assert not any(s.done() for s in streams), "the rejections raced a finishing request"
             return await asyncio.gather(*streams)
@@ -125,20 +134,22 @@ def test_a_full_queue_answers_503_with_retry_after_in_each_family(srv: ServerPro
     # The admitted requests all ran to the end, the queued ones after the running ones.
     assert finished == [("length", LONG)] * (PARALLEL + MAX_QUEUE)
 
-    openai_plain, openai_stream, openai_chat, native, anthropic, native_stream = rejections
-    for response in (openai_plain, openai_stream, openai_chat):
+    (openai_plain, openai_stream, openai_chat, native, anthropic, native_stream, chat_stream, responses,
+     responses_stream, anthropic_stream, v0_chat, v0_chat_stream, v0_stream) = rejections
+    for response in (openai_plain, openai_stream, openai_chat, chat_stream, responses, responses_stream):
         assert response.status_code == 503, response.text
         assert response.headers["content-type"].startswith("application/json")
         error = response.json()["error"]
         assert (error["type"], error["code"]) == ("server_error", "queue_full")
         assert "busy" in error["message"]
-    for response in (native, native_stream):
+    for response in (native, native_stream, v0_chat, v0_chat_stream, v0_stream):  # LM Studio's /api shape
         assert response.status_code == 503, response.text
         assert response.headers["content-type"].startswith("application/json")
         assert response.json()["error"]["code"] == "queue_full"
-    assert anthropic.status_code == 529, anthropic.text
-    assert anthropic.json() == {"type": "error", "error": {"type": "overloaded_error",
-                                                          "message": anthropic.json()["error"]["message"]}}
+    for response in (anthropic, anthropic_stream):
+        assert response.status_code == 529, response.text
+        assert response.json() == {"type": "error", "error": {"type": "overloaded_error",
+                                                              "message": response.json()["error"]["message"]}}
     for response in rejections:
         assert 1 <= int(response.headers["retry-after"]) <= 60
 
@@ -152,7 +163,7 @@ def test_a_full_queue_answers_503_with_retry_after_in_each_family(srv: ServerPro
     assert model_sample(after, "lmkube_requests_rejected_total") - model_sample(
         before, "lmkube_requests_rejected_total") == len(rejections)
     assert http_count(after, "/v1/completions", 503) - http_count(before, "/v1/completions", 503) == 2
-    assert http_count(after, "/v1/messages", 529) - http_count(before, "/v1/messages", 529) == 1
+    assert http_count(after, "/v1/messages", 529) - http_count(before, "/v1/messages", 529) == 2
     assert http_count(after, "/v1/completions", 200) - http_count(before, "/v1/completions", 200) == 5
     assert model_sample(after, "lmkube_instance_max_queue") == MAX_QUEUE
 
