@@ -249,6 +249,12 @@ def test_the_smaller_holes(guarded: ServerProcess) -> None:
         not_allowed = client.delete("/v1/chat/completions")
         assert not_allowed.status_code == 405 and not_allowed.headers["allow"] == "POST"
         assert client.put(f"/v1/models/{CHAT_MODEL}").headers["allow"] == "GET"
+        for method, path, allow in (("GET", "/v1/messages", "POST"), ("GET", "/v1/responses", "POST"),
+                                    ("PUT", "/api/v1/models", "GET"), ("GET", "/api/v1/chat", "POST"),
+                                    ("PATCH", "/api/v0/models", "GET"), ("DELETE", "/health", "GET")):
+            refused = client.request(method, path)
+            assert (refused.status_code, refused.headers.get("allow")) == (405, allow), (method, path, refused.text)
+            assert "not allowed" in error_of(refused)["message"]
 
         for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/api/v1/chat",
                      "/api/v0/chat/completions", "/api/v1/models/load"):
@@ -280,9 +286,21 @@ def test_the_smaller_holes(guarded: ServerProcess) -> None:
             "model": CHAT_MODEL, "messages": MESSAGES, "tools": tools(1, {"type": "object", "properties": []})})
         assert bad.status_code == 400 and error_of(bad)["param"] == "tools", bad.text
         assert "not a valid JSON Schema" in error_of(bad)["message"]
+        # The same schema in the other families' tool shapes.
+        for path, body in (("/v1/responses", {"input": "hello", "tools": [
+                               {"type": "function", "name": "f", "parameters": {"type": "object", "properties": []}}]}),
+                           ("/v1/messages", {"messages": MESSAGES, "max_tokens": 4, "tools": [
+                               {"name": "f", "input_schema": {"type": "object", "properties": []}}]})):
+            refused = client.post(path, json={"model": CHAT_MODEL, **body})
+            assert refused.status_code == 400, refused.text
+            assert "not a valid JSON Schema" in error_of(refused)["message"]
         too_many = client.post("/v1/chat/completions", json={"model": CHAT_MODEL, "messages": MESSAGES,
                                                              "tools": tools(1025, good)})
         assert too_many.status_code == 400 and "1024" in error_of(too_many)["message"]
+        anthropic_tools = [{"name": f"tool_{i}", "input_schema": good} for i in range(1025)]
+        too_many = client.post("/v1/messages", json={"model": CHAT_MODEL, "messages": MESSAGES, "max_tokens": 4,
+                                                     "tools": anthropic_tools})
+        assert too_many.status_code == 400 and "at most 1024 tools" in error_of(too_many)["message"]
         # A thousand tools with a forced call: the grammar still parses (it nested one group per tool). The
         # grammar is checked before the prompt is counted, and the tools' descriptions written into the
         # prompt (the test template ignores `tools`) then overflow the 2048-token context: a 400 about the
