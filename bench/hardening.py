@@ -1,14 +1,15 @@
 """Issue 15's attacks on a real `lmkube serve`, measured: how fast they are refused, how long the public and
 authenticated probes wait meanwhile, and how far the server's memory grows.
 
-    .venv/bin/python bench/hardening.py [--bodies 300,150] [--prompt-mib 20] [--repeat 3]
+    .venv/bin/python bench/hardening.py [--bodies 300,150] [--prompt-mib 20] [--repeat 3] [--flood-clients 4]
 
 One server (`--demo`, an API token, the default 32 MiB body limit), lmkube/demo loaded and warmed up first.
 - **Bodies** (item 3): per size, a POST to /v1/chat/completions with that Content-Length whose body is sent
   as fast as loopback takes it, without a token (401) and with one (413, over the body limit). Reported:
   the time from the first byte sent to the response's status line, how much of the body had gone out by
   then, `/health` latency while it ran (a probe every 20 ms on a kept-alive connection) and the server's
-  peak RSS above its baseline (VmRSS read every 5 ms).
+  peak RSS above its baseline (VmRSS read every 5 ms). Then a flood: `--flood-clients` attackers send such
+  bodies back to back for `--flood-seconds`, and the same figures cover the whole flood.
 - **Huge prompt** (item 4): a `content` of `--prompt-mib` MiB ("word " repeated) with a valid token: time to
   its 400, `/health` and `/v1/models` latency meanwhile, the largest gap between the tokens of a stream that
   runs alongside, and peak RSS above baseline.
@@ -184,6 +185,36 @@ def attack(server: Server, probes: list[str], stream: bool, run: Callable[[], tu
     return window
 
 
+def flood(server: Server, body: Callable[[], tuple[float, float, float, str]], clients: int, seconds: float,
+          ) -> tuple[list[float], Window]:
+    """`clients` attackers send `body` back to back for `seconds`: each attack's time to its answer, and the
+    samplers' window over the whole flood."""
+    assert server.process is not None
+    time.sleep(1.0)
+    baseline = rss_mib(server.process.pid)
+    times: list[float] = []
+    statuses: set[str] = set()
+
+    def attacker(until: float) -> None:
+        while time.perf_counter() < until:
+            start, end, _, status = body()
+            times.append(end - start)
+            statuses.add(status)
+
+    with Samplers(server, ["/health"], False) as samplers:
+        start = time.perf_counter()
+        threads = [threading.Thread(target=attacker, args=(start + seconds,)) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        end = time.perf_counter()
+        time.sleep(0.5)
+    window = samplers.window(start, end, baseline)
+    window.status = ", ".join(sorted(statuses))
+    return times, window
+
+
 def summary(windows: list[Window]) -> str:
     seconds = statistics.median(w.seconds for w in windows)
     parts = [f"{windows[0].status}", f"answered after {seconds * 1e3:.0f} ms (median)"]
@@ -205,6 +236,8 @@ def main() -> None:
     parser.add_argument("--bodies", default="300,150", help="body sizes in MB (10^6 bytes), comma separated")
     parser.add_argument("--prompt-mib", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--flood-clients", type=int, default=4, help="attackers sending bodies back to back")
+    parser.add_argument("--flood-seconds", type=float, default=5.0)
     args = parser.parse_args()
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -225,6 +258,13 @@ def main() -> None:
                 body = partial(post_body, server.url, megabytes * 10**6, token)
                 windows = [attack(server, ["/health"], False, body) for _ in range(args.repeat)]
                 print(f"- {megabytes} MB body, {label}: {summary(windows)}", flush=True)
+                times, window = flood(server, body, args.flood_clients, args.flood_seconds)
+                health = window.probes["/health"]
+                print(f"  flood, {args.flood_clients} clients for {args.flood_seconds:.0f} s: {len(times)} bodies "
+                      f"({window.status}), answered after p50 {statistics.median(times) * 1e3:.0f} ms, max "
+                      f"{max(times) * 1e3:.0f} ms; /health p50 {statistics.median(health) * 1e3:.1f} ms, max "
+                      f"{max(health) * 1e3:.1f} ms ({len(health)} probes); peak RSS +{window.peak_rss_mib:.0f} MiB",
+                      flush=True)
 
         def prompt() -> tuple[float, float, float, str]:
             start, end, status = huge_prompt(server.url, args.prompt_mib)
