@@ -6,8 +6,9 @@ Plain ASGI, so it runs before FastAPI reads a byte of the body:
   never read (an unauthenticated 300 MB upload used to be read whole, then refused).
 - A body larger than the limit is refused with 413 as soon as its Content-Length (or, when chunked, the
   bytes received so far) passes the limit, without buffering the rest.
-- JSON text holding a lone UTF-16 surrogate (`"\\ud800"`) decodes in Python but cannot be encoded back
-  to UTF-8 for the tokenizer; such a body is a 400 here rather than an exception deep in a route.
+- JSON text holding a lone UTF-16 surrogate (`"\\ud800"`, or its bytes ED A0 80 written unescaped) decodes in
+  Python but cannot be encoded back to UTF-8 for the tokenizer; such a body is a 400 here rather than an
+  exception deep in a route.
 
 Errors use the called family's shape (errors.error_response), like every other error.
 """
@@ -24,8 +25,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .auth import token_error
 from .errors import APIError, error_response
 
-# A \uD800-\uDFFF escape; only a body holding one can hold a lone surrogate, so only those are decoded here.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# A \uD800-\uDFFF escape, or a surrogate written straight into the bytes (ED A0-BF xx: not UTF-8, but Python's
+# json module decodes bodies with "surrogatepass" and lets it through); only a body holding one can hold a lone
+# surrogate, so only those are decoded here.
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
 class RequestGuardMiddleware:
@@ -91,14 +94,14 @@ class RequestGuardMiddleware:
 def unencodable_text(body: bytes) -> APIError | None:
     """The 400 for a JSON body whose strings hold a lone surrogate, else None (invalid JSON is the app's
     to report)."""
-    if not _SURROGATE_ESCAPE.search(body):
+    if not _SURROGATE.search(body):
         return None
     try:
         orjson.loads(body)  # unlike the json module, orjson refuses lone surrogates
     except orjson.JSONDecodeError as exc:
         if "surrogate" in str(exc):
-            return APIError(400, f"Request body holds text that is not valid Unicode (a lone UTF-16 surrogate "
-                                 f"escape, {exc}); send text as UTF-8 or as escaped surrogate pairs.")
+            return APIError(400, f"Request body holds text that is not valid Unicode (a lone UTF-16 surrogate, "
+                                 f"{exc}); send text as UTF-8 or as escaped surrogate pairs.")
     return None
 
 

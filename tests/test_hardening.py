@@ -141,6 +141,21 @@ def test_a_lone_surrogate_is_a_400_in_the_family_shape_and_keeps_the_connection(
     alive(guarded)
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/responses", "/api/v1/chat"])
+def test_a_surrogate_written_as_raw_bytes_is_a_400_too(guarded: ServerProcess, path: str) -> None:
+    # ED A0 80 is U+D800 encoded as if it were a character: not UTF-8, yet Python's json module decodes it
+    # ("surrogatepass"), and the tokenizer then failed with a 500.
+    text = b'"a\xed\xa0\x80b"'
+    body = (b'{"model": "%s", "max_tokens": 4, "max_output_tokens": 4, "input": %s, '
+            b'"messages": [{"role": "user", "content": %s}]}' % (CHAT_MODEL.encode(), text, text))
+    with guarded.client() as client:
+        response = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert "surrogate" in error_of(response)["message"]
+        assert client.get("/v1/models").status_code == 200
+    alive(guarded)
+
+
 def test_a_surrogate_pair_is_ordinary_text(guarded: ServerProcess) -> None:
     with guarded.client() as client:
         body = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "smile \U0001f600"}], "max_tokens": 2}
