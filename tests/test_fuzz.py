@@ -25,10 +25,15 @@ TOKEN = "sk-lm-fuzzfuzz:0123456789abcdefghij"
 EXAMPLES_PER_OPERATION = 30
 # An endless SSE stream by design (lmkube log stream): every request would wait for the timeout.
 ENDLESS = "/api/v1/logs/stream"
-# Schemathesis fails inside hypothesis on this operation's schema ("AST constructor recursion depth
-# mismatch", a tool error, not a finding) and sends it nothing; tests/test_api_v0.py covers the route.
-NO_COVERAGE_PHASE = "/api/v0/chat/completions"
+# In a coverage run with the other operations, schemathesis fails inside hypothesis on this operation
+# ("AST constructor recursion depth mismatch" from CPython's ast.parse deep in its recursion: a tool error, not
+# a finding) and sends it nothing; in a run of its own it works, so it gets one.
+ALONE_IN_COVERAGE = "/api/v0/chat/completions"
 SCHEMATHESIS = str(Path(sys.executable).with_name("st"))
+# CPython 3.11's ast.parse, which hypothesis calls deep in schemathesis's recursion to describe a lambda, now
+# and then raises this on a random operation (a tool error: nothing was sent, nothing failed). A run whose only
+# problems are such errors is run again, at most twice.
+TOOL_ERROR = "AST constructor recursion depth mismatch"
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +64,17 @@ def http_requests(server: ServerProcess) -> Counter[tuple[str, int]]:
     return counts
 
 
+def schemathesis(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    for _ in range(3):
+        # Its crash cache (.schemathesis/) goes to `cwd`, not into the repository.
+        run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd)
+        summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
+        if run.returncode == 0 or TOOL_ERROR not in run.stdout or "failure" in summary:
+            return run
+        print(f"schemathesis stopped on its own error ({TOOL_ERROR}); running it again")
+    return run
+
+
 def test_generated_requests_never_get_a_server_error(
     start_server: ServerFactory, models_dir: Path, hub: FakeHub, tmp_path: Path
 ) -> None:
@@ -73,8 +89,9 @@ def test_generated_requests_never_get_a_server_error(
     common = [SCHEMATHESIS, "run", str(spec), "--url", server.base_url, "--checks", "not_a_server_error",
               "--header", f"Authorization: Bearer {TOKEN}", "--seed", "15", "--no-shrink", "--workers", "2",
               "--request-timeout", "120", "--warnings", "off", "--exclude-path", ENDLESS]
-    runs = [subprocess.run(command, capture_output=True, text=True, timeout=600) for command in (
-        [*common, "--phases", "coverage", "--exclude-path", NO_COVERAGE_PHASE],
+    runs = [schemathesis(command, tmp_path) for command in (
+        [*common, "--phases", "coverage", "--exclude-path", ALONE_IN_COVERAGE],
+        [*common, "--phases", "coverage", "--include-path", ALONE_IN_COVERAGE],
         [*common, "--phases", "examples,fuzzing,stateful", "--max-examples", str(EXAMPLES_PER_OPERATION)],
     )]
     sent = http_requests(server) - before
@@ -88,6 +105,6 @@ def test_generated_requests_never_get_a_server_error(
     assert not [status for status in statuses if status >= 500], statuses
     # Route labels keep Starlette's converters ("{job_id:path}"); the document's paths do not.
     routes = {re.sub(r":\w+}", "}", route) for route, _ in sent}
-    unreached = set(document["paths"]) - routes - {ENDLESS, NO_COVERAGE_PHASE}
+    unreached = set(document["paths"]) - routes - {ENDLESS}
     assert not unreached, (sorted(unreached), sorted(routes))  # every operation was reached
     assert server.process.poll() is None, server.log()[-3000:]
