@@ -13,7 +13,7 @@ from ...engine.llama_lib import ModelLoadError, gpu_offload_supported
 from ...engine.speculative import DraftIncompatible
 from ...errors import APIError
 from ...runtime.estimate import available_memory, estimate_memory, fits
-from ...runtime.instance import LoadConfig, ModelInstance
+from ...runtime.instance import LoadConfig, ModelInstance, check_num_experts
 from ...runtime.manager import ModelManager
 from ...store.model_store import ModelEntry, ModelNotFound
 from ..deps import get_manager
@@ -25,13 +25,16 @@ def instance_config(instance: ModelInstance) -> dict[str, Any]:
     if instance.type == "embedding":
         return {"context_length": instance.context_length}
     config = instance.config
-    return {
+    reported: dict[str, Any] = {
         "context_length": instance.context_length,
         "eval_batch_size": config.eval_batch_size,
         "parallel": config.parallel,
         "flash_attention": config.flash_attention is not False,
         "offload_kv_cache_to_gpu": config.offload_kv_cache_to_gpu,
     }
+    if instance.variant.expert_count is not None:  # MoE models only, as LM Studio reports it
+        reported["num_experts"] = config.num_experts or instance.variant.expert_used_count
+    return reported
 
 
 def reasoning_capability(template: str | None) -> dict[str, Any] | None:
@@ -103,9 +106,17 @@ async def load_model(
         ttl=body.ttl,
         identifier=body.identifier,
         draft_model=body.draft_model,
+        num_experts=body.num_experts,
     )
     if isinstance(config.gpu, float) and not 0.0 <= config.gpu <= 1.0:
         raise APIError(400, "'gpu' must be \"max\", \"off\" or a fraction between 0 and 1", param="gpu")
+    if body.num_experts is not None:
+        try:
+            check_num_experts(manager.store.resolve(body.model), body.num_experts)
+        except ModelNotFound as exc:
+            raise model_not_found(exc) from None
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="num_experts") from None
     if body.estimate_only:
         return await estimate_load(body.model, config, manager)
     if body.identifier and manager.find_loaded(body.identifier) is not None:
