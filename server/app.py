@@ -81,7 +81,7 @@ NATIVE_ROUTES = (
     _get("/api/v1/models/search", search.search_models),
     _get("/api/v1/models/search/variants", search.repo_variants),
     _get("/api/v1/models", native_models.list_models),
-    _post("/api/v1/models/load", native_models.load_model),
+    _post("/api/v1/models/load", native_models.load_model, response_model=None),  # JSON, or a stream of events
     _post("/api/v1/models/unload", native_models.unload_model),
     _post("/api/v1/models/download", download.start_download),
     # :path so that any job id is checked for a token, then gets its 404

@@ -17,12 +17,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ..config import RuntimeSettings
 from ..engine.stats import EngineStats
 from ..store.model_store import ModelNotFound, ModelStore, ModelVariant
 from .instance import LoadConfig, ModelInstance
+from .progress import Listener, LoadProgress
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class _JitLoad:
     task: asyncio.Task[ModelInstance] | None = None
     waiters: int = 0
     instance: ModelInstance | None = None
+    progress: LoadProgress = field(default_factory=LoadProgress)
 
 
 class ModelManager:
@@ -43,6 +45,8 @@ class ModelManager:
         self.settings = settings
         self.instances: dict[str, ModelInstance] = {}
         self._loading: dict[str, _JitLoad] = {}
+        # Loads under way (JIT and explicit), by the instance id they will have: what GET /api/v1/instances shows.
+        self.loading: dict[str, tuple[ModelVariant, LoadProgress]] = {}
         self._lock = asyncio.Lock()  # serialises loads and unloads, never held across inference
         self._reaper: asyncio.Task[None] | None = None
         # /metrics counters per instance id; kept after an unload so a reload under the same id continues them.
@@ -88,11 +92,13 @@ class ModelManager:
     # -- loading -----------------------------------------------------------------------------------
 
     async def acquire(
-        self, name: str, *, ttl: float | None = None, context_length: int | None = None
+        self, name: str, *, ttl: float | None = None, context_length: int | None = None,
+        on_progress: Listener | None = None,
     ) -> ModelInstance:
         """The instance serving `name`, JIT-loading it when allowed. Raises ModelNotFound.
 
-        `ttl` and `context_length` apply only if this call starts the JIT load.
+        `ttl` and `context_length` apply only if this call starts the JIT load. `on_progress` hears the JIT
+        load's progress (this call's, or the one under way it waits for), on the event loop.
 
         The caller must start using the instance (`in_use`) before its next await."""
         while True:
@@ -113,10 +119,14 @@ class ModelManager:
                 load.instance.claims += 1
             else:
                 load.waiters += 1
+            if on_progress is not None:
+                load.progress.listen(on_progress)
             try:
                 # A cancelled client must not cancel the load other requests are waiting on.
                 instance = await asyncio.shield(load.task)
             finally:
+                if on_progress is not None:
+                    load.progress.unlisten(on_progress)
                 if load.instance is not None:
                     load.instance.claims -= 1
                 else:
@@ -148,37 +158,48 @@ class ModelManager:
                     parallel=self.settings.parallel, ttl=ttl if ttl is not None else self.settings.jit_ttl,
                     context_length=context_length,
                 )
-                instance = await self._load_locked(variant, config, jit=True)
+                instance = await self._load_locked(variant, config, jit=True, progress=load.progress)
             # Hand the instance to the waiting requests before the lock goes to the next load.
             instance.claims += load.waiters
             load.waiters = 0
             load.instance = instance
             return instance
 
-    async def load(self, name: str, config: LoadConfig) -> ModelInstance:
-        """An explicit load (API or CLI): always a new instance, never auto-evicted."""
+    async def load(self, name: str, config: LoadConfig, *, on_progress: Listener | None = None) -> ModelInstance:
+        """An explicit load (API or CLI): always a new instance, never auto-evicted. `on_progress` hears the
+        load's progress (0..1, on the event loop)."""
         variant = self.store.resolve(name)
+        progress = LoadProgress()
+        if on_progress is not None:
+            progress.listen(on_progress)
         async with self._lock:
-            return await self._load_locked(variant, config, jit=False)
+            return await self._load_locked(variant, config, jit=False, progress=progress)
 
-    async def _load_locked(self, variant: ModelVariant, config: LoadConfig, *, jit: bool) -> ModelInstance:
+    async def _load_locked(self, variant: ModelVariant, config: LoadConfig, *, jit: bool,
+                           progress: LoadProgress | None = None) -> ModelInstance:
         instance_id = self._new_instance_id(config.identifier or variant.model_key)
         if config.parallel < 1:
             config = replace(config, parallel=self.settings.parallel)
         log.info("loading %s as %s", variant.key, instance_id)
-        instance = await asyncio.to_thread(
-            ModelInstance,
-            instance_id,
-            variant,
-            config,
-            default_context=self.settings.default_context_length,
-            n_threads=self.settings.n_threads,
-            jit=jit,
-            max_queue=self.settings.max_queue,
-            cache_ram_mib=self.settings.cache_ram_mib,
-            stats=self.stats.setdefault(instance_id, EngineStats()),
-            resolve=self.store.resolve,
-        )
+        progress = progress or LoadProgress()
+        self.loading[instance_id] = (variant, progress)
+        try:
+            instance = await asyncio.to_thread(
+                ModelInstance,
+                instance_id,
+                variant,
+                config,
+                default_context=self.settings.default_context_length,
+                n_threads=self.settings.n_threads,
+                jit=jit,
+                max_queue=self.settings.max_queue,
+                cache_ram_mib=self.settings.cache_ram_mib,
+                stats=self.stats.setdefault(instance_id, EngineStats()),
+                resolve=self.store.resolve,
+                progress=progress.report,
+            )
+        finally:
+            del self.loading[instance_id]
         self.instances[instance_id] = instance
         log.info("loaded %s in %.2fs (context %d)", instance_id, instance.load_seconds, instance.context_length)
         return instance

@@ -35,6 +35,9 @@ class LoadRequest(BaseModel):
     # unload other instances first, least recently used first, until it fits; or load it anyway.
     evict: bool = False
     force: bool = False
+    # lmkube extension: answer with a stream of model_load.* events (server-sent events, as /api/v1/chat's), the
+    # progress of llama.cpp's load as it goes, the usual answer last; what `lmkube load` and the operator use.
+    stream: StrictBool = False
 
 
 class UnloadRequest(BaseModel):
