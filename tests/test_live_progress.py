@@ -8,9 +8,12 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import gguf
 import httpx
+import numpy as np
 import pexpect
 import pytest
 from cli_support import cli_env, run_cli
@@ -24,11 +27,27 @@ SHALLOW = "acme/shallow-chat"
 DEEP_SHAPE = LlamaShape(n_layer=12, n_ctx_train=4096)
 
 
+def write_alien_model(path: Path) -> None:
+    """A GGUF the store lists (its header reads fine) that llama.cpp refuses: an architecture it does not know."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), "nosucharch")
+    writer.add_name("alien")
+    writer.add_context_length(64)
+    writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 @pytest.fixture(scope="module")
 def progress_server(start_server, tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     models = tmp_path_factory.mktemp("progress-models")
     write_llama_model(models / "acme" / "deep-chat" / "deep-chat-F16.gguf", shape=DEEP_SHAPE, seed=8)
     write_llama_model(models / "acme" / "shallow-chat" / "shallow-chat-F16.gguf", seed=9)
+    write_alien_model(models / "acme" / "alien-chat" / "alien-chat-F32.gguf")
     return start_server(models, "--no-auto-evict")
 
 
@@ -161,3 +180,22 @@ def test_cli_load_shows_the_load_progress(progress_server: ServerProcess, http: 
     refused = run_cli("load", DEEP, "--identifier", "deep-json", server=progress_server)
     assert refused.code != 0 and "already loaded" in refused.err
     unload_all(http)
+
+
+def test_a_jit_load_streams_from_its_start_and_a_failed_load_is_an_error_event(http: httpx.Client) -> None:
+    """The stream of a request that JIT-loads starts with the load (so its progress is live), not once the
+    prompt is submitted: what fails after that, a load llama.cpp refuses here, is an `error` event."""
+    events = sse(http, "/api/v1/chat", {"model": "acme/alien-chat", "input": "Hi", "stream": True})
+    names = [name for name, _ in events]
+    assert names[:2] == ["chat.start", "model_load.start"] and names[-2:] == ["error", "chat.end"], names
+    error = events[-2][1]["error"]
+    assert error["code"] == "model_load_failed" and "alien-chat" in error["message"]
+    # Without streaming: the plain error, as before.
+    plain = http.post("/api/v1/chat", json={"model": "acme/alien-chat", "input": "Hi"})
+    assert plain.status_code == 422 and plain.json()["error"]["code"] == "model_load_failed"
+    # The other families too: a JIT load that fails is a 422 in their shapes, not a 500.
+    openai_shape = http.post("/v1/chat/completions", json={"model": "acme/alien-chat",
+                                                           "messages": [{"role": "user", "content": "Hi"}]})
+    assert openai_shape.status_code == 422 and openai_shape.json()["error"]["code"] == "model_load_failed"
+    loaded = http.post("/api/v1/models/load", json={"model": "acme/alien-chat", "stream": True, "force": True})
+    assert loaded.status_code == 200 and "event: error" in loaded.text and "model_load_failed" in loaded.text

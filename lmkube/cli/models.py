@@ -192,7 +192,12 @@ def load_model(args: argparse.Namespace) -> int:
     for flag in ("evict", "force"):
         if getattr(args, flag):
             body[flag] = True
-    result = _load_with_progress(client, body, show=not args.json)
+    try:
+        result = _load_with_progress(client, body, show=not args.json)
+    except CliError as exc:
+        if "'stream'" not in str(exc):
+            raise
+        result = client.post("/api/v1/models/load", body)  # a server from before the streamed load
     if args.json:
         print_json(result)
         return 0

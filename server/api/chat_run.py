@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from ..chat.deltas import ChatDelta, ChatResult
 from ..chat.session import ChatOutput, ChatSpec, PreparedChat, prepare_chat, with_header_tool_choice
 from ..engine.events import Finish, PromptProgress, TextDelta
+from ..engine.llama_lib import ModelLoadError
 from ..engine.sampling import SamplingParams
 from ..engine.slot import GenerationRequest
 from ..errors import APIError
@@ -138,14 +139,16 @@ class ChatRun:
                    on_load_progress: Listener | None = None) -> ChatRun:
         """Finds (or JIT-loads) the model; 404 for an unknown one, 400 for an embedding model.
         `on_load_progress` hears a JIT load's progress (0..1, on the event loop)."""
-        if context_length is None:
-            instance = await inference.acquire(manager, model, ttl=ttl, kind="llm", on_progress=on_load_progress)
-        else:
-            try:  # a load with its own context length: the caller checked the model's kind beforehand
+        try:
+            if context_length is None:
+                instance = await inference.acquire(manager, model, ttl=ttl, kind="llm", on_progress=on_load_progress)
+            else:  # a load with its own context length: the caller checked the model's kind beforehand
                 instance = await manager.acquire(model, ttl=ttl, context_length=context_length,
                                                  on_progress=on_load_progress)
-            except ModelNotFound as exc:
-                raise inference.model_not_found(exc) from None
+        except ModelNotFound as exc:
+            raise inference.model_not_found(exc) from None
+        except ModelLoadError as exc:  # a JIT load llama.cpp refused (a damaged file, an unknown architecture)
+            raise APIError(422, str(exc), param="model", code="model_load_failed") from None
         return cls(instance, sampling, param=param, header_tool_choice=header_tool_choice, rename=rename,
                    fetch_image_urls=manager.settings.fetch_image_urls)
 

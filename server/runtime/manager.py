@@ -45,8 +45,6 @@ class ModelManager:
         self.settings = settings
         self.instances: dict[str, ModelInstance] = {}
         self._loading: dict[str, _JitLoad] = {}
-        # Loads under way (JIT and explicit), by the instance id they will have: what GET /api/v1/instances shows.
-        self.loading: dict[str, tuple[ModelVariant, LoadProgress]] = {}
         self._lock = asyncio.Lock()  # serialises loads and unloads, never held across inference
         self._reaper: asyncio.Task[None] | None = None
         # /metrics counters per instance id; kept after an unload so a reload under the same id continues them.
@@ -181,25 +179,20 @@ class ModelManager:
         if config.parallel < 1:
             config = replace(config, parallel=self.settings.parallel)
         log.info("loading %s as %s", variant.key, instance_id)
-        progress = progress or LoadProgress()
-        self.loading[instance_id] = (variant, progress)
-        try:
-            instance = await asyncio.to_thread(
-                ModelInstance,
-                instance_id,
-                variant,
-                config,
-                default_context=self.settings.default_context_length,
-                n_threads=self.settings.n_threads,
-                jit=jit,
-                max_queue=self.settings.max_queue,
-                cache_ram_mib=self.settings.cache_ram_mib,
-                stats=self.stats.setdefault(instance_id, EngineStats()),
-                resolve=self.store.resolve,
-                progress=progress.report,
-            )
-        finally:
-            del self.loading[instance_id]
+        instance = await asyncio.to_thread(
+            ModelInstance,
+            instance_id,
+            variant,
+            config,
+            default_context=self.settings.default_context_length,
+            n_threads=self.settings.n_threads,
+            jit=jit,
+            max_queue=self.settings.max_queue,
+            cache_ram_mib=self.settings.cache_ram_mib,
+            stats=self.stats.setdefault(instance_id, EngineStats()),
+            resolve=self.store.resolve,
+            progress=progress.report if progress is not None else None,
+        )
         self.instances[instance_id] = instance
         log.info("loaded %s in %.2fs (context %d)", instance_id, instance.load_seconds, instance.context_length)
         return instance

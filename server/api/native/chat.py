@@ -155,6 +155,7 @@ class NativeChatEvents:
         self._round_started = False  # the current round's first batch has been seen
         self._announced: set[int] = set()  # the current round's tool calls with a tool_call.start
         self._opened: ChatRun | None = None  # the run `_load` opened
+        self._loading = False  # a JIT load has begun: the stream starts now, to show its progress live
         self._prefill_sent = 0.0  # the current round's last prompt_processing.progress
 
     def result(self) -> dict[str, Any]:
@@ -164,7 +165,10 @@ class NativeChatEvents:
         return body
 
     def submitted(self) -> bool:
-        return self.loop is not None and bool(self.loop.rounds)
+        """Whether the stream may start: once the first round is submitted (so that a refusal is an HTTP
+        error), or as soon as a JIT load begins, whose progress the client should see as it happens (what
+        refuses the request after that comes as an `error` event, as LM Studio sends it)."""
+        return self._loading or (self.loop is not None and bool(self.loop.rounds))
 
     async def close(self) -> None:
         """Ends every round's generation and the MCP sessions."""
@@ -179,6 +183,7 @@ class NativeChatEvents:
         yield [("chat.start", {"model_instance_id": self.instance_id})]
         loads = self.manager.find_loaded(body.model) is None
         if loads:
+            self._loading = True
             yield [("model_load.start", {"model_instance_id": self.instance_id})]
             async for events in self._load():
                 yield events
@@ -232,14 +237,15 @@ class NativeChatEvents:
             while (fraction := await updates.get()) is not None:
                 sent = fraction
                 yield [("model_load.progress", {"model_instance_id": self.instance_id, "progress": fraction})]
-            self._opened = task.result()  # raises what the load raised (unknown model, load failure)
+            run = task.result()  # raises what the load raised (a load failure)
+            if sent < 1.0:  # loaded by another request's load that had made progress before this one listened
+                yield [("model_load.progress", {"model_instance_id": run.instance.id, "progress": 1.0})]
+            self._opened = run
         finally:
             if not task.done():
                 task.cancel()
             elif self._opened is None and not task.cancelled() and task.exception() is None:
                 task.result().instance.claims -= 1  # the stream was closed before it could use the instance
-        if sent < 1.0:  # loaded by another request's load that had made progress before this one listened
-            yield [("model_load.progress", {"model_instance_id": self._opened.instance.id, "progress": 1.0})]
 
     # -- the tool loop's encoding (LoopFamily) ---------------------------------------------------------
 
