@@ -298,8 +298,8 @@ class GenerationEngine:
                 slot.cached.extend(request.prompt[slot.prompt_pos : slot.chunk_end])
                 slot.prompt_pos = slot.chunk_end
                 if request.report_prefill and slot.prompt_pos < len(request.prompt):
-                    computed = slot.cached_at_start
-                    self._emit(request, PromptProgress(slot.prompt_pos - computed, len(request.prompt) - computed))
+                    reused = slot.cached_at_start  # from a cache: not part of the work to report
+                    self._emit(request, PromptProgress(slot.prompt_pos - reused, len(request.prompt) - reused))
             elif slot.pending >= 0:
                 slot.cached.append(slot.pending)
             if slot.batch_index >= 0:
