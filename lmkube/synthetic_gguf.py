@@ -32,6 +32,8 @@ class LlamaShape:
     n_head_kv: int = 2
     n_ff: int = 128
     n_ctx_train: int = 2048
+    n_expert: int = 0  # > 0: a mixture-of-experts model (Mixtral's layout) with this many experts per layer
+    n_expert_used: int = 0  # experts each token goes through (llama.cpp's {arch}.expert_used_count)
 
 
 SMOLLM_135M = LlamaShape(
@@ -235,6 +237,9 @@ def write_llama_model(
             w.add_eot_token_id(tokens.index("<|im_end|>"))
         if chat_template:
             w.add_chat_template(chat_template)
+        if s.n_expert:
+            w.add_expert_count(s.n_expert)
+            w.add_expert_used_count(s.n_expert_used)
 
     rng = np.random.default_rng(seed)
     wt = np.float16 if dtype == "f16" else np.float32
@@ -256,7 +261,7 @@ def write_llama_model(
         _fill("output_norm.weight", (s.n_embd,), 1.0),
         _Tensor(output.name, output.shape, wt, make_output),
     ]
-    linear = {
+    linear: dict[str, tuple[int, ...]] = {
         "attn_q": (q_dim, s.n_embd),
         "attn_k": (kv_dim, s.n_embd),
         "attn_v": (kv_dim, s.n_embd),
@@ -265,6 +270,10 @@ def write_llama_model(
         "ffn_up": (s.n_ff, s.n_embd),
         "ffn_down": (s.n_embd, s.n_ff),
     }
+    if s.n_expert:
+        for dense in ("ffn_gate", "ffn_up", "ffn_down"):
+            del linear[dense]
+        linear |= _expert_layers(s)
     # At std 1/sqrt(fan_in) some seeds fell into one-token greedy loops; the default 2.5x lets attention mix
     # in enough context that 48 greedy tokens stayed varied for every seed/prompt/shape tried (24 seeds x 5).
     gain = layer_gain
@@ -272,9 +281,19 @@ def write_llama_model(
         tensors += [_fill(f"blk.{i}.attn_norm.weight", (s.n_embd,), 1.0)]
         tensors += [_fill(f"blk.{i}.ffn_norm.weight", (s.n_embd,), 1.0)]
         tensors += [
-            _rand(rng, f"blk.{i}.{n}.weight", shp, gain * shp[1] ** -0.5, wt) for n, shp in linear.items()
+            _rand(rng, f"blk.{i}.{n}.weight", shp, gain * shp[-1] ** -0.5, wt) for n, shp in linear.items()
         ]
     return _write_atomically(path, "llama", add_kv, tensors)
+
+
+def _expert_layers(s: LlamaShape) -> dict[str, tuple[int, ...]]:
+    """A MoE block's feed-forward: a router and each expert's gate/up/down, stacked (numpy order)."""
+    return {
+        "ffn_gate_inp": (s.n_expert, s.n_embd),
+        "ffn_gate_exps": (s.n_expert, s.n_ff, s.n_embd),
+        "ffn_up_exps": (s.n_expert, s.n_ff, s.n_embd),
+        "ffn_down_exps": (s.n_expert, s.n_embd, s.n_ff),
+    }
 
 
 def write_bert_embedding_model(

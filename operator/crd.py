@@ -210,6 +210,12 @@ def status_schema() -> dict[str, Any]:
                     "bytesPerSecond": {"type": "number", "minimum": 0},
                 },
             },
+            "load": {
+                "type": "object",
+                "description": "Model load progress: moves while the server loads the weights (Loading), 100 once "
+                               "the model is served.",
+                "properties": {"percent": {"type": "number", "minimum": 0, "maximum": 100}},
+            },
             "endpoint": _string("In-cluster base URL of the model's API."),
             "modelKey": _string("The key the server lists the model under."),
             "variant": _string("The variant being served."),
@@ -276,6 +282,8 @@ PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Progress", "type": "number", "jsonPath": ".status.download.percent",
      "description": "Download progress in percent"},
+    {"name": "Load", "type": "number", "jsonPath": ".status.load.percent",
+     "description": "Model load progress in percent"},
     {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas", "description": "Ready replicas"},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

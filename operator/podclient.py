@@ -7,7 +7,8 @@ when it did not, and the transport error when it could not be reached.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +117,14 @@ class PodClient:
             raise PodUnreachable("PodUnreachable", f"{method} {self.base_url}{path} timed out ({exc})") from None
         except httpx.TransportError as exc:
             raise PodUnreachable("PodUnreachable", f"cannot reach the server at {self.base_url}: {exc}") from None
+        self._check(response, failure)
+        try:
+            return response.json()
+        except ValueError:
+            raise PodError(failure, f"{method} {path}: the server answered with invalid JSON",
+                           response.status_code) from None
+
+    def _check(self, response: httpx.Response, failure: str) -> None:
         if response.status_code in (401, 403):
             detail = _server_message(response) or response.reason_phrase
             raise PodAuthError(
@@ -126,11 +135,6 @@ class PodClient:
         if response.status_code >= 400:
             detail = _server_message(response) or f"HTTP {response.status_code} {response.reason_phrase}"
             raise PodError(failure, detail, response.status_code)
-        try:
-            return response.json()
-        except ValueError:
-            raise PodError(failure, f"{method} {path}: the server answered with invalid JSON",
-                           response.status_code) from None
 
     # -- the endpoints the operator drives ---------------------------------------------------------
 
@@ -170,10 +174,47 @@ class PodClient:
             total_bytes=int(answer.get("total_size_bytes") or 0),
             bytes_per_second=float(answer.get("bytes_per_second") or 0.0), error=answer.get("error"))
 
-    def load(self, body: Mapping[str, Any]) -> str:
-        """Loads a model and returns its instance id (blocks until the model is in memory)."""
+    def load(self, body: Mapping[str, Any], on_progress: Callable[[float], None] | None = None) -> str:
+        """Loads a model and returns its instance id (blocks until the model is in memory). With `on_progress`,
+        through the server's streamed load, which tells it llama.cpp's load progress (0..1) as it goes; a server
+        without the streamed load gets the plain one."""
+        if on_progress is not None:
+            try:
+                return self._streamed_load(body, on_progress)
+            except PodError as exc:
+                if not (exc.status == 400 and "'stream'" in exc.message):
+                    raise
         answer = self._request("POST", "/api/v1/models/load", "LoadFailed", json=dict(body), timeout=LOAD_TIMEOUT)
         return str(answer["instance_id"])
+
+    def _streamed_load(self, body: Mapping[str, Any], on_progress: Callable[[float], None]) -> str:
+        path = "/api/v1/models/load"
+        try:
+            with self._client.stream("POST", path, json={**body, "stream": True}, timeout=LOAD_TIMEOUT) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._check(response, "LoadFailed")
+                event = ""
+                for line in response.iter_lines():
+                    if line.startswith("event: "):
+                        event = line[len("event: "):]
+                    elif line.startswith("data: "):
+                        data = json.loads(line[len("data: "):])
+                        if event == "model_load.progress":
+                            on_progress(float(data["progress"]))
+                        elif event == "model_load.end":
+                            return str(data["result"]["instance_id"])
+                        elif event == "error":
+                            error = data.get("error") or {}
+                            status = 404 if error.get("type") == "model_not_found" else None
+                            raise PodError("LoadFailed", str(error.get("message") or "the load failed"), status)
+        except httpx.TimeoutException as exc:
+            raise PodUnreachable("PodUnreachable", f"POST {self.base_url}{path} timed out ({exc})") from None
+        except httpx.TransportError as exc:
+            raise PodUnreachable("PodUnreachable", f"cannot reach the server at {self.base_url}: {exc}") from None
+        except ValueError:
+            raise PodError("LoadFailed", f"POST {path}: the server's load stream was not valid JSON") from None
+        raise PodError("LoadFailed", f"POST {path}: the server ended the load stream before the model loaded")
 
     def estimate(self, body: Mapping[str, Any]) -> int | None:
         """The memory a load would take (`estimate_only`), in bytes; None when the server cannot tell."""

@@ -286,8 +286,9 @@ def _clear_failure(record: dict[str, Any]) -> None:
 
 
 def load_on_pod(client: PodClient, pod: PodView, spec: LocalModelSpec, work: PodWork, now: float,
-                retry_seconds: float) -> PodWork:
-    """Unloads what else is loaded on the pod, then loads the model as the spec asks."""
+                retry_seconds: float, on_progress: Callable[[float], None] | None = None) -> PodWork:
+    """Unloads what else is loaded on the pod, then loads the model as the spec asks (`on_progress` hears the
+    server's load progress, 0..1, as it goes)."""
     record = work.record
     want_load = fingerprint(resources.load_request(spec))
     try:
@@ -297,7 +298,7 @@ def load_on_pod(client: PodClient, pod: PodView, spec: LocalModelSpec, work: Pod
         with contextlib.suppress(PodError):
             record["estimateBytes"] = client.estimate(resources.load_request(spec))
         record["loadAttempt"] = want_load
-        instance_id = client.load(resources.load_request(spec))
+        instance_id = client.load(resources.load_request(spec), on_progress=on_progress)
         loaded = [i for i in client.loaded() if i.instance_id == instance_id]
     except PodError as exc:
         message = exc.message if isinstance(exc, PodAuthError | PodUnreachable) else f"pod {pod.name}: {exc.message}"
@@ -341,6 +342,7 @@ def build_status(body: Mapping[str, Any], spec: LocalModelSpec | None, summary: 
         status["download"] = st.Progress(total, total).as_status() if total else {"percent": 100.0}
     else:
         status["download"] = None
+    status["load"] = st.load_status(summary.phase)
     return status
 
 
@@ -409,7 +411,7 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
             body = {**body, "status": {**previous, "phase": st.LOADING}}
             for pod in pending:
                 works[pod.name] = load_on_pod(clients[pod.name], pod, spec, works[pod.name], options.clock(),
-                                              options.retry_seconds)
+                                              options.retry_seconds, st.LoadReporter(kube, namespace, name))
     finally:
         for client in clients.values():
             client.close()

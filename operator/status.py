@@ -7,12 +7,20 @@ conditions, keeping `lastTransitionTime` of a condition whose status did not cha
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from lmkube.operator.observe import PodView
+
+log = logging.getLogger("lmkube.operator")
+
+
+class _StatusWriter(Protocol):
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None: ...
+
 
 # Stages of one pod, in the order a pod goes through them.
 WAITING, DOWNLOADING, LOADING, READY, IDLE, FAILED = "Waiting", "Downloading", "Loading", "Ready", "Idle", "Failed"
@@ -61,6 +69,37 @@ class Summary:
     pods_ready: tuple[str, str, str]  # (status, reason, message) of the PodsReady condition
     downloaded: tuple[str, str, str]
     loaded: tuple[str, str, str]
+
+
+def load_status(phase: str) -> dict[str, Any] | None:
+    """`status.load` as a pass leaves it: 0 % while Loading (the load itself moves it, `LoadReporter`), 100 %
+    once the model is served; none in the other phases."""
+    if phase == LOADING:
+        return {"percent": 0.0}
+    return {"percent": 100.0} if phase == READY else None
+
+
+class LoadReporter:
+    """Writes a pod's load progress (the server's streamed load) to `status.load.percent` while the load runs,
+    so that `kubectl get lm` shows it; a write per `STEP` percent, and a failed write never fails the load."""
+
+    STEP = 5.0
+
+    def __init__(self, kube: _StatusWriter, namespace: str, name: str) -> None:
+        self.kube = kube
+        self.namespace = namespace
+        self.name = name
+        self.percent = 0.0
+
+    def __call__(self, fraction: float) -> None:
+        percent = round(min(max(fraction, 0.0), 1.0) * 100, 1)
+        if percent - self.percent < self.STEP and not (percent == 100.0 and self.percent < 100.0):
+            return
+        self.percent = percent
+        try:
+            self.kube.patch_status(self.namespace, self.name, {"load": {"percent": percent}})
+        except Exception as exc:  # the next pass writes the whole status anyway
+            log.info("could not write the load progress of %s/%s: %s", self.namespace, self.name, exc)
 
 
 def now_iso(moment: datetime | None = None) -> str:

@@ -22,7 +22,7 @@ from .api.legacy import openai_routes as v0_openai
 from .api.native import chat as native_chat
 from .api.native import download, instances, logs, search
 from .api.native import models as native_models
-from .api.openai import chat, completions, embeddings, responses
+from .api.openai import chat, completions, embeddings, responses, responses_store
 from .api.openai import models as openai_models
 from .config import ServerConfig
 from .conversations import ConversationStore
@@ -69,6 +69,9 @@ OPENAI_ROUTES = (
     _post("/v1/completions", completions.completions, response_model=None),
     _post("/v1/embeddings", embeddings.embeddings),
     _post("/v1/responses", responses.create_response, response_model=None),
+    _get("/v1/responses/{response_id}", responses_store.retrieve_response),
+    Route(("DELETE",), "/v1/responses/{response_id}", responses_store.delete_response),
+    _get("/v1/responses/{response_id}/input_items", responses_store.list_input_items),
 )
 ANTHROPIC_ROUTES = (
     _post("/v1/messages", messages.create_message, response_model=None),
@@ -78,7 +81,7 @@ NATIVE_ROUTES = (
     _get("/api/v1/models/search", search.search_models),
     _get("/api/v1/models/search/variants", search.repo_variants),
     _get("/api/v1/models", native_models.list_models),
-    _post("/api/v1/models/load", native_models.load_model),
+    _post("/api/v1/models/load", native_models.load_model, response_model=None),  # JSON, or a stream of events
     _post("/api/v1/models/unload", native_models.unload_model),
     _post("/api/v1/models/download", download.start_download),
     # :path so that any job id is checked for a token, then gets its 404

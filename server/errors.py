@@ -143,8 +143,10 @@ _UNION_MEMBER = re.compile(r"str|int|float|bool|bytes|none|dict|list|.*[\[\](),'
 
 def validation_error(exc: RequestValidationError, path: str) -> APIError:
     first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(part) for part in first.get("loc", ())
-           if part != "body" and not (isinstance(part, str) and _UNION_MEMBER.fullmatch(part))]
+    # The first part says where the field was (body, query, path); the client's `param` is the field alone.
+    loc = [str(part) for index, part in enumerate(first.get("loc", ()))
+           if not (index == 0 and part in ("body", "query", "path"))
+           and not (isinstance(part, str) and _UNION_MEMBER.fullmatch(part))]
     if first.get("type") == "json_invalid":
         return bad_request(f"Request body is not valid JSON: {first.get('msg', 'parse error')}")
     param = ".".join(loc) or None

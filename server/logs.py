@@ -114,7 +114,7 @@ class LoggedGeneration:
         for event in events:
             if isinstance(event, TextDelta):
                 self._parts.append(event.text)
-            else:
+            elif isinstance(event, Finish):
                 self._publish(event)
         return events
 

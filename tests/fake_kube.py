@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import copy
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +167,9 @@ class FakePod:
         self.instances.clear()
 
 
+LOAD_PROGRESS = (0.02, 0.3, 0.32, 0.6, 1.0)  # what a pod's streamed load reports (as llama.cpp calls back)
+
+
 class FakePodClient(PodClient):
     """`PodClient`'s methods answered by a `FakePod` (no HTTP: `PodClient.__init__` is not called)."""
 
@@ -213,10 +216,12 @@ class FakePodClient(PodClient):
         return DownloadStatus(job_id=job_id, status=job.status, downloaded_bytes=job.downloaded_bytes,
                               total_bytes=job.total_bytes, bytes_per_second=100.0, error=job.error)
 
-    def load(self, body: Mapping[str, Any]) -> str:
+    def load(self, body: Mapping[str, Any], on_progress: Callable[[float], None] | None = None) -> str:
         pod = self._server("POST load")
         if pod.load_error is not None:
             raise pod.load_error
+        for fraction in LOAD_PROGRESS if on_progress is not None else ():  # the streamed load's events
+            on_progress(fraction)
         key = body["model"].partition("@")[0]
         if key not in pod.volume.files:
             raise PodError("LoadFailed", f"Model not found: {body['model']}", 404)

@@ -39,7 +39,7 @@ def test_crd_shape() -> None:
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
-        "Model", "Variant", "Phase", "Progress", "Ready", "Endpoint", "Age",
+        "Model", "Variant", "Phase", "Progress", "Load", "Ready", "Endpoint", "Age",
     ]
 
 
@@ -246,13 +246,21 @@ def test_invalid_status_is_rejected(
 def test_kubectl_get_prints_the_columns(kube: KubeCluster, api: kubernetes.client.CustomObjectsApi) -> None:
     create(api, local_model("printed", variant="Q8_0"))
     patch_status(api, "printed", {
-        "phase": "Ready", "variant": "Q8_0", "download": {"percent": 100}, "readyReplicas": 1,
-        "endpoint": "http://printed.crd-test.svc:1234",
+        "phase": "Ready", "variant": "Q8_0", "download": {"percent": 100}, "load": {"percent": 100},
+        "readyReplicas": 1, "endpoint": "http://printed.crd-test.svc:1234",
     })
     output = kube.kubectl("get", "lm", "printed", "-n", NAMESPACE).stdout
     header, row = output.splitlines()
-    assert header.split() == ["NAME", "MODEL", "VARIANT", "PHASE", "PROGRESS", "READY", "ENDPOINT", "AGE"]
-    assert row.split()[:7] == ["printed", "acme/tiny-chat", "Q8_0", "Ready", "100", "1", "http://printed.crd-test.svc:1234"]
+    assert header.split() == ["NAME", "MODEL", "VARIANT", "PHASE", "PROGRESS", "LOAD", "READY", "ENDPOINT", "AGE"]
+    assert row.split()[:8] == ["printed", "acme/tiny-chat", "Q8_0", "Ready", "100", "100", "1",
+                               "http://printed.crd-test.svc:1234"]
+    # A model being loaded: the load's percentage, as the operator writes it while the server loads.
+    create(api, local_model("loading", variant="Q8_0"))
+    patch_status(api, "loading", {"phase": "Loading", "download": {"percent": 100}, "load": {"percent": 42.5},
+                                  "readyReplicas": 0})
+    columns = kube.kubectl("get", "lm", "loading", "-n", NAMESPACE).stdout.splitlines()[1].split()
+    phase = columns.index("Loading")  # the empty VARIANT column prints as nothing
+    assert columns[phase:phase + 4] == ["Loading", "100", "42.5", "0"]
     # The short name, the full names and the category all resolve.
     for name in ("localmodels", "localmodel", "localmodels.lmkube.dev", "lmkube"):
         assert "printed" in kube.kubectl("get", name, "-n", NAMESPACE, "-o", "name").stdout

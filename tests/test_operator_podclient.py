@@ -83,6 +83,17 @@ def test_download_load_unload(pod_server: ServerProcess) -> None:
         c.unload(instance)  # gone already: not an error
         assert c.loaded() == []
 
+        # The streamed load the operator uses for status.load: llama.cpp's progress, rising to 1.0, then the id.
+        seen: list[float] = []
+        with pytest.raises(PodError) as missing_streamed:
+            c.load({"model": "pc-org/absent"}, on_progress=seen.append)
+        assert missing_streamed.value.reason == "LoadFailed" and missing_streamed.value.status == 404 and not seen
+        instance = c.load({"model": "pc-org/tiny-gguf@q8_0", "context_length": 256, "gpu": "off"},
+                          on_progress=seen.append)
+        assert [i.instance_id for i in c.loaded()] == [instance]
+        assert len(seen) > 1 and seen == sorted(seen) and seen[-1] == 1.0
+        c.unload(instance)
+
 
 def test_pod_steps_download_then_load_then_reload(pod_server: ServerProcess, hub: FakeHub) -> None:
     """examine_pod/load_on_pod, the per-pod half of reconcile, drive a real server through every stage."""

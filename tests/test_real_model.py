@@ -82,6 +82,41 @@ def test_greedy_chat_matches_llama_cpp_python(client: openai.OpenAI, reference: 
     assert completion.usage.completion_tokens == expected["usage"]["completion_tokens"]
 
 
+PREFILL = "The sea is"
+
+
+@pytest.fixture(scope="module")
+def prefill_reference(reference: llama_cpp.Llama) -> dict[str, Any]:
+    """llama-cpp-python's greedy continuation of the conversation rendered with the assistant turn open and
+    the prefill after it (its own Jinja formatter on the model's own template)."""
+    formatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter(
+        template=reference.metadata["tokenizer.chat_template"], eos_token="<|im_end|>", bos_token="<|im_start|>")
+    prompt = formatter(messages=[{"role": "user", "content": SEA}]).prompt + PREFILL
+    completion: Any = reference.create_completion(prompt, max_tokens=24, **GREEDY)
+    return completion
+
+
+def test_prefill_chat_completions_matches_llama_cpp_python(client: openai.OpenAI,
+                                                           prefill_reference: dict[str, Any]) -> None:
+    messages: list[Any] = [{"role": "user", "content": SEA}, {"role": "assistant", "content": PREFILL}]
+    completion = client.chat.completions.create(model=REAL_MODEL, messages=messages, max_tokens=24, **GREEDY)
+    text = completion.choices[0].message.content
+    assert text == prefill_reference["choices"][0]["text"]
+    assert text and not text.startswith(PREFILL) and "<|im" not in text  # the continuation only, in the turn
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens == prefill_reference["usage"]["prompt_tokens"]
+
+
+def test_prefill_anthropic_matches_llama_cpp_python(claude: anthropic.Anthropic,
+                                                    prefill_reference: dict[str, Any]) -> None:
+    message = claude.messages.create(model=REAL_MODEL, max_tokens=24, extra_body=GREEDY, messages=[
+        {"role": "user", "content": SEA}, {"role": "assistant", "content": PREFILL}])
+    assert [block.type for block in message.content] == ["text"]
+    assert message.content[0].text == prefill_reference["choices"][0]["text"]
+    usage = message.usage
+    assert usage.input_tokens + (usage.cache_read_input_tokens or 0) == prefill_reference["usage"]["prompt_tokens"]
+
+
 def test_natural_end_of_turn_chat_completions(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": SEA}]
     completion = client.chat.completions.create(model=REAL_MODEL, messages=messages, max_tokens=LONG, **GREEDY)

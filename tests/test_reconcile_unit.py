@@ -88,10 +88,16 @@ def test_download_with_progress_then_load_then_ready(cluster: FakeCluster) -> No
     assert server.requests.count("POST download") == 1  # the job is polled, not started again
 
     server.volume.complete()
+    written = len(cluster.kube.status_writes)
     status = cluster.reconcile("tiny")
-    # One pass: the download is found complete, Loading is published, then the blocking load runs.
-    assert [w["phase"] for w in cluster.kube.status_writes][-2:] == ["Loading", "Ready"]
+    # One pass: the download is found complete, Loading is published, then the blocking load runs, its
+    # progress written to status.load as the server reports it (a write per 5 %, and the end).
+    writes = cluster.kube.status_writes[written:]
+    assert [w.get("phase") for w in writes] == ["Loading", None, None, None, "Ready"]
+    assert writes[0]["load"] == {"percent": 0.0}
+    assert [w["load"]["percent"] for w in writes[1:4]] == [30.0, 60.0, 100.0]
     assert status["phase"] == "Ready" and status["readyReplicas"] == 1
+    assert status["load"] == {"percent": 100.0}
     assert status["endpoint"] == resources.endpoint("tiny", NAMESPACE)
     assert (status["modelKey"], status["variant"], status["contextLength"]) == (KEY, "q4_k_m", 8192)
     assert status["download"]["percent"] == 100.0

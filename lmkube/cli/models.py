@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from datetime import datetime
 from typing import Any
@@ -187,19 +188,63 @@ def load_model(args: argparse.Namespace) -> int:
         else:
             print_estimate(result)
         return 0
-    if not args.json and sys.stderr.isatty():
-        print(f"Loading {model} ...", file=sys.stderr, flush=True)
     body["echo_load_config"] = True
     for flag in ("evict", "force"):
         if getattr(args, flag):
             body[flag] = True
-    result = client.post("/api/v1/models/load", body)
+    try:
+        result = _load_with_progress(client, body, show=not args.json)
+    except CliError as exc:
+        if "'stream'" not in str(exc):
+            raise
+        result = client.post("/api/v1/models/load", body)  # a server from before the streamed load
     if args.json:
         print_json(result)
         return 0
     print(f"Model loaded successfully in {result['load_time_seconds']:.2f}s.")
     print(f'To use the model in the API/SDK, use the identifier "{result["instance_id"]}".')
     return 0
+
+
+def _load_with_progress(client: Client, body: dict[str, Any], *, show: bool) -> dict[str, Any]:
+    """Loads through the streamed load (the server's model_load.* events): a redrawn bar on a terminal, a line
+    per 25 % otherwise (stderr, once the load has started), the server's answer returned."""
+    tty = sys.stderr.isatty()
+    if show and tty:
+        print(f"Loading {body['model']} ...", file=sys.stderr, flush=True)
+    next_line = 0.25
+    with client.stream("POST", "/api/v1/models/load", json={**body, "stream": True}) as response:
+        name = ""
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line[len("event: "):]
+                continue
+            if not line.startswith("data: "):
+                continue
+            data = json.loads(line[len("data: "):])
+            if name == "model_load.progress" and show:
+                fraction = float(data["progress"])
+                if tty:
+                    sys.stderr.write("\r" + load_bar(fraction))
+                    sys.stderr.flush()
+                elif fraction >= next_line:
+                    print(f"{fraction * 100:5.1f}% loaded", file=sys.stderr, flush=True)
+                    next_line = int(fraction * 4 + 1) / 4
+            elif name == "model_load.end":
+                if show and tty:
+                    sys.stderr.write("\r" + load_bar(1.0) + "\n")
+                return dict(data["result"])
+            elif name == "error":
+                if show and tty:
+                    sys.stderr.write("\n")
+                raise CliError(data["error"].get("message") or "the load failed")
+    raise CliError("the server closed the load stream before the model was loaded")
+
+
+def load_bar(fraction: float) -> str:
+    width = 30
+    filled = int(fraction * width)
+    return style("█" * filled, "green", stream=sys.stderr) + "░" * (width - filled) + f" {fraction * 100:5.1f}%"
 
 
 def print_estimate(result: dict[str, Any]) -> None:

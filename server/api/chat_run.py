@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 
 from ..chat.deltas import ChatDelta, ChatResult
 from ..chat.session import ChatOutput, ChatSpec, PreparedChat, prepare_chat, with_header_tool_choice
-from ..engine.events import Finish, TextDelta
+from ..engine.events import Finish, PromptProgress, TextDelta
+from ..engine.llama_lib import ModelLoadError
 from ..engine.sampling import SamplingParams
 from ..engine.slot import GenerationRequest
 from ..errors import APIError
 from ..runtime.instance import ModelInstance
 from ..runtime.manager import ModelManager
+from ..runtime.progress import Listener
 from ..store.model_store import ModelNotFound
 from . import inference
 
@@ -48,6 +50,7 @@ class Round:
     prepared: PreparedChat | None = None  # None for raw-text completions
     output: ChatOutput | None = field(init=False)
     finish: Finish | None = None  # set once the generation has ended
+    prefill: float = 0.0  # the share of the prompt computed so far (with ChatRun.report_prefill)
 
     def __post_init__(self) -> None:
         self.output = self.prepared.new_output() if self.prepared is not None else None
@@ -63,13 +66,16 @@ class Round:
 
     async def texts(self) -> AsyncIterator[list[str]]:
         """The raw generated text, a list of pieces per engine batch, the last one setting `finish`; a failed
-        generation raises APIError after what came before it in its batch."""
+        generation raises APIError after what came before it in its batch. A batch of prompt progress alone
+        (`prefill` moved) is an empty list."""
         try:
             async for batch in self.generation:
                 pieces: list[str] = []
                 for event in batch:
                     if isinstance(event, TextDelta):
                         pieces.append(event.text)
+                    elif isinstance(event, PromptProgress):
+                        self.prefill = event.fraction
                     elif event.reason == "error":
                         if pieces:
                             yield pieces
@@ -123,20 +129,26 @@ class ChatRun:
         self.header_tool_choice = header_tool_choice
         self.rename = rename
         self.rounds: list[Round] = []
+        self.report_prefill = False  # rounds get the prompt's progress (`Round.prefill`) as it is computed
 
     @classmethod
     async def open(cls, manager: ModelManager, model: str, *, ttl: float | None, sampling: Sampling,
                    context_length: int | None = None, param: str = "messages",
                    header_tool_choice: str | None = None,
-                   rename: Callable[[APIError], APIError] | None = None) -> ChatRun:
-        """Finds (or JIT-loads) the model; 404 for an unknown one, 400 for an embedding model."""
-        if context_length is None:
-            instance = await inference.acquire(manager, model, ttl=ttl, kind="llm")
-        else:
-            try:  # a load with its own context length: the caller checked the model's kind beforehand
-                instance = await manager.acquire(model, ttl=ttl, context_length=context_length)
-            except ModelNotFound as exc:
-                raise inference.model_not_found(exc) from None
+                   rename: Callable[[APIError], APIError] | None = None,
+                   on_load_progress: Listener | None = None) -> ChatRun:
+        """Finds (or JIT-loads) the model; 404 for an unknown one, 400 for an embedding model.
+        `on_load_progress` hears a JIT load's progress (0..1, on the event loop)."""
+        try:
+            if context_length is None:
+                instance = await inference.acquire(manager, model, ttl=ttl, kind="llm", on_progress=on_load_progress)
+            else:  # a load with its own context length: the caller checked the model's kind beforehand
+                instance = await manager.acquire(model, ttl=ttl, context_length=context_length,
+                                                 on_progress=on_load_progress)
+        except ModelNotFound as exc:
+            raise inference.model_not_found(exc) from None
+        except ModelLoadError as exc:  # a JIT load llama.cpp refused (a damaged file, an unknown architecture)
+            raise APIError(422, str(exc), param="model", code="model_load_failed") from None
         return cls(instance, sampling, param=param, header_tool_choice=header_tool_choice, rename=rename,
                    fetch_image_urls=manager.settings.fetch_image_urls)
 
@@ -166,7 +178,8 @@ class ChatRun:
     async def _submit(self, prompt: Sequence[int], params: SamplingParams, prepared: PreparedChat | None) -> Round:
         await inference.load_draft(self.instance, params)
         images = prepared.images if prepared is not None else None
-        generation = inference.submit(self.instance, prompt, params, param=self.param, images=images)
+        generation = inference.submit(self.instance, prompt, params, param=self.param, images=images,
+                                      report_prefill=self.report_prefill)
         round = Round(self.instance, params, generation, prepared)
         self.rounds.append(round)
         return round

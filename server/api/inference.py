@@ -20,6 +20,7 @@ from ..errors import APIError, ContextOverflow
 from ..logs import observe
 from ..runtime.instance import ModelInstance
 from ..runtime.manager import ModelManager
+from ..runtime.progress import Listener
 from ..store.model_store import ModelNotFound
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
@@ -46,12 +47,13 @@ def _check_kind(name: str, actual: str, kind: str) -> None:
                        code="model_not_supported")
 
 
-async def acquire(manager: ModelManager, name: str, *, ttl: float | None, kind: str) -> ModelInstance:
+async def acquire(manager: ModelManager, name: str, *, ttl: float | None, kind: str,
+                  on_progress: Listener | None = None) -> ModelInstance:
     try:
         if manager.settings.jit and manager.find_loaded(name) is None:
             # Refuse before JIT-loading: a request that cannot be served must not evict other models.
             _check_kind(name, manager.store.resolve(name).type, kind)
-        instance = await manager.acquire(name, ttl=ttl)
+        instance = await manager.acquire(name, ttl=ttl, on_progress=on_progress)
     except ModelNotFound as exc:
         raise model_not_found(exc) from None
     _check_kind(name, instance.type, kind)
@@ -60,13 +62,14 @@ async def acquire(manager: ModelManager, name: str, *, ttl: float | None, kind: 
 
 def submit(
     instance: ModelInstance, prompt: Sequence[int], params: SamplingParams, *, param: str = "messages",
-    images: PromptImages | None = None,
+    images: PromptImages | None = None, report_prefill: bool = False,
 ) -> GenerationRequest:
     engine = instance.engine
     assert isinstance(engine, GenerationEngine)
     if len(prompt) >= engine.n_ctx:
         raise ContextOverflow(len(prompt), engine.n_ctx, param=param)
-    return observe(instance, engine.submit(prompt, params, draft(instance, params), images))
+    return observe(instance, engine.submit(prompt, params, draft(instance, params), images,
+                                           report_prefill=report_prefill))
 
 
 def draft_not_found(exc: ModelNotFound) -> APIError:
@@ -110,7 +113,7 @@ async def collect(request: GenerationRequest) -> tuple[str, Finish]:
             for event in events:
                 if isinstance(event, TextDelta):
                     parts.append(event.text)
-                else:
+                elif isinstance(event, Finish):
                     if event.reason == "error":
                         raise APIError(500, f"Generation failed: {event.error}", type="server_error")
                     return "".join(parts), event

@@ -25,6 +25,7 @@ from .deltas import ChatDelta, ChatResult
 from .images import decode_images
 from .prompt import normalize_messages, prompt_tokens, prompt_with_images, refuse_oversized, render_chat
 from .reasoning import (
+    THINK_TAG_PAIRS,
     ReasoningSplitter,
     ReasoningStyle,
     detect_reasoning_style,
@@ -50,6 +51,10 @@ class ChatSpec:
     response_format: Mapping[str, Any] | None = None
     reasoning_effort: str | None = None
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Prefill: a final assistant message (without tool calls) is continued, not answered. The prompt is the
+    # conversation before it with the generation prompt, then its text; the output is only the continuation.
+    # Anthropic's /v1/messages and llama-server's /v1/chat/completions do this; /v1/responses does not.
+    continue_final: bool = False
 
 
 # lmkube extension: agent clients send no tool_choice (or "auto") and have no option for one, but can add
@@ -176,12 +181,22 @@ def prepare_chat(instance: ModelInstance, spec: ChatSpec, *, param: str = "messa
     messages = normalize_messages(spec.messages, image_urls if instance.projector is not None else None)
     images = decode_images(image_urls, param=param, fetch=fetch_image_urls) if image_urls else None
     refuse_oversized(instance, (m["content"] for m in messages if isinstance(m["content"], str)), param=param)
+    prefill: str | None = None
+    if spec.continue_final and messages and messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls"):
+        prefill = str(messages[-1]["content"])
+        messages = messages[:-1]
     if registry is not None:
         messages = rewrite_history_tool_names(messages, registry, fmt=tool_format)
     template_tools = registry.for_template() if registry else None
     messages = template_polyfills(instance.template, messages, template_tools, template_format)
     kwargs = {**template_kwargs_for_effort(spec.reasoning_effort), **spec.template_kwargs}
     text = render_chat(instance, messages, tools=template_tools, **kwargs)
+    style = detect_reasoning_style(template_source)
+    opens_reasoning = prompt_opens_reasoning(text, style)
+    if prefill is not None:
+        # Reasoning the template opened stays open unless the prefill closes it.
+        opens_reasoning = opens_reasoning and not any(close in prefill for _, close in THINK_TAG_PAIRS)
+        text += prefill
 
     grammar: str | None = None
     if registry is not None and tool_format is not None and (named is not None or spec.tool_choice == "required"):
@@ -190,7 +205,6 @@ def prepare_chat(instance: ModelInstance, spec: ChatSpec, *, param: str = "messa
     elif spec.response_format is not None:
         grammar = response_format_grammar(dict(spec.response_format), model=instance.model)
 
-    style = detect_reasoning_style(template_source)
     chunks: PromptImages | None = None
     if images:
         prompt, chunks = prompt_with_images(instance, text, images, param=param)
@@ -205,7 +219,7 @@ def prepare_chat(instance: ModelInstance, spec: ChatSpec, *, param: str = "messa
         render_special=registry is not None or style is ReasoningStyle.HARMONY,
         reasoning_style=style,
         # A forced tool call starts at once, even where the template opened a think block.
-        starts_in_reasoning=grammar is None and prompt_opens_reasoning(text, style),
+        starts_in_reasoning=grammar is None and opens_reasoning,
         tool_format=tool_format,
         registry=registry,
     )

@@ -37,6 +37,10 @@ class ConversationNode:
     model: str
     messages: list[dict[str, Any]]
     created_at: float = field(default_factory=time.time)
+    # /v1/responses only: the Response object as returned, and the request's input items (with ids), which
+    # GET /v1/responses/{id} and its input_items answer. Nodes from /api/v1/chat have neither.
+    response: dict[str, Any] | None = None
+    input_items: list[dict[str, Any]] | None = None
 
 
 class ConversationStore:
@@ -58,6 +62,7 @@ class ConversationStore:
             node = ConversationNode(
                 id=raw["id"], parent_id=raw.get("parent_id"), model=raw.get("model", ""),
                 messages=list(raw.get("messages", [])), created_at=raw.get("created_at", 0.0),
+                response=raw.get("response"), input_items=raw.get("input_items"),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -85,12 +90,29 @@ class ConversationStore:
         return [dict(m) for node in nodes for m in node.messages]
 
     def add(self, *, parent_id: str | None, model: str, messages: Sequence[Mapping[str, Any]],
-            response_id: str | None = None) -> ConversationNode:
+            response_id: str | None = None, response: Mapping[str, Any] | None = None,
+            input_items: Sequence[Mapping[str, Any]] | None = None) -> ConversationNode:
         node = ConversationNode(id=response_id or new_response_id(), parent_id=parent_id, model=model,
-                                messages=[dict(m) for m in messages])
+                                messages=[dict(m) for m in messages],
+                                response=dict(response) if response is not None else None,
+                                input_items=[dict(i) for i in input_items] if input_items is not None else None)
         self._write(node)
         self._remember(node)
         return node
+
+    def delete(self, response_id: str) -> bool:
+        """Forgets a stored response; False if there was none. Responses that continued it can no longer be
+        continued (their history passes through it), as with any missing ancestor."""
+        if not is_response_id(response_id):
+            return False
+        try:
+            self._path(response_id).unlink()
+            found = True
+        except FileNotFoundError:
+            found = False
+        with self._lock:  # after the unlink: a concurrent get cannot bring it back into the cache
+            self._cache.pop(response_id, None)
+        return found
 
     def _remember(self, node: ConversationNode) -> None:
         with self._lock:

@@ -50,7 +50,20 @@ class Finish:
         return (self.completion_tokens - 1) / self.generation_seconds
 
 
-Event = TextDelta | Finish
+@dataclass(slots=True)
+class PromptProgress:
+    """A chunk of the prompt was computed (only for requests that ask, `report_prefill`): `done` of `total`
+    prompt tokens to compute (those reused from a cache are in neither)."""
+
+    done: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total > 0 else 1.0
+
+
+Event = TextDelta | Finish | PromptProgress
 
 
 class EventStream:

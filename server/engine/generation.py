@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from . import llama_lib as lib
-from .events import Event, EventStream, Finish, FinishReason, QueueFull, TextDelta
+from .events import Event, EventStream, Finish, FinishReason, PromptProgress, QueueFull, TextDelta
 from .image_prefill import ImagePrefill
 from .sampling import SamplingParams, build_sampler_chain
 from .slot import GenerationRequest, Slot, plan_drafts
@@ -79,10 +79,11 @@ class GenerationEngine:
     # -- called from event loops ------------------------------------------------------------------
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, draft: Draft | None = None,
-               images: PromptImages | None = None) -> GenerationRequest:
+               images: PromptImages | None = None, *, report_prefill: bool = False) -> GenerationRequest:
+        """`report_prefill`: the request's events include a PromptProgress after each prompt chunk."""
         if images is not None:
             draft = None  # a draft model has no projector: it cannot follow a prompt with images
-        request = GenerationRequest(self._wake, list(prompt), params, draft, images)
+        request = GenerationRequest(self._wake, list(prompt), params, draft, images, report_prefill=report_prefill)
         with self._cond:
             if self._closed:
                 raise RuntimeError("engine is closed")
@@ -296,6 +297,9 @@ class GenerationEngine:
             if slot.chunk_end >= 0:
                 slot.cached.extend(request.prompt[slot.prompt_pos : slot.chunk_end])
                 slot.prompt_pos = slot.chunk_end
+                if request.report_prefill and slot.prompt_pos < len(request.prompt):
+                    reused = slot.cached_at_start  # from a cache: not part of the work to report
+                    self._emit(request, PromptProgress(slot.prompt_pos - reused, len(request.prompt) - reused))
             elif slot.pending >= 0:
                 slot.cached.append(slot.pending)
             if slot.batch_index >= 0:

@@ -6,14 +6,16 @@ Everything above it deals in token ids, strings and plain Python values. All cal
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp as C
 import numpy as np
@@ -83,16 +85,53 @@ class TooManyTokens(ValueError):
         self.limit = limit
 
 
+# Called from the loading thread with the fraction of the weights loaded so far (0..1); must return quickly.
+LoadProgress = Callable[[float], None]
+
+
+def _kv_overrides(values: Mapping[str, int]) -> ctypes.Array[C.llama_model_kv_override]:
+    """llama.cpp's metadata overrides (integers), in its array form: terminated by an empty key."""
+    array = (C.llama_model_kv_override * (len(values) + 1))()
+    for entry, (key, value) in zip(array, values.items(), strict=False):
+        entry.key = key.encode()
+        entry.tag = C.LLAMA_KV_OVERRIDE_TYPE_INT
+        entry.value.val_i64 = value
+    array[len(values)].key = b""
+    return array
+
+
+def _progress_callback(progress: LoadProgress) -> Any:
+    @C.llama_progress_callback
+    def report(fraction: float, _user: ctypes.c_void_p) -> bool:
+        # An exception escaping a ctypes callback would return False, and False aborts the load.
+        with contextlib.suppress(Exception):
+            progress(min(max(float(fraction), 0.0), 1.0))
+        return True
+
+    return report
+
+
 class LlamaModel:
     """Weights and vocabulary of one GGUF; may back several contexts."""
 
-    def __init__(self, path: Path, *, n_gpu_layers: int = 0, use_mmap: bool = True) -> None:
+    def __init__(self, path: Path, *, n_gpu_layers: int = 0, use_mmap: bool = True,
+                 kv_overrides: Mapping[str, int] | None = None, progress: LoadProgress | None = None) -> None:
+        """`kv_overrides`: GGUF metadata values to use instead of the file's (integers, e.g.
+        `llama.expert_used_count`); `progress`: called as the weights load (from this thread)."""
         init_backend()
         params = default_model_params()
         params.n_gpu_layers = n_gpu_layers
         params.use_mmap = use_mmap
+        # Both stay referenced until the load returns: llama.cpp reads them during it.
+        overrides = _kv_overrides(kv_overrides) if kv_overrides else None
+        if overrides is not None:
+            params.kv_overrides = overrides
+        callback = _progress_callback(progress) if progress is not None else None
+        if callback is not None:
+            params.progress_callback = callback
         self.path = path
         ptr = C.llama_model_load_from_file(str(path).encode(), params)
+        del overrides, callback
         if not ptr:
             raise ModelLoadError(f"llama.cpp could not load {path.name}: unsupported or corrupt GGUF")
         self.ptr = ptr

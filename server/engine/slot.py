@@ -25,11 +25,14 @@ from .vision import PromptImages
 class GenerationRequest:
     """A prompt and its sampling parameters, as seen by both the engine thread and its event loop."""
 
-    __slots__ = ("_wake_engine", "cancelled", "draft", "events", "images", "params", "prompt", "submitted_at")
+    __slots__ = ("_wake_engine", "cancelled", "draft", "events", "images", "params", "prompt", "report_prefill",
+                 "submitted_at")
 
     def __init__(self, wake_engine: Callable[[], None], prompt: list[int], params: SamplingParams,
-                 draft: Draft | None = None, images: PromptImages | None = None) -> None:
+                 draft: Draft | None = None, images: PromptImages | None = None, *,
+                 report_prefill: bool = False) -> None:
         self._wake_engine = wake_engine  # the engine thread sleeps while it has nothing to do
+        self.report_prefill = report_prefill  # a PromptProgress event after each prompt chunk but the last
         self.prompt = prompt
         self.params = params
         self.draft = draft

@@ -39,6 +39,7 @@ class LoadConfig:
     ttl: float | None = None  # idle seconds before unloading; None: never
     identifier: str | None = None
     draft_model: str | None = None  # speculative decoding: the default draft for requests naming none
+    num_experts: int | None = None  # MoE models: experts used per token (None: the model's own number)
 
 
 def gpu_layers(offload: GpuOffload, n_layers: int) -> int:
@@ -47,6 +48,25 @@ def gpu_layers(offload: GpuOffload, n_layers: int) -> int:
     if offload == "max":
         return ALL_LAYERS
     return round(float(offload) * (n_layers + 1))  # +1: the output layer counts as one in llama.cpp
+
+
+def check_num_experts(variant: ModelVariant, num_experts: int) -> None:
+    """Raises ValueError unless `num_experts` suits the model: llama.cpp aborts the whole process on a number
+    above its expert count, and a dense model has no experts to choose."""
+    if variant.expert_count is None:
+        raise ValueError(f"\"{variant.model_key}\" is not a mixture-of-experts model: it has no experts to set "
+                         "(num_experts applies to MoE models only).")
+    if not 1 <= num_experts <= variant.expert_count:
+        raise ValueError(f"num_experts must be between 1 and {variant.expert_count} (the experts per layer of "
+                         f"\"{variant.model_key}\"), got {num_experts}.")
+
+
+def expert_override(variant: ModelVariant, config: LoadConfig) -> dict[str, int] | None:
+    """llama.cpp's metadata override for the experts each token uses (`<arch>.expert_used_count`)."""
+    if config.num_experts is None:
+        return None
+    check_num_experts(variant, config.num_experts)
+    return {f"{variant.architecture}.expert_used_count": config.num_experts}
 
 
 class ModelInstance:
@@ -63,7 +83,9 @@ class ModelInstance:
         cache_ram_mib: int = 0,
         stats: EngineStats | None = None,
         resolve: Callable[[str], ModelVariant] | None = None,
+        progress: lib.LoadProgress | None = None,
     ) -> None:
+        """`progress`: told the fraction of the weights loaded, from the loading thread (llama.cpp's callback)."""
         self.id = instance_id
         self._resolve = resolve
         self._drafts = DraftPool()
@@ -73,7 +95,8 @@ class ModelInstance:
         self.ttl = config.ttl
         started = time.perf_counter()
         n_gpu_layers = gpu_layers(config.gpu, variant.block_count or 0)
-        self.model = lib.LlamaModel(variant.path, n_gpu_layers=n_gpu_layers)
+        self.model = lib.LlamaModel(variant.path, n_gpu_layers=n_gpu_layers,
+                                    kv_overrides=expert_override(variant, config), progress=progress)
         self.projector: Projector | None = None  # vision: the projector file next to the model
         try:
             if variant.mmproj_path is not None and not variant.is_embedding:

@@ -17,12 +17,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ..config import RuntimeSettings
 from ..engine.stats import EngineStats
 from ..store.model_store import ModelNotFound, ModelStore, ModelVariant
 from .instance import LoadConfig, ModelInstance
+from .progress import Listener, LoadProgress
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class _JitLoad:
     task: asyncio.Task[ModelInstance] | None = None
     waiters: int = 0
     instance: ModelInstance | None = None
+    progress: LoadProgress = field(default_factory=LoadProgress)
 
 
 class ModelManager:
@@ -88,11 +90,13 @@ class ModelManager:
     # -- loading -----------------------------------------------------------------------------------
 
     async def acquire(
-        self, name: str, *, ttl: float | None = None, context_length: int | None = None
+        self, name: str, *, ttl: float | None = None, context_length: int | None = None,
+        on_progress: Listener | None = None,
     ) -> ModelInstance:
         """The instance serving `name`, JIT-loading it when allowed. Raises ModelNotFound.
 
-        `ttl` and `context_length` apply only if this call starts the JIT load.
+        `ttl` and `context_length` apply only if this call starts the JIT load. `on_progress` hears the JIT
+        load's progress (this call's, or the one under way it waits for), on the event loop.
 
         The caller must start using the instance (`in_use`) before its next await."""
         while True:
@@ -113,10 +117,14 @@ class ModelManager:
                 load.instance.claims += 1
             else:
                 load.waiters += 1
+            if on_progress is not None:
+                load.progress.listen(on_progress)
             try:
                 # A cancelled client must not cancel the load other requests are waiting on.
                 instance = await asyncio.shield(load.task)
             finally:
+                if on_progress is not None:
+                    load.progress.unlisten(on_progress)
                 if load.instance is not None:
                     load.instance.claims -= 1
                 else:
@@ -148,20 +156,25 @@ class ModelManager:
                     parallel=self.settings.parallel, ttl=ttl if ttl is not None else self.settings.jit_ttl,
                     context_length=context_length,
                 )
-                instance = await self._load_locked(variant, config, jit=True)
+                instance = await self._load_locked(variant, config, jit=True, progress=load.progress)
             # Hand the instance to the waiting requests before the lock goes to the next load.
             instance.claims += load.waiters
             load.waiters = 0
             load.instance = instance
             return instance
 
-    async def load(self, name: str, config: LoadConfig) -> ModelInstance:
-        """An explicit load (API or CLI): always a new instance, never auto-evicted."""
+    async def load(self, name: str, config: LoadConfig, *, on_progress: Listener | None = None) -> ModelInstance:
+        """An explicit load (API or CLI): always a new instance, never auto-evicted. `on_progress` hears the
+        load's progress (0..1, on the event loop)."""
         variant = self.store.resolve(name)
+        progress = LoadProgress()
+        if on_progress is not None:
+            progress.listen(on_progress)
         async with self._lock:
-            return await self._load_locked(variant, config, jit=False)
+            return await self._load_locked(variant, config, jit=False, progress=progress)
 
-    async def _load_locked(self, variant: ModelVariant, config: LoadConfig, *, jit: bool) -> ModelInstance:
+    async def _load_locked(self, variant: ModelVariant, config: LoadConfig, *, jit: bool,
+                           progress: LoadProgress | None = None) -> ModelInstance:
         instance_id = self._new_instance_id(config.identifier or variant.model_key)
         if config.parallel < 1:
             config = replace(config, parallel=self.settings.parallel)
@@ -178,6 +191,7 @@ class ModelManager:
             cache_ram_mib=self.settings.cache_ram_mib,
             stats=self.stats.setdefault(instance_id, EngineStats()),
             resolve=self.store.resolve,
+            progress=progress.report if progress is not None else None,
         )
         self.instances[instance_id] = instance
         log.info("loaded %s in %.2fs (context %d)", instance_id, instance.load_seconds, instance.context_length)

@@ -71,6 +71,8 @@ class GGUFInfo:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     param_count: int = 0  # sum of tensor element counts (over all shards, on a ModelVariant)
+    expert_count: int | None = None  # {arch}.expert_count: experts per layer of a MoE model; None when dense
+    expert_used_count: int | None = None  # {arch}.expert_used_count: the experts each token goes through
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -353,4 +355,6 @@ def _info_from_header(header: GGUFHeader) -> GGUFInfo:
         bos_token_id=_int(md.get("tokenizer.ggml.bos_token_id")),
         eos_token_id=_int(md.get("tokenizer.ggml.eos_token_id")),
         param_count=header.param_count,
+        expert_count=_int(md.get(f"{arch}.expert_count")) or None,
+        expert_used_count=_int(md.get(f"{arch}.expert_used_count")) or None,
     )

@@ -42,6 +42,7 @@ def chat_spec(body: MessagesInput) -> ChatSpec:
         parallel_tool_calls=parallel,
         reasoning_effort=_reasoning_effort(body),
         response_format=_response_format(body),
+        continue_final=True,  # Anthropic's prefill: a final assistant message is continued
     )
 
 
@@ -167,6 +168,11 @@ def _messages(body: MessagesInput) -> list[dict[str, Any]]:
             messages.extend(_user_turn(content, where))
         else:
             messages.append(_assistant_turn(content, where))
+    last = messages[-1] if messages else None
+    if last is not None and last["role"] == "assistant" and last["content"] != last["content"].rstrip():
+        # Anthropic's rule for a prefill (the model would continue after the whitespace; it tokenizes badly).
+        raise _invalid("messages: final assistant content cannot end with trailing whitespace",
+                       f"messages.{len(body.messages) - 1}.content")
     return messages
 
 

@@ -14,8 +14,9 @@ round only; later rounds run with "auto".
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Request
@@ -153,6 +154,9 @@ class NativeChatEvents:
         self._first_finish = True
         self._round_started = False  # the current round's first batch has been seen
         self._announced: set[int] = set()  # the current round's tool calls with a tool_call.start
+        self._opened: ChatRun | None = None  # the run `_load` opened
+        self._loading = False  # a JIT load has begun: the stream starts now, to show its progress live
+        self._prefill_sent = 0.0  # the current round's last prompt_processing.progress
 
     def result(self) -> dict[str, Any]:
         body: dict[str, Any] = {"model_instance_id": self.instance_id, "output": self.output, "stats": self.stats}
@@ -161,7 +165,10 @@ class NativeChatEvents:
         return body
 
     def submitted(self) -> bool:
-        return self.loop is not None and bool(self.loop.rounds)
+        """Whether the stream may start: once the first round is submitted (so that a refusal is an HTTP
+        error), or as soon as a JIT load begins, whose progress the client should see as it happens (what
+        refuses the request after that comes as an `error` event, as LM Studio sends it)."""
+        return self._loading or (self.loop is not None and bool(self.loop.rounds))
 
     async def close(self) -> None:
         """Ends every round's generation and the MCP sessions."""
@@ -176,16 +183,22 @@ class NativeChatEvents:
         yield [("chat.start", {"model_instance_id": self.instance_id})]
         loads = self.manager.find_loaded(body.model) is None
         if loads:
+            self._loading = True
             yield [("model_load.start", {"model_instance_id": self.instance_id})]
-        run = await ChatRun.open(self.manager, body.model, ttl=body.ttl, context_length=body.context_length,
-                                 sampling=lambda _instance: body.sampling(), param="input")
+            async for events in self._load():
+                yield events
+            assert self._opened is not None
+            run = self._opened
+        else:
+            run = await self._open_run()
+        run.report_prefill = True
         instance = run.instance
         with instance.in_use():  # entered before any other await: nothing can unload it under us
             self.instance_id = instance.id
             if loads:
+                instance.claims -= 1  # in use now: the claim `_load` took is no longer needed
                 self.stats["model_load_time_seconds"] = round(instance.load_seconds, 3)
-                yield [("model_load.progress", {"model_instance_id": instance.id, "progress": 1.0}),
-                       ("model_load.end", {"model_instance_id": instance.id,
+                yield [("model_load.end", {"model_instance_id": instance.id,
                                            "load_time_seconds": round(instance.load_seconds, 3)})]
             has_tools = self.toolbox is not None and bool(self.toolbox.tools)
             choice = (body.tool_choice if body.tool_choice is not None else "auto") if has_tools else None
@@ -199,15 +212,57 @@ class NativeChatEvents:
                                       messages=[*self.turn, *self.loop.added])
                 self.response_id = node.id
 
+    async def _open_run(self, on_load_progress: Callable[[float], None] | None = None) -> ChatRun:
+        body = self.body
+        return await ChatRun.open(self.manager, body.model, ttl=body.ttl, context_length=body.context_length,
+                                  sampling=lambda _instance: body.sampling(), param="input",
+                                  on_load_progress=on_load_progress)
+
+    async def _load(self) -> AsyncIterator[list[SseEvent]]:
+        """JIT-loads the model (`_opened` is then the run), with a `model_load.progress` event for each step of
+        llama.cpp's load callback, in order, ending at 1.0. The loaded instance comes with one claim (so that
+        nothing unloads it before the caller uses it), which the caller drops once it is in use."""
+        updates: asyncio.Queue[float | None] = asyncio.Queue()
+
+        async def opened() -> ChatRun:
+            run = await self._open_run(updates.put_nowait)
+            run.instance.claims += 1  # no await before this: the manager's own claim ended just now
+            return run
+
+        task = asyncio.create_task(opened())
+        # After every progress update: the loading thread schedules them before its own result.
+        task.add_done_callback(lambda _task: updates.put_nowait(None))
+        sent = 0.0
+        try:
+            while (fraction := await updates.get()) is not None:
+                sent = fraction
+                yield [("model_load.progress", {"model_instance_id": self.instance_id, "progress": fraction})]
+            run = task.result()  # raises what the load raised (a load failure)
+            if sent < 1.0:  # loaded by another request's load that had made progress before this one listened
+                yield [("model_load.progress", {"model_instance_id": run.instance.id, "progress": 1.0})]
+            self._opened = run
+        finally:
+            if not task.done():
+                task.cancel()
+            elif self._opened is None and not task.cancelled() and task.exception() is None:
+                task.result().instance.claims -= 1  # the stream was closed before it could use the instance
+
     # -- the tool loop's encoding (LoopFamily) ---------------------------------------------------------
 
     def round_submitted(self, round: Round) -> list[SseEvent]:
         self._round_started = False
         self._announced = set()
+        self._prefill_sent = 0.0
         return [("prompt_processing.start", {})]
 
     def feed(self, round: Round, deltas: list[ChatDelta]) -> list[SseEvent]:
         events: list[SseEvent] = []
+        if not self._round_started and not deltas and round.finish is None:
+            # A chunk of a long prompt was computed (the engine prefills in chunks of the batch size).
+            if round.prefill > self._prefill_sent:
+                self._prefill_sent = round.prefill
+                events.append(("prompt_processing.progress", {"progress": self._prefill_sent}))
+            return events
         if not self._round_started:
             events += [("prompt_processing.progress", {"progress": 1.0}), ("prompt_processing.end", {})]
             self._round_started = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Annotated, Any
 
@@ -11,27 +12,34 @@ from fastapi import Depends
 from ...chat.reasoning import ReasoningStyle, detect_reasoning_style
 from ...engine.llama_lib import ModelLoadError, gpu_offload_supported
 from ...engine.speculative import DraftIncompatible
-from ...errors import APIError
+from ...errors import APIError, error_body
 from ...runtime.estimate import available_memory, estimate_memory, fits
-from ...runtime.instance import LoadConfig, ModelInstance
+from ...runtime.instance import LoadConfig, ModelInstance, check_num_experts
 from ...runtime.manager import ModelManager
+from ...runtime.progress import Listener
 from ...store.model_store import ModelEntry, ModelNotFound
+from ...streaming import EventStreamResponse, sse_event
 from ..deps import get_manager
 from ..inference import model_not_found
 from .schemas import LoadRequest, UnloadRequest
+
+LOAD_PATH = "/api/v1/models/load"
 
 
 def instance_config(instance: ModelInstance) -> dict[str, Any]:
     if instance.type == "embedding":
         return {"context_length": instance.context_length}
     config = instance.config
-    return {
+    reported: dict[str, Any] = {
         "context_length": instance.context_length,
         "eval_batch_size": config.eval_batch_size,
         "parallel": config.parallel,
         "flash_attention": config.flash_attention is not False,
         "offload_kv_cache_to_gpu": config.offload_kv_cache_to_gpu,
     }
+    if instance.variant.expert_count is not None:  # MoE models only, as LM Studio reports it
+        reported["num_experts"] = config.num_experts or instance.variant.expert_used_count
+    return reported
 
 
 def reasoning_capability(template: str | None) -> dict[str, Any] | None:
@@ -89,7 +97,7 @@ async def list_models(manager: Annotated[ModelManager, Depends(get_manager)]) ->
 
 async def load_model(
     body: LoadRequest, manager: Annotated[ModelManager, Depends(get_manager)]
-) -> dict[str, Any]:
+) -> dict[str, Any] | EventStreamResponse:
     defaults = LoadConfig(parallel=manager.settings.parallel)
     config = LoadConfig(
         context_length=body.context_length,
@@ -103,9 +111,17 @@ async def load_model(
         ttl=body.ttl,
         identifier=body.identifier,
         draft_model=body.draft_model,
+        num_experts=body.num_experts,
     )
     if isinstance(config.gpu, float) and not 0.0 <= config.gpu <= 1.0:
         raise APIError(400, "'gpu' must be \"max\", \"off\" or a fraction between 0 and 1", param="gpu")
+    if body.num_experts is not None:
+        try:
+            check_num_experts(manager.store.resolve(body.model), body.num_experts)
+        except ModelNotFound as exc:
+            raise model_not_found(exc) from None
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="num_experts") from None
     if body.estimate_only:
         return await estimate_load(body.model, config, manager)
     if body.identifier and manager.find_loaded(body.identifier) is not None:
@@ -119,8 +135,15 @@ async def load_model(
                            code="model_not_found") from None
     if not body.force:
         await make_room(body.model, config, manager, evict=body.evict)
+    if body.stream:
+        return EventStreamResponse(_load_events(body, config, manager))
+    return await _load(body, config, manager)
+
+
+async def _load(body: LoadRequest, config: LoadConfig, manager: ModelManager,
+                on_progress: Listener | None = None) -> dict[str, Any]:
     try:
-        instance = await manager.load(body.model, config)
+        instance = await manager.load(body.model, config, on_progress=on_progress)
     except ModelNotFound as exc:
         raise model_not_found(exc) from None
     except DraftIncompatible as exc:
@@ -136,6 +159,31 @@ async def load_model(
     if body.echo_load_config:
         response["load_config"] = instance_config(instance)
     return response
+
+
+async def _load_events(body: LoadRequest, config: LoadConfig, manager: ModelManager) -> AsyncIterator[bytes]:
+    """`model_load.start`, a `model_load.progress` per step of llama.cpp's load callback (rising to 1.0), then
+    `model_load.end` with the usual answer as `result`, or `error` (the native error body) if the load failed."""
+    updates: asyncio.Queue[float | None] = asyncio.Queue()
+    # Not cancelled when the client goes: a load in llama.cpp cannot stop half-way, and the instance must
+    # still be recorded (as after a plain load whose client hung up).
+    task = asyncio.create_task(_load(body, config, manager, updates.put_nowait))
+
+    def ended(done: asyncio.Task[dict[str, Any]]) -> None:
+        updates.put_nowait(None)  # after every progress update: the load scheduled them before its end
+        if not done.cancelled():
+            done.exception()  # read here: a client gone before the end would leave it "never retrieved"
+
+    task.add_done_callback(ended)
+    yield sse_event("model_load.start", {"model": body.model})
+    while (fraction := await updates.get()) is not None:
+        yield sse_event("model_load.progress", {"model": body.model, "progress": fraction})
+    try:
+        result = task.result()
+    except APIError as exc:
+        yield sse_event("error", {"error": error_body(LOAD_PATH, exc)["error"]})
+        return
+    yield sse_event("model_load.end", {"model_instance_id": result["instance_id"], "result": result})
 
 
 def _gib(n: int | None) -> str:

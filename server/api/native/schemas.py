@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
 
 from ...store.paths import check_name
 
@@ -18,13 +18,14 @@ class LoadRequest(BaseModel):
     model: Name
     context_length: int | None = Field(default=None, ge=1)
     eval_batch_size: int | None = Field(default=None, ge=1)
-    flash_attention: bool | None = None
-    offload_kv_cache_to_gpu: bool | None = None
+    # Strict: "yes" or "0" would pass a lax bool, and a typo'd value should not silently turn a setting on.
+    flash_attention: StrictBool | None = None
+    offload_kv_cache_to_gpu: StrictBool | None = None
     num_experts: int | None = Field(default=None, ge=1)
     parallel: int | None = Field(default=None, ge=1, le=256)
     ttl: float | None = Field(default=None, gt=0)
     identifier: Name | None = None
-    echo_load_config: bool = False
+    echo_load_config: StrictBool = False
     gpu: Literal["max", "off"] | float | None = None
     # Speculative decoding: the draft model requests to this instance use unless they name their own.
     draft_model: Name | None = None
@@ -34,6 +35,9 @@ class LoadRequest(BaseModel):
     # unload other instances first, least recently used first, until it fits; or load it anyway.
     evict: bool = False
     force: bool = False
+    # lmkube extension: answer with a stream of model_load.* events (server-sent events, as /api/v1/chat's), the
+    # progress of llama.cpp's load as it goes, the usual answer last; what `lmkube load` and the operator use.
+    stream: StrictBool = False
 
 
 class UnloadRequest(BaseModel):

@@ -44,6 +44,7 @@ def chat_spec(body: ChatCompletionRequest) -> ChatSpec:
         response_format=body.response_format,
         reasoning_effort=body.reasoning_effort,
         template_kwargs=dict(body.chat_template_kwargs or {}),
+        continue_final=True,  # llama-server's prefill: a final assistant message is continued
     )
 
 

@@ -45,6 +45,7 @@ from .responses_input import (
     input_messages,
     response_format,
 )
+from .responses_store import input_items as stored_input_items
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +165,14 @@ class ResponseEvents:
                     yield builder.mcp_list_tools(label, tools)
             async for events in self.loop.events(self):
                 yield events
-            if self.body.store:
-                self.store.add(parent_id=self.body.previous_response_id, model=instance.id,
-                               messages=[*self.turn, *self.loop.added], response_id=builder.response["id"])
             if self.draft:  # lmkube: LM Studio's draft `stats` as an extra top-level key (SDKs keep it)
                 builder.response["stats"] = self.draft
-            yield builder.finish(self.usage, incomplete=self.incomplete)
+            finished = builder.finish(self.usage, incomplete=self.incomplete)
+            if self.body.store:  # the Response as returned, for GET /v1/responses/{id} (responses_store.py)
+                self.store.add(parent_id=self.body.previous_response_id, model=instance.id,
+                               messages=[*self.turn, *self.loop.added], response_id=builder.response["id"],
+                               response=builder.response, input_items=stored_input_items(self.body.input))
+            yield finished
 
     # -- the tool loop's encoding (LoopFamily) ---------------------------------------------------------
 
@@ -258,7 +261,7 @@ async def start_response(body: ResponsesRequest, request: Request, manager: Mode
     if body.previous_response_id is not None:
         found = store.history(body.previous_response_id)
         if found is None:
-            raise APIError(400, f"Previous response with id '{body.previous_response_id}' not found.",
+            raise APIError(404, f"Previous response with id '{body.previous_response_id}' not found.",
                            param="previous_response_id", code="previous_response_not_found")
         history = found
     messages = _conversation(body.instructions, history, turn)
