@@ -343,7 +343,8 @@ async def chat(
         turn.append({"role": "system", "content": body.system_prompt})
     turn.append({"role": "user", "content": content})
     instance_id = loaded.id if loaded is not None else variant.model_key if variant is not None else body.model
-    toolbox = await open_toolbox(integrations) if integrations else None
+    toolbox = await open_toolbox(integrations, sessions=request.app.state.mcp_sessions,
+                                 call_timeout=config.mcp_call_timeout) if integrations else None
     if toolbox is not None and not toolbox.tools and body.tool_choice not in (None, "auto", "none"):
         await toolbox.close()
         raise APIError(400, "tool_choice requires tools, but the integrations offer none (check allowed_tools).",

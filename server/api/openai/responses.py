@@ -217,10 +217,10 @@ class ResponseEvents:
 
 def _listed_tools(toolbox: McpToolbox) -> dict[str, list[dict[str, Any]]]:
     listed: dict[str, list[dict[str, Any]]] = {}
-    for connection in toolbox.connections:
-        listed.setdefault(connection.integration.label, [])
+    for source in toolbox.sources:
+        listed.setdefault(source.integration.label, [])
     for tool in toolbox.tools.values():
-        listed[tool.connection.integration.label].append(
+        listed[tool.integration.label].append(
             {"name": tool.tool, "description": tool.description, "input_schema": tool.input_schema,
              "annotations": None})
     return listed
@@ -264,13 +264,14 @@ async def start_response(body: ResponsesRequest, request: Request, manager: Mode
     messages = _conversation(body.instructions, history, turn)
     if not messages:
         raise bad_request("'input' is required (a string or an array of input items).", param="input")
-    toolbox = await open_toolbox(integrations) if integrations else None
+    toolbox = await open_toolbox(integrations, call_timeout=request.app.state.config.mcp_call_timeout) \
+        if integrations else None
     try:
         usage = _usage_zero()
         run = await ChatRun.open(manager, body.model, ttl=body.ttl, sampling=_sampling(body, usage), param="input",
                                  header_tool_choice=request.headers.get(TOOL_CHOICE_HEADER), rename=_renamed)
         instance = run.instance
-        names = {name: McpName(t.connection.integration.label, t.tool) for name, t in toolbox.tools.items()} \
+        names = {name: McpName(t.integration.label, t.tool) for name, t in toolbox.tools.items()} \
             if toolbox is not None else {}
         builder = ResponseBuilder(_response_body(body, new_response_id(), instance.id), names, tools.namespaced)
         response = ResponseEvents(body, run, store, messages, turn, tools.functions, toolbox, builder, usage)
