@@ -69,9 +69,11 @@ class ToolLoop:
     (the assistant's turns and the tool results), for the family to store."""
 
     def __init__(self, run: ChatRun, spec: ChatSpec, *, toolbox: McpToolbox | None,
-                 functions: Sequence[dict[str, Any]] = ()) -> None:
+                 functions: Sequence[dict[str, Any]] = (), approved: Sequence[ToolCall] = ()) -> None:
         """`spec`: the first round's, with the conversation so far and the request's tool_choice (tools are
-        the loop's: `functions`, the client's own tools, and the toolbox's)."""
+        the loop's: `functions`, the client's own tools, and the toolbox's). `approved`: MCP calls of an earlier
+        turn that waited for the client's approval and got it: they run before the first round."""
+        self.approved = approved
         self.run = run
         self.spec = spec
         self.toolbox = toolbox
@@ -90,6 +92,9 @@ class ToolLoop:
 
     async def events(self, family: LoopFamily) -> AsyncIterator[list[SseEvent]]:
         """The rounds' events, a batch at a time; raises APIError on failure. Hold `instance.in_use()`."""
+        for call in self.approved:
+            async for events in self._call(family, call):
+                yield events
         for index in range(MAX_TOOL_ROUNDS + 1):
             spec = self.round_spec(index)
             round = await self.run.submit(spec)
