@@ -2,7 +2,7 @@
 such as `{"command": sys.executable, "args": ["tests/mcp_stdio_test_server.py"], "env": {...}}`.
 
 Each start appends its pid to `$MCP_TEST_PID_FILE` (when set), so that a test counts process starts, and
-writes a line to stderr (which lmkube logs). Tools: `add`, `whoami` (the pid and `$MCP_TEST_GREETING`),
+writes a line to stderr (which lmkube logs); it refuses to start while `$MCP_TEST_REFUSE_IF_EXISTS` exists. Tools: `add`, `whoami` (the pid and `$MCP_TEST_GREETING`),
 `crash` (the process exits at once), `hang` (never answers), `grow` (adds the tool `extra` and sends
 `notifications/tools/list_changed`).
 """
@@ -58,6 +58,10 @@ async def grow(ctx: Context) -> str:
 
 
 def main() -> None:
+    refuse = os.environ.get("MCP_TEST_REFUSE_IF_EXISTS")
+    if refuse and os.path.exists(refuse):
+        print(f"refusing to start: {refuse} exists", file=sys.stderr, flush=True)
+        sys.exit(1)
     pid_file = os.environ.get("MCP_TEST_PID_FILE")
     if pid_file:
         with open(pid_file, "a") as out:

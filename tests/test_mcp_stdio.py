@@ -42,7 +42,8 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("mcp-stdio-home")
     workdir = home / "work"
     workdir.mkdir()
-    servers = {name: stdio_entry(home / f"{name}.pids") for name in ("crashy", "grower", "idle", "slow")}
+    servers = {name: stdio_entry(home / f"{name}.pids") for name in ("crashy", "fragile", "grower", "idle", "slow")}
+    servers["fragile"]["env"]["MCP_TEST_REFUSE_IF_EXISTS"] = str(home / "fragile.refuse")
     servers["stdio"] = stdio_entry(home / "stdio.pids", cwd=str(workdir))
     servers["stdio"]["env"]["MCP_TEST_GREETING"] = "hello-from-env"
     servers["slow"]["timeout"] = 3
@@ -129,6 +130,21 @@ def test_crash_is_a_failed_call_and_the_next_call_restarts_the_server(server: Se
     [_, restarted] = pids(home, "crashy")
     assert call["output"].startswith(f"pid {restarted}") and restarted != crashed
     assert "mcp/crashy: session ended" in server.log()
+
+
+def test_a_server_that_cannot_restart_fails_its_calls(server: ServerProcess, home: Path) -> None:
+    assert first_call(chat(server, "fragile", "add"))["type"] == "tool_call"
+    (home / "fragile.refuse").touch()
+    assert first_call(chat(server, "fragile", "crash"))["type"] == "invalid_tool_call"
+    # It cannot start again: the request still gets its last tool list, and the call fails with the reason.
+    call = first_call(chat(server, "fragile", "add"))
+    assert call["type"] == "invalid_tool_call", call
+    assert call["reason"].startswith("Error calling tool add: ConnectionError:"), call
+    assert call["metadata"]["provider_info"] == {"type": "plugin", "plugin_id": "mcp/fragile"}
+    assert "refusing to start" in server.log()
+    (home / "fragile.refuse").unlink()
+    # Once it can start again, the next call (after the back-off) restarts it.
+    wait_until(lambda: first_call(chat(server, "fragile", "add"))["type"] == "tool_call", timeout=60, interval=1)
 
 
 def test_a_hanging_tool_times_out_as_a_failed_call(server: ServerProcess) -> None:

@@ -5,8 +5,9 @@ a stdio server is one process for many requests and its tool list is listed once
 `notifications/tools/list_changed`). A session that ends on its own (the process exited, the HTTP
 stream broke) is started again on the next use, after a back-off that doubles with each consecutive
 failure (a session that ran for `STABLE_SECONDS` starts the count again). A session no request has used
-for `idle_timeout` seconds is closed; all are closed at shutdown. Per-request (ephemeral) servers are
-not kept here: the request's toolbox opens and closes them.
+for `idle_timeout` seconds is closed; all are closed at shutdown. While a server that ran before cannot
+be started again, requests are offered its last tool list, and their calls fail with the reason.
+Per-request (ephemeral) servers are not kept here: the request's toolbox opens and closes them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 from .connection import McpConnection
 from .servers import ServerSpec
@@ -42,6 +44,7 @@ class ManagedServer:
         self.retry_at = 0.0
         self.users = 0
         self.last_used = time.monotonic()
+        self.last_tools: list[Any] = []  # the last session's tool list, offered while the server is down
         self._lock = asyncio.Lock()
 
     def hold(self) -> None:
@@ -72,6 +75,7 @@ class ManagedServer:
                 return connection
             if connection is not None:
                 self.connection = None
+                self.last_tools = connection.tools
                 self._account_end(connection)
             wait = self.retry_at - time.monotonic()
             if wait > BACKOFF_WAIT:
@@ -93,6 +97,7 @@ class ManagedServer:
     async def close(self) -> None:
         connection, self.connection = self.connection, None
         if connection is not None:
+            self.last_tools = connection.tools
             await connection.close()
 
 

@@ -5,7 +5,9 @@ needs `--allow-remote-mcp`; Streamable HTTP; its session lasts the request) or a
 server in `$LMKUBE_HOME/mcp.json` (`"mcp/<name>"` or `{"type": "plugin", "id": ...}`, needs API
 tokens; stdio or HTTP; its session is kept across requests by `McpSessions`). `allowed_tools`
 narrows what the model is offered on either. A call that fails, times out or finds its server gone
-is a `ToolRun` with an error, for the tool loop to report as a failed call: never an HTTP error.
+(and not startable again) is a `ToolRun` with an error, for the tool loop to report as a failed call:
+never an HTTP error. Only a server that cannot be reached or started when the request begins, and
+has never listed its tools, fails the request (502, `plugin_connection_error` / `mcp_connection_error`).
 """
 
 from __future__ import annotations
@@ -161,7 +163,14 @@ class _KeptSession:
     async def open(self) -> None:
         self.server.hold()
         self._held = True
-        self.tools = list((await self.server.connect()).tools)
+        try:
+            self.tools = list((await self.server.connect()).tools)
+        except ConnectionError as exc:
+            if not self.server.last_tools:
+                raise
+            # It ran before: its calls fail with the reason, as failed tool calls the model and client see.
+            log.warning("MCP server %s is down (%s); offering its last tool list", self.server.label, exc)
+            self.tools = list(self.server.last_tools)
 
     async def call(self, name: str, arguments: dict[str, Any]) -> Any:
         connection = await self.server.connect()
