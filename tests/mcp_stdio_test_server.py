@@ -2,8 +2,9 @@
 such as `{"command": sys.executable, "args": ["tests/mcp_stdio_test_server.py"], "env": {...}}`.
 
 Each start appends its pid to `$MCP_TEST_PID_FILE` (when set), so that a test counts process starts, and
-writes a line to stderr (which lmkube logs); it refuses to start while `$MCP_TEST_REFUSE_IF_EXISTS` exists. Tools: `add`, `whoami` (the pid and `$MCP_TEST_GREETING`),
-`crash` (the process exits at once), `hang` (never answers), `grow` (adds the tool `extra` and sends
+writes a line to stderr (which lmkube logs); it refuses to start while `$MCP_TEST_REFUSE_IF_EXISTS`
+exists. Tools: `add`, `whoami` (the pid, `$MCP_TEST_GREETING` and the working directory), `crash` (the
+process exits at once), `hang` (never answers), `grow` (adds the tool `extra` and sends
 `notifications/tools/list_changed`).
 """
 

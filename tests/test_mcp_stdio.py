@@ -186,8 +186,9 @@ def test_a_server_that_cannot_start(server: ServerProcess, home: Path) -> None:
 
 
 def test_idle_sessions_close_and_shutdown_stops_the_servers(start_server, models: Path, home: Path) -> None:
-    server = start_server(models, "--api-token", TOKEN, "--mcp-idle-timeout", "2", token=TOKEN,
-                          env={"LMKUBE_HOME": str(home)})
+    # Its own LMKUBE_HOME: mcp.json comes from --mcp-json (how a LocalModel's mounted ConfigMap is read).
+    server = start_server(models, "--api-token", TOKEN, "--mcp-idle-timeout", "2", "--mcp-json",
+                          str(home / "mcp.json"), token=TOKEN)
     assert first_call(chat(server, "idle", "add"))["type"] == "tool_call"
     [first] = pids(home, "idle")
     wait_until(lambda: not running(first), timeout=30, message="the idle server was not stopped")

@@ -52,9 +52,8 @@ def string_map(value: Any, where: str) -> dict[str, str]:
     return dict(value)
 
 
-def load_mcp_json(home: Path) -> dict[str, Any]:
-    """`$LMKUBE_HOME/mcp.json`'s `mcpServers`; {} when there is none."""
-    path = home / MCP_JSON
+def load_mcp_json(path: Path) -> dict[str, Any]:
+    """The `mcpServers` of an mcp.json; {} when there is none."""
     if not path.is_file():
         return {}
     try:

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from ..errors import APIError
 from .connection import McpConnection, describe
-from .servers import ServerSpec, load_mcp_json, server_spec, string_map
+from .servers import MCP_JSON, ServerSpec, load_mcp_json, server_spec, string_map
 from .sessions import ManagedServer, McpSessions
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,10 @@ def _allowed_tools(value: Any, where: str) -> frozenset[str] | None:
 
 
 def parse_integrations(items: Sequence[str | dict[str, Any]], *, home: Path, allow_remote: bool,
-                       has_tokens: bool) -> list[Integration]:
-    """Validates the request's `integrations` against the server's settings (400/403 on refusal)."""
+                       has_tokens: bool, mcp_json: Path | None = None) -> list[Integration]:
+    """Validates the request's `integrations` against the server's settings (400/403 on refusal).
+    Plugins are read from `mcp_json`, by default `home`/mcp.json."""
+    mcp_json = mcp_json or home / MCP_JSON
     result: list[Integration] = []
     servers: dict[str, Any] | None = None
     for index, item in enumerate(items):
@@ -106,11 +108,11 @@ def parse_integrations(items: Sequence[str | dict[str, Any]], *, home: Path, all
                 raise _invalid(f"Plugin \"{plugin_id}\" not found: only MCP plugins (\"mcp/<name>\") are supported.",
                                "plugin_not_found")
             if servers is None:
-                servers = load_mcp_json(home)
+                servers = load_mcp_json(mcp_json)
             entry = servers.get(name)
             if not isinstance(entry, dict):
                 raise _invalid(f"Plugin \"{plugin_id}\" not found: no server \"{name}\" in "
-                               f"{home / 'mcp.json'} (known: {', '.join(sorted(servers)) or 'none'}).",
+                               f"{mcp_json} (known: {', '.join(sorted(servers)) or 'none'}).",
                                "plugin_not_found")
             result.append(Integration("plugin", plugin_id, server_spec(name, entry),
                                       _allowed_tools(item.get("allowed_tools"), where)))

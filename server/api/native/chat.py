@@ -311,7 +311,7 @@ async def chat(
     config = request.app.state.config
     integrations = parse_integrations(
         body.integrations or [], home=config.home, allow_remote=config.allow_remote_mcp,
-        has_tokens=bool(request.app.state.api_tokens),
+        has_tokens=bool(request.app.state.api_tokens), mcp_json=config.mcp_json,
     )
     if body.tool_choice not in (None, "auto", "none") and not integrations:
         raise APIError(400, "tool_choice requires MCP integrations (the tools come from them).", param="tool_choice")

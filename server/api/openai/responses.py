@@ -97,7 +97,7 @@ def _integrations(tools: list[dict[str, Any]], request: Request) -> tuple[list[I
         items.append({"type": "ephemeral_mcp", "server_label": tool.get("server_label"),
                       "server_url": tool["server_url"], "headers": tool.get("headers"), "allowed_tools": allowed})
     try:
-        return parse_integrations(items, home=config.home, allow_remote=True,
+        return parse_integrations(items, home=config.home, allow_remote=True, mcp_json=config.mcp_json,
                                   has_tokens=bool(request.app.state.api_tokens)), approval
     except APIError as exc:
         exc.param = "tools"
