@@ -32,6 +32,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (home / "mcp.json").write_text(json.dumps({"mcpServers": {
         "local": {"command": sys.executable, "args": [STDIO_SERVER],
                   "env": {"MCP_TEST_PID_FILE": str(home / "local.pids")}},
+        "crashy": {"command": sys.executable, "args": [STDIO_SERVER]},
     }}))
     return home
 
@@ -155,3 +156,14 @@ def test_an_mcp_json_stdio_server_by_label(client: openai.OpenAI, home: Path) ->
         assert call.type == "mcp_call" and call.server_label == "local"
         assert call.output == str(sum(json.loads(call.arguments).values()))
     assert len((home / "local.pids").read_text().split()) == 1  # one process for both requests
+
+
+def test_a_failed_call_is_an_mcp_call_with_an_error(client: openai.OpenAI) -> None:
+    from openai.types.responses import Response
+
+    response = ask(client, [{"type": "mcp", "server_label": "crashy", "allowed_tools": ["crash"]}],
+                   tool_choice={"type": "mcp", "server_label": "crashy", "name": "crash"})
+    call = response.output[1]
+    assert call.type == "mcp_call" and call.status == "failed"
+    assert call.error.type == "mcp_protocol_error" and "closed" in call.error.message
+    Response.model_validate(response.model_dump())  # the error's shape is the SDK's McpToolCallError

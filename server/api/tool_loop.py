@@ -47,9 +47,10 @@ class LoopFamily(Protocol):
         ...
 
     def tool_done(self, call: ToolCall, tool: McpTool | None, arguments: dict[str, Any] | str | None,
-                  output: str, error: str | None) -> list[SseEvent]:
+                  output: str, error: str | None, protocol: bool = False) -> list[SseEvent]:
         """Events for a call's outcome: `tool` None (unknown name), `arguments` a str (they did not parse),
-        `error` set (the server reported a failure), else a success."""
+        `error` set (the tool reported a failure; `protocol`: the call itself failed, e.g. timed out),
+        else a success."""
         ...
 
 
@@ -120,6 +121,7 @@ class ToolLoop:
         tool = self.toolbox.tools.get(call.name) if self.toolbox is not None else None
         arguments = tool.parse_arguments(call.arguments) if tool is not None else None
         error: str | None
+        protocol = True  # unless the tool itself answers
         if tool is None or not isinstance(arguments, dict):
             output = error = arguments if isinstance(arguments, str) else f"Cannot find tool with name {call.name}."
         else:
@@ -127,8 +129,8 @@ class ToolLoop:
                 yield started
             assert self.toolbox is not None
             run = await self.toolbox.call(tool, arguments)
-            output, error = run.output, run.error
-        yield family.tool_done(call, tool, arguments, output, error)
+            output, error, protocol = run.output, run.error, run.protocol
+        yield family.tool_done(call, tool, arguments, output, error, protocol)
         self.added.append({"role": "tool", "tool_call_id": call.id, "content": output})
 
 

@@ -221,6 +221,7 @@ class ToolRun:
 
     output: str
     error: str | None = None
+    protocol: bool = False  # the error is the call's (it timed out, the server is gone), not the tool's own
 
 
 def _result_text(result: Any) -> str:
@@ -262,10 +263,10 @@ class McpToolbox:
             result = await tool.source.call(tool.tool, arguments)
         except TimeoutError as exc:
             message = f"Tool {tool.tool} timed out: {exc}"
-            return ToolRun(message, error=message)
+            return ToolRun(message, error=message, protocol=True)
         except Exception as exc:
             message = f"Error calling tool {tool.tool}: {describe(exc)}"
-            return ToolRun(message, error=message)
+            return ToolRun(message, error=message, protocol=True)
         text = _result_text(result)
         if getattr(result, "is_error", False):
             return ToolRun(text, error=text or f"Tool {tool.tool} failed.")

@@ -234,7 +234,7 @@ class NativeChatEvents:
                                          "provider_info": tool.provider_info})]
 
     def tool_done(self, call: ToolCall, tool: McpTool | None, arguments: dict[str, Any] | str | None,
-                  output: str, error: str | None) -> list[SseEvent]:
+                  output: str, error: str | None, protocol: bool = False) -> list[SseEvent]:
         if tool is None:
             failure: dict[str, Any] = {"reason": output, "metadata": {"type": "invalid_name", "tool_name": call.name}}
         elif error is not None:

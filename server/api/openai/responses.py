@@ -251,8 +251,8 @@ class ResponseEvents:
         return []
 
     def tool_done(self, call: ToolCall, tool: McpTool | None, arguments: dict[str, Any] | str | None,
-                  output: str, error: str | None) -> list[SseEvent]:
-        return self.builder.mcp_result(self._pending[call.id], output, error)
+                  output: str, error: str | None, protocol: bool = False) -> list[SseEvent]:
+        return self.builder.mcp_result(self._pending[call.id], output, error, protocol=protocol)
 
     def _account(self, round: Round, finish: Finish) -> None:
         usage = self.usage

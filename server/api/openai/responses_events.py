@@ -20,6 +20,8 @@ from typing import Any
 from ...chat.deltas import ChatDelta, ToolCall, ToolCallDelta
 from ...streaming import SseEvent, sse_event
 
+MCP_CALL_FAILED = -32000  # JSON-RPC's server-error range: the call failed before the tool gave a result
+
 
 def item_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(24)}"
@@ -195,9 +197,16 @@ class ResponseBuilder:
         return index, [added, ("response.mcp_call_arguments.done", {**where, "arguments": arguments}),
                        ("response.mcp_call.in_progress", where)]
 
-    def mcp_result(self, index: int, output: str, error: str | None) -> list[SseEvent]:
+    def mcp_result(self, index: int, output: str, error: str | None, *, protocol: bool = False) -> list[SseEvent]:
+        """The call's outcome; an error as OpenAI's `McpToolCallError`: the tool's own failure (its content),
+        or a protocol error (the call timed out, the server is gone, the arguments were not an object)."""
         item = self.output[index]
-        item.update(output=output, error=error, status="failed" if error else "completed")
+        failure: dict[str, Any] | None = None
+        if error is not None and protocol:
+            failure = {"type": "mcp_protocol_error", "code": MCP_CALL_FAILED, "message": error}
+        elif error is not None:
+            failure = {"type": "mcp_tool_execution_error", "content": [{"type": "text", "text": error}]}
+        item.update(output=output, error=failure, status="failed" if error else "completed")
         kind = "failed" if error else "completed"
         return [(f"response.mcp_call.{kind}", {"item_id": item["id"], "output_index": index}), self._done(index)]
 
