@@ -33,6 +33,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "local": {"command": sys.executable, "args": [STDIO_SERVER],
                   "env": {"MCP_TEST_PID_FILE": str(home / "local.pids")}},
         "crashy": {"command": sys.executable, "args": [STDIO_SERVER]},
+        "broken": {"command": str(home / "no-such-mcp-server")},
     }}))
     return home
 
@@ -167,3 +168,21 @@ def test_a_failed_call_is_an_mcp_call_with_an_error(client: openai.OpenAI) -> No
     assert call.type == "mcp_call" and call.status == "failed"
     assert call.error.type == "mcp_protocol_error" and "closed" in call.error.message
     Response.model_validate(response.model_dump())  # the error's shape is the SDK's McpToolCallError
+
+
+def test_a_server_that_cannot_start_is_a_failed_listing(client: openai.OpenAI) -> None:
+    from openai.types.responses import Response
+
+    tools = [{"type": "mcp", "server_label": "broken"}, {"type": "mcp", "server_label": "local"}]
+    with client.responses.stream(model=MODEL, input="Hi", tools=tools, max_output_tokens=5) as stream:
+        events = list(stream)
+    response = events[-1].response
+    listings = {item.server_label: item for item in response.output if item.type == "mcp_list_tools"}
+    assert listings["broken"].tools == [] and "no-such-mcp-server" in listings["broken"].error
+    assert listings["local"].error is None and listings["local"].tools
+    assert "response.mcp_list_tools.failed" in [event.type for event in events]
+    Response.model_validate(response.model_dump())
+    # Forced to call a tool that no server can take: an error before anything runs.
+    with pytest.raises(openai.APIStatusError) as info:
+        ask(client, tools[:1], tool_choice={"type": "mcp", "server_label": "broken", "name": "add"})
+    assert info.value.status_code == 502 and "no-such-mcp-server" in info.value.body["message"]

@@ -183,6 +183,17 @@ def test_a_server_that_cannot_start(server: ServerProcess, home: Path) -> None:
     assert error["type"] == "plugin_connection_error" and "mcp/broken" in error["message"]
     assert "no-such-mcp-server" in error["message"]
     assert chat(server, "stdio", "add").status_code == 200  # the others are unaffected
+    # Not forced to call a tool, the chat goes on without the server's tools, and says why.
+    body = {"model": MODEL, "input": "Hi", "integrations": ["mcp/broken", "mcp/stdio"], "max_output_tokens": 5,
+            "stream": True}
+    with server.client() as client, client.stream("POST", "/api/v1/chat", json=body) as response:
+        assert response.status_code == 200
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    [failure] = [e for e in events if e["type"] == "tool_call.failure"]
+    assert "mcp/broken" in failure["reason"] and "no-such-mcp-server" in failure["reason"]
+    assert events[-1]["type"] == "chat.end" and "error" not in [e["type"] for e in events]
+    output = events[-1]["result"]["output"]
+    assert output[0] == {"type": "invalid_tool_call", **{k: v for k, v in failure.items() if k != "type"}}
 
 
 def test_idle_sessions_close_and_shutdown_stops_the_servers(start_server, models: Path, home: Path) -> None:

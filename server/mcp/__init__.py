@@ -10,9 +10,11 @@ from .toolbox import (
     McpTool,
     McpToolbox,
     ToolRun,
+    Unavailable,
     open_toolbox,
     parse_integrations,
+    unavailable_error,
 )
 
 __all__ = ["DEFAULT_CALL_TIMEOUT", "MAX_TOOL_ROUNDS", "Integration", "McpSessions", "McpTool", "McpToolbox",
-           "ToolRun", "open_toolbox", "parse_integrations"]
+           "ToolRun", "Unavailable", "open_toolbox", "parse_integrations", "unavailable_error"]

@@ -5,9 +5,10 @@ needs `--allow-remote-mcp`; Streamable HTTP; its session lasts the request) or a
 server in `$LMKUBE_HOME/mcp.json` (`"mcp/<name>"` or `{"type": "plugin", "id": ...}`, needs API
 tokens; stdio or HTTP; its session is kept across requests by `McpSessions`). `allowed_tools`
 narrows what the model is offered on either. A call that fails, times out or finds its server gone
-(and not startable again) is a `ToolRun` with an error, for the tool loop to report as a failed call:
-never an HTTP error. Only a server that cannot be reached or started when the request begins, and
-has never listed its tools, fails the request (502, `plugin_connection_error` / `mcp_connection_error`).
+(and not startable again) is a `ToolRun` with an error, for the tool loop to report as a failed call. A
+server that cannot be reached or started when the request begins (and has never listed its tools) is
+left out of the request's toolbox with the reason, which the family reports as a failed item; neither
+is an HTTP error.
 """
 
 from __future__ import annotations
@@ -238,11 +239,21 @@ def _result_text(result: Any) -> str:
     return "\n".join(parts)
 
 
-class McpToolbox:
-    """The request's MCP tools. `close()` ends its own sessions and lets go of the kept ones."""
+@dataclass(frozen=True)
+class Unavailable:
+    """An integration whose server could not be reached or started when the request began."""
 
-    def __init__(self, sources: list[ToolSource]) -> None:
+    integration: Integration
+    reason: str
+
+
+class McpToolbox:
+    """The request's MCP tools, and the integrations left out because their server is unavailable.
+    `close()` ends its own sessions and lets go of the kept ones."""
+
+    def __init__(self, sources: list[ToolSource], unavailable: Sequence[Unavailable] = ()) -> None:
         self.sources = sources
+        self.unavailable = list(unavailable)
         self.tools: dict[str, McpTool] = {}
         for source in sources:
             allowed = source.integration.allowed_tools
@@ -278,24 +289,34 @@ class McpToolbox:
 
 async def open_toolbox(integrations: Sequence[Integration], *, sessions: McpSessions | None = None,
                        call_timeout: float = DEFAULT_CALL_TIMEOUT) -> McpToolbox:
-    """Starts (or reuses) every integration's session and lists its tools; a server that cannot be
-    reached or started is a 502 naming it. Plugins' sessions are `sessions`' (else this request's)."""
-    sources: list[_RequestSession | _KeptSession] = []
-    for integration in integrations:
-        if integration.kind == "plugin" and sessions is not None:
-            name = integration.label.removeprefix("mcp/")
-            sources.append(_KeptSession(integration, sessions.server(name, integration.spec)))
-        else:
-            sources.append(_RequestSession(integration, call_timeout))
+    """Starts (or reuses) every integration's session and lists its tools. Plugins' sessions are
+    `sessions`' (else this request's). A server that cannot be reached or started is left out, with the
+    reason in `unavailable`, for the family to report (the request goes on without its tools)."""
     opened: list[ToolSource] = []
-    for source in sources:
-        opened.append(source)
+    unavailable: list[Unavailable] = []
+    for integration in integrations:
+        source: _RequestSession | _KeptSession
+        if integration.kind == "plugin" and sessions is not None:
+            source = _KeptSession(integration, sessions.server(integration.label.removeprefix("mcp/"),
+                                                                integration.spec))
+        else:
+            source = _RequestSession(integration, call_timeout)
         try:
             await source.open()
         except Exception as exc:
-            await McpToolbox(opened).close()
-            info = source.integration
-            what = f"plugin \"{info.label}\"" if info.kind == "plugin" else f"MCP server \"{info.label}\""
-            raise APIError(502, f"Cannot connect to {what} at {info.spec.describe()}: {describe(exc)}",
-                           type=info.error_type, param="integrations", code=info.error_type) from None
-    return McpToolbox(opened)
+            await source.close()
+            what = f"plugin \"{integration.label}\"" if integration.kind == "plugin" \
+                else f"MCP server \"{integration.label}\""
+            reason = f"Cannot connect to {what} at {integration.spec.describe()}: {describe(exc)}"
+            log.warning("%s", reason)
+            unavailable.append(Unavailable(integration, reason))
+            continue
+        opened.append(source)
+    return McpToolbox(opened, unavailable)
+
+
+def unavailable_error(toolbox: McpToolbox) -> APIError:
+    """The first unavailable server as an HTTP error (for a request that cannot go on without it)."""
+    first = toolbox.unavailable[0]
+    return APIError(502, first.reason, type=first.integration.error_type, param="integrations",
+                    code=first.integration.error_type)

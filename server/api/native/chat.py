@@ -28,7 +28,7 @@ from ...conversations import ConversationStore
 from ...engine.events import Finish
 from ...engine.sampling import SamplingParams
 from ...errors import APIError, error_body
-from ...mcp import McpTool, McpToolbox, open_toolbox, parse_integrations
+from ...mcp import McpTool, McpToolbox, open_toolbox, parse_integrations, unavailable_error
 from ...runtime.instance import ModelInstance
 from ...runtime.manager import ModelManager
 from ...store.model_store import ModelNotFound, ModelVariant
@@ -187,6 +187,12 @@ class NativeChatEvents:
                 yield [("model_load.progress", {"model_instance_id": instance.id, "progress": 1.0}),
                        ("model_load.end", {"model_instance_id": instance.id,
                                            "load_time_seconds": round(instance.load_seconds, 3)})]
+            for item in self.toolbox.unavailable if self.toolbox is not None else []:
+                # A server that could not start: the chat goes on without its tools, and says why.
+                failure = {"reason": item.reason,
+                           "metadata": {"type": "invalid_name", "tool_name": item.integration.label}}
+                self.output.append({"type": "invalid_tool_call", **failure})
+                yield [("tool_call.failure", failure)]
             has_tools = self.toolbox is not None and bool(self.toolbox.tools)
             choice = (body.tool_choice if body.tool_choice is not None else "auto") if has_tools else None
             spec = ChatSpec(messages=_conversation(self.history, self.turn), tool_choice=choice,
@@ -347,6 +353,8 @@ async def chat(
                                  call_timeout=config.mcp_call_timeout) if integrations else None
     if toolbox is not None and not toolbox.tools and body.tool_choice not in (None, "auto", "none"):
         await toolbox.close()
+        if toolbox.unavailable:  # a forced call with no server to take it
+            raise unavailable_error(toolbox)
         raise APIError(400, "tool_choice requires tools, but the integrations offer none (check allowed_tools).",
                        param="tool_choice")
     native = NativeChatEvents(manager, store, body, history, turn, instance_id, toolbox)

@@ -206,6 +206,8 @@ class ResponseEvents:
             if self.toolbox is not None:
                 for label, tools in _listed_tools(self.toolbox).items():
                     yield builder.mcp_list_tools(label, tools)
+                for item in self.toolbox.unavailable:
+                    yield builder.mcp_list_tools_failed(server_label(item.integration), item.reason)
                 for call in self.loop.approved:
                     tool = self.toolbox.tools[call.name]
                     self._pending[call.id], events = builder.mcp_approved_call(
@@ -322,6 +324,10 @@ async def start_response(body: ResponsesRequest, request: Request, manager: Mode
     toolbox = await open_toolbox(integrations, sessions=request.app.state.mcp_sessions,
                                  call_timeout=request.app.state.config.mcp_call_timeout) if integrations else None
     try:
+        if toolbox is not None and toolbox.unavailable and not toolbox.tools and \
+                body.tool_choice not in (None, "auto", "none"):  # a forced call with no server to take it
+            first = toolbox.unavailable[0]
+            raise APIError(502, first.reason, type="external_connector_error", param="tools", code="http_error")
         usage = _usage_zero()
         run = await ChatRun.open(manager, body.model, ttl=body.ttl, sampling=_sampling(body, usage), param="input",
                                  header_tool_choice=request.headers.get(TOOL_CHOICE_HEADER), rename=_renamed)

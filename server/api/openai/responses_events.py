@@ -214,6 +214,14 @@ class ResponseBuilder:
         self.output[index]["status"] = "incomplete"
         return [self._done(index)]
 
+    def mcp_list_tools_failed(self, server_label: str, error: str) -> list[SseEvent]:
+        """A server that could not be reached or started: its listing with the error; the run goes on."""
+        index, added = self._add({"id": item_id("mcpl"), "type": "mcp_list_tools", "server_label": server_label,
+                                  "tools": [], "error": error})
+        where = {"item_id": self.output[index]["id"], "output_index": index}
+        return [added, ("response.mcp_list_tools.in_progress", where), ("response.mcp_list_tools.failed", where),
+                self._done(index)]
+
     def mcp_list_tools(self, server_label: str, tools: list[dict[str, Any]]) -> list[SseEvent]:
         item: dict[str, Any] = {"id": item_id("mcpl"), "type": "mcp_list_tools", "server_label": server_label,
                                 "tools": []}
