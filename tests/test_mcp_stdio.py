@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -100,6 +101,13 @@ def test_one_process_serves_many_requests(server: ServerProcess, home: Path) -> 
     # The server's stderr is in lmkube's log, under a logger of its own.
     wait_until(lambda: f"lmkube stdio test server {pid} started" in server.log(), timeout=10)
     assert "lmkube.server.mcp.server.mcp/stdio" in server.log()
+
+
+def test_concurrent_requests_share_the_session(server: ServerProcess, home: Path) -> None:
+    with ThreadPoolExecutor(3) as pool:
+        calls = list(pool.map(lambda _: first_call(chat(server, "stdio", "whoami")), range(3)))
+    [pid] = pids(home, "stdio")
+    assert [call["output"].split()[:2] for call in calls] == [["pid", str(pid)]] * 3
 
 
 def test_allowed_tools_narrow_what_the_model_is_offered(server: ServerProcess) -> None:
