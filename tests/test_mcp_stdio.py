@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import ServerProcess, wait_until
+from support import ServerProcess, free_port, wait_until
 
 from lmkube.synthetic_gguf import write_llama_model
 
@@ -49,6 +51,9 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     servers["stdio"]["env"]["MCP_TEST_GREETING"] = "hello-from-env"
     servers["slow"]["timeout"] = 3
     servers["broken"] = {"command": str(home / "no-such-mcp-server"), "args": []}
+    port = free_port()
+    (home / "remote.port").write_text(str(port))
+    servers["remote"] = {"url": f"http://127.0.0.1:{port}/mcp"}  # started and stopped by its test
     (home / "mcp.json").write_text(json.dumps({"mcpServers": servers}))
     return home
 
@@ -153,6 +158,37 @@ def test_a_server_that_cannot_restart_fails_its_calls(server: ServerProcess, hom
     (home / "fragile.refuse").unlink()
     # Once it can start again, the next call (after the back-off) restarts it.
     wait_until(lambda: first_call(chat(server, "fragile", "add"))["type"] == "tool_call", timeout=60, interval=1)
+
+
+def start_http_mcp_server(port: int) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, str(Path(__file__).parent / "mcp_test_server.py"), str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def listening() -> bool:
+        assert process.poll() is None, "the MCP server exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    wait_until(listening, timeout=30)
+    return process
+
+
+def test_a_kept_http_session_is_started_again_after_the_server_restarts(server: ServerProcess, home: Path) -> None:
+    port = int((home / "remote.port").read_text())
+    process = start_http_mcp_server(port)
+    try:
+        assert first_call(chat(server, "remote", "add"))["type"] == "tool_call"
+        process.terminate()
+        process.wait(10)
+        call = first_call(chat(server, "remote", "add"))  # the kept session's tools; the call fails
+        assert call["type"] == "invalid_tool_call" and "add" in call["reason"], call
+        process = start_http_mcp_server(port)
+        wait_until(lambda: first_call(chat(server, "remote", "add"))["type"] == "tool_call", timeout=60, interval=1)
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 def test_a_hanging_tool_times_out_as_a_failed_call(server: ServerProcess) -> None:

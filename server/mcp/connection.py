@@ -105,7 +105,7 @@ class McpConnection:
 
     @property
     def alive(self) -> bool:
-        return self._session is not None and not self.ended.is_set()
+        return self._session is not None and self.error is None and not self.ended.is_set()
 
     async def start(self) -> None:
         """Starts (or reaches) the server and lists its tools; ConnectionError saying why it could not."""
@@ -151,8 +151,7 @@ class McpConnection:
                     async with inbox_send:
                         async for item in read:
                             await inbox_send.send(item)
-                    self.error = self.error or "the server closed the connection"
-                    self._wake.set()
+                    self._broken("the server closed the connection")
 
                 relays.start_soon(relay)
                 async with ClientSession(inbox, write, message_handler=self._message) as session:
@@ -203,9 +202,20 @@ class McpConnection:
             code = getattr(exc, "code", None)
             if code == REQUEST_TIMEOUT:
                 raise TimeoutError(f"no result within {self.call_timeout:g} s") from None
-            if code == CONNECTION_CLOSED:
-                raise ConnectionError(self.error or "the server closed the connection") from None
+            import anyio
+
+            if code == CONNECTION_CLOSED or isinstance(exc, OSError | anyio.ClosedResourceError
+                                                       | anyio.BrokenResourceError):  # the transport failed
+                # An HTTP server that went away leaves the session's streams open but useless: end it,
+                # so that the next use starts a new one.
+                self._broken(self.error or "the server closed the connection")
+                raise ConnectionError(self.error) from None
             raise
+
+    def _broken(self, reason: str) -> None:
+        if self.error is None:
+            self.error = reason
+        self._wake.set()
 
     async def close(self) -> None:
         """Ends the session (a stdio server's stdin is closed, then it is stopped as the SDK does)."""

@@ -76,6 +76,7 @@ class ManagedServer:
             if connection is not None:
                 self.connection = None
                 self.last_tools = connection.tools
+                await connection.close()  # it is ending already; this waits for it (a process is gone)
                 self._account_end(connection)
             wait = self.retry_at - time.monotonic()
             if wait > BACKOFF_WAIT:
