@@ -171,7 +171,12 @@ def start_http_mcp_server(port: int) -> subprocess.Popen:
             return False
         return True
 
-    wait_until(listening, timeout=30)
+    try:
+        wait_until(listening, timeout=30)
+    except BaseException:
+        process.kill()
+        process.wait(10)
+        raise
     return process
 
 
