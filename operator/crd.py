@@ -34,6 +34,8 @@ DEFAULT_GPU_OFFLOAD = "max"
 DEFAULT_PARALLEL = 4
 MAX_PARALLEL = 256
 DEFAULT_REPLICAS = 1
+DEFAULT_MCP_KEY = "mcp.json"
+MCP_DIR = "/etc/lmkube/mcp"  # where spec.mcp's ConfigMap or Secret is mounted (operator/resources.py)
 
 PHASES = ["Pending", "Scheduling", "Downloading", "Loading", "Ready", "Idle", "Failed"]
 CONDITION_STATUSES = ["True", "False", "Unknown"]
@@ -181,6 +183,25 @@ def spec_schema() -> dict[str, Any]:
             "runtimeClassName": _name("Pod runtimeClassName."),
             "priorityClassName": _name("Pod priorityClassName."),
             "env": _free_list("Extra container environment variables, as in a Pod spec.", required=["name"]),
+            "mcp": {
+                "type": "object",
+                "description": "The server's mcp.json (MCP servers for /api/v1/chat integrations and /v1/responses "
+                               "mcp tools), from a ConfigMap or a Secret in the LocalModel's namespace, mounted "
+                               f"read-only at {MCP_DIR} with its other keys (e.g. a stdio server's script).",
+                "maxProperties": 1,
+                "properties": {
+                    kind: {
+                        "type": "object",
+                        "description": f"The {what} holding mcp.json.",
+                        "required": ["name"],
+                        "properties": {
+                            "name": _name(f"Name of the {what}."),
+                            "key": _string(f"Key of mcp.json in the {what}; `{DEFAULT_MCP_KEY}` when unset.",
+                                           minLength=1, pattern=r"^[-._a-zA-Z0-9]+$"),
+                        },
+                    } for kind, what in (("configMapRef", "ConfigMap"), ("secretRef", "Secret"))
+                },
+            },
             "imagePullSecrets": {
                 "type": "array",
                 "description": "Secrets for pulling the image.",

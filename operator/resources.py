@@ -29,13 +29,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lmkube.operator.spec import LocalModelSpec, OperatorSettings
+from lmkube.operator.spec import MCP_DIR, LocalModelSpec, OperatorSettings
 
 ANNOTATION_PREFIX = "lmkube.dev"  # the LocalModel API group (operator/crd.py)
 POD_HASH_ANNOTATION = f"{ANNOTATION_PREFIX}/pod-spec-hash"
 TOKEN_KEY = "token"  # key of the operator-generated token Secret
 CONTAINER_NAME = "lmkube"
 VOLUME_NAME = "models"
+MCP_VOLUME_NAME = "mcp"
 PORT_NAME = "http"
 RUN_AS = 1000
 MAX_NAME = 63  # DNS-1123 / DNS-1035 label: Service names and label values
@@ -215,8 +216,22 @@ def serve_args(spec: LocalModelSpec, settings: OperatorSettings | None = None) -
     an idle unload), which would otherwise get the server's own default of 3600 s.
     """
     settings = settings or _DEFAULT_SETTINGS
-    return ["serve", "--host", "0.0.0.0", "--port", str(settings.port), "--models-dir", settings.models_dir,
+    args = ["serve", "--host", "0.0.0.0", "--port", str(settings.port), "--models-dir", settings.models_dir,
             "--parallel", str(spec.parallel), "--ttl", str(spec.ttl or 0)]
+    if spec.mcp is not None:
+        args += ["--mcp-json", f"{MCP_DIR}/{spec.mcp.key}"]
+    return args
+
+
+def _mount_mcp_json(spec: LocalModelSpec, pod: dict[str, Any]) -> None:
+    """Mounts spec.mcp's ConfigMap or Secret: all its keys, so mcp.json can run a script shipped next to
+    it; whole (no subPath), so an edit reaches the running pod (the server reads mcp.json per request)."""
+    if spec.mcp is None:
+        return
+    source: dict[str, Any] = {"configMap": {"name": spec.mcp.name}} if spec.mcp.kind == "configMap" \
+        else {"secret": {"secretName": spec.mcp.name}}
+    pod["volumes"].append({"name": MCP_VOLUME_NAME, **source})
+    pod["containers"][0]["volumeMounts"].append({"name": MCP_VOLUME_NAME, "mountPath": MCP_DIR, "readOnly": True})
 
 
 def container_resources(spec: LocalModelSpec) -> dict[str, Any]:
@@ -288,6 +303,7 @@ def pod_template(name: str, spec: LocalModelSpec, settings: OperatorSettings | N
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
     }
+    _mount_mcp_json(spec, pod)
     if spec.node_selector:
         pod["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:

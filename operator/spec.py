@@ -21,6 +21,8 @@ GpuOffload = Literal["max", "off"] | float
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 DEFAULT_STORAGE_SIZE = "20Gi"
 DEFAULT_SECRET_KEY = "token"
+DEFAULT_MCP_KEY = "mcp.json"
+MCP_DIR = "/etc/lmkube/mcp"  # where spec.mcp's ConfigMap or Secret is mounted
 MAX_PARALLEL = 256  # the server's /api/v1/models/load limit
 
 _TTL_RE = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
@@ -48,6 +50,16 @@ class SecretRef:
 
 
 @dataclass(frozen=True)
+class McpConfigRef:
+    """spec.mcp: the ConfigMap or Secret whose `key` is the server's mcp.json (its other keys, e.g. a
+    stdio server's script, are mounted next to it)."""
+
+    kind: Literal["configMap", "secret"]
+    name: str
+    key: str = DEFAULT_MCP_KEY
+
+
+@dataclass(frozen=True)
 class LocalModelSpec:
     """A parsed LocalModel spec. Pod knobs are kept as the plain Kubernetes JSON the user wrote."""
 
@@ -69,6 +81,7 @@ class LocalModelSpec:
     priority_class_name: str | None = None
     env: tuple[Mapping[str, Any], ...] = ()
     image_pull_secrets: tuple[str, ...] = ()
+    mcp: McpConfigRef | None = None
 
     @property
     def model_key(self) -> str:
@@ -243,7 +256,23 @@ def parse_spec(spec: Mapping[str, Any]) -> LocalModelSpec:
         priority_class_name=_opt_str(spec, "priorityClassName"),
         env=tuple(_list(spec, "env")),
         image_pull_secrets=tuple(_pull_secret(s) for s in _list(spec, "imagePullSecrets")),
+        mcp=parse_mcp(_mapping(spec, "mcp")),
     )
+
+
+def parse_mcp(mcp: Mapping[str, Any]) -> McpConfigRef | None:
+    """spec.mcp: exactly one of configMapRef / secretRef, each `{name, key?}`."""
+    refs = [kind for kind in ("configMapRef", "secretRef") if mcp.get(kind) is not None]
+    if not refs:
+        return None
+    if len(refs) > 1:
+        raise ValueError("spec.mcp takes one of configMapRef and secretRef, not both")
+    ref = _mapping(mcp, refs[0], f"mcp.{refs[0]}")
+    name = _opt_str(ref, "name", f"mcp.{refs[0]}.name")
+    if not name:
+        raise ValueError(f"spec.mcp.{refs[0]}.name is required")
+    key = _opt_str(ref, "key", f"mcp.{refs[0]}.key") or DEFAULT_MCP_KEY
+    return McpConfigRef("configMap" if refs[0] == "configMapRef" else "secret", name, key)
 
 
 def _mapping(obj: Mapping[str, Any], key: str, where: str | None = None) -> Mapping[str, Any]:

@@ -30,6 +30,7 @@ from .downloads.manager import DownloadManager
 from .engine.events import QueueFull
 from .errors import APIError, error_response, queue_full, validation_error
 from .logs import log_request
+from .mcp import McpSessions
 from .metrics import HttpMetrics
 from .request_guard import RequestGuardMiddleware
 from .request_observer import RequestObserverMiddleware
@@ -103,6 +104,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     store = ModelStore(config.models_dir)
     manager = ModelManager(store, config.runtime)
     downloads = DownloadManager(store, config.home / "downloads.json")
+    mcp_sessions = McpSessions(call_timeout=config.mcp_call_timeout, idle_timeout=config.mcp_idle_timeout)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -111,6 +113,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             yield
         finally:
             downloads.close()  # partial files stay and resume as paused jobs
+            await mcp_sessions.close()  # stdio MCP servers stop with the server
             await manager.close()
 
     app = FastAPI(title="lmkube", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -118,6 +121,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.store = store
     app.state.manager = manager
     app.state.downloads = downloads
+    app.state.mcp_sessions = mcp_sessions
     app.state.conversations = ConversationStore(config.home / "conversations")
     app.state.api_tokens = tuple(t.encode() for t in config.api_tokens)
     app.state.http_metrics = HttpMetrics()

@@ -45,6 +45,9 @@ class ServerConfig:
     cors: bool = False
     public_metrics: bool = False  # GET /metrics without an API token (for token-less Prometheus scrapes)
     allow_remote_mcp: bool = False  # per-request MCP servers (`ephemeral_mcp` integrations on /api/v1/chat)
+    mcp_call_timeout: float = 120.0  # seconds one MCP tool call may take (an mcp.json entry's "timeout" wins)
+    mcp_json: Path | None = None  # the MCP servers' config; None: $LMKUBE_HOME/mcp.json
+    mcp_idle_timeout: float = 600.0  # seconds an mcp.json server's session is kept unused before it closes
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413 (request_guard.py)
 
 

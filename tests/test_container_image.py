@@ -164,3 +164,41 @@ def test_container_serves_the_demo_model(image: BuiltImage, container: str, tmp_
     lines = listing.stdout.split()
     assert lines[-1] == "1000"
     assert any(line.startswith("/models/") and line.endswith(".gguf") for line in lines[:-1]), server.log()
+
+
+# Runs in the container as its user: the server's own MCP session code starts each stdio server, lists its
+# tools and calls one, as a request's integration would.
+MCP_PROBE = """
+import asyncio, json
+from lmkube.server.mcp.servers import ServerSpec
+from lmkube.server.mcp.sessions import McpSessions
+
+async def main():
+    sessions = McpSessions(call_timeout=60, idle_timeout=600)
+    found = {}
+    for name, spec in {"python": ServerSpec(command="python", args=("/srv/mcp/server.py",)),
+                       "executable": ServerSpec(command="/srv/mcp/run-server")}.items():
+        connection = await sessions.server(name, spec).connect()
+        result = await connection.call("add", {"a": 2, "b": 40})
+        found[name] = {"tools": sorted(t.name for t in connection.tools), "add": result.content[0].text}
+    await sessions.close()
+    print(json.dumps(found))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.image
+@pytest.mark.timeout(BUILD_TIMEOUT + 300)
+def test_image_runs_stdio_mcp_servers(image: BuiltImage, container: str, tmp_path: Path) -> None:
+    """What a LocalModel's mcp.json can start in the image: a Python server (the image's python has the `mcp`
+    SDK) and a plain executable (here a shell script)."""
+    script = tmp_path / "run-server"
+    script.write_text("#!/bin/sh\nexec python /srv/mcp/server.py \"$@\"\n")
+    image.buildah("copy", "--chmod", "0644", container, str(ROOT / "tests" / "mcp_stdio_test_server.py"),
+                  "/srv/mcp/server.py")
+    image.buildah("copy", "--chmod", "0755", container, str(script), "/srv/mcp/run-server")
+    probe = image.buildah("run", "--isolation", "chroot", container, "--", "python", "-c", MCP_PROBE)
+    found = json.loads(probe.stdout.strip().splitlines()[-1])
+    tools = ["add", "crash", "grow", "hang", "whoami"]
+    assert found == {"python": {"tools": tools, "add": "42"}, "executable": {"tools": tools, "add": "42"}}

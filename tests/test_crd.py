@@ -130,6 +130,7 @@ def test_full_spec_is_accepted_and_kept(api: kubernetes.client.CustomObjectsApi)
         "priorityClassName": "high",
         "env": [{"name": "A", "value": "1"}, {"name": "B", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
         "imagePullSecrets": [{"name": "registry"}],
+        "mcp": {"configMapRef": {"name": "mcp-servers", "key": "mcp.json"}},
     }
     created = create(api, {**local_model("full"), "spec": spec}, field_validation="Strict")
     assert created["spec"] == spec
@@ -158,6 +159,8 @@ def test_ttl_and_offload_forms(api: kubernetes.client.CustomObjectsApi, ttl: obj
     ({"auth": {"secretRef": {}}}, "spec.auth.secretRef.name"),
     ({"nodeSelector": {"gpu": 1}}, "spec.nodeSelector.gpu"),
     ({"imagePullSecrets": [{}]}, "spec.imagePullSecrets[0].name"),
+    ({"mcp": {"secretRef": {}}}, "spec.mcp.secretRef.name"),
+    ({"mcp": {"configMapRef": {"name": "a"}, "secretRef": {"name": "b"}}}, "spec.mcp"),
     ({"model": ""}, "spec.model"),
 ])
 def test_invalid_spec_is_rejected_naming_the_field(

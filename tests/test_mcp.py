@@ -38,7 +38,7 @@ def home(tmp_path_factory: pytest.TempPathFactory, mcp_url: str) -> Path:
     home = tmp_path_factory.mktemp("mcp-home")
     (home / "mcp.json").write_text(json.dumps({"mcpServers": {
         "calc": {"url": mcp_url, "headers": {"X-Test-Key": "open-sesame"}},
-        "local": {"command": "npx", "args": ["some-stdio-server"]},
+        "bad": {"args": ["no command, no url"]},
         "down": {"url": f"http://127.0.0.1:{free_port()}/mcp"},
     }}))
     return home
@@ -151,8 +151,8 @@ def test_plugin_errors(token_server: ServerProcess, remote_server: ServerProcess
     assert error["param"] == "integrations"
     response = chat(token_server, ["mcp/nope"])
     assert response.status_code == 400 and "not found" in response.json()["error"]["message"]
-    response = chat(token_server, ["mcp/local"])
-    assert response.status_code == 400 and "only HTTP servers" in response.json()["error"]["message"]
+    response = chat(token_server, ["mcp/bad"])
+    assert response.status_code == 400 and "neither a \"command\"" in response.json()["error"]["message"]
     response = chat(token_server, ["mcp/down"])
     assert response.status_code == 502
     error = response.json()["error"]

@@ -189,6 +189,27 @@ def test_existing_claim_no_pvc_and_mounted():
         {"name": "models", "mountPath": "/models"}]
 
 
+@pytest.mark.parametrize(("ref", "source"), [
+    ({"configMapRef": {"name": "tools"}}, {"configMap": {"name": "tools"}}),
+    ({"secretRef": {"name": "tools", "key": "servers.json"}}, {"secret": {"secretName": "tools"}}),
+])
+def test_mcp_json_mounted_from_a_config_map_or_secret(ref, source):
+    spec = parse_spec({"model": REPO, "mcp": ref})
+    pod = deployment("qwen", "ns", spec)["spec"]["template"]["spec"]
+    assert pod["volumes"][1:] == [{"name": "mcp", **source}]
+    c = container({"spec": {"template": {"spec": pod}}})
+    assert c["volumeMounts"][1:] == [{"name": "mcp", "mountPath": "/etc/lmkube/mcp", "readOnly": True}]
+    key = ref.get("secretRef", ref.get("configMapRef")).get("key", "mcp.json")
+    assert c["args"][-2:] == ["--mcp-json", f"/etc/lmkube/mcp/{key}"]  # where `lmkube serve` reads it
+    assert pod_hash({"model": REPO, "mcp": ref}) != pod_hash({"model": REPO})  # adding it rolls the pods
+    plain = deployment("qwen", "ns", parse_spec({"model": REPO}))["spec"]["template"]["spec"]
+    assert len(plain["volumes"]) == 1 and "--mcp-json" not in container({"spec": {"template": {"spec": plain}}})["args"]
+    with pytest.raises(ValueError, match="not both"):
+        parse_spec({"model": REPO, "mcp": {"configMapRef": {"name": "a"}, "secretRef": {"name": "b"}}})
+    with pytest.raises(ValueError, match="name is required"):
+        parse_spec({"model": REPO, "mcp": {"configMapRef": {}}})
+
+
 def test_service_and_endpoint():
     svc = service("qwen", "ns", owner=OWNER)
     assert svc["metadata"]["name"] == "lm-qwen" and svc["spec"]["type"] == "ClusterIP"

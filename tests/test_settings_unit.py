@@ -27,11 +27,13 @@ def test_each_flag_reaches_its_setting(tmp_path: Path) -> None:
     args = build_parser().parse_args([
         "serve", "--host", "0.0.0.0", "--port", "8080", "--parallel", "8", "--ctx-size", "8192", "--ttl", "0",
         "--max-queue", "3", "--cache-ram", "0", "--max-body-size", "2", "--no-jit", "--no-auto-evict",
-        "--threads", "2", "--public-metrics", "--cors", "--allow-remote-mcp"])
+        "--threads", "2", "--public-metrics", "--cors", "--allow-remote-mcp", "--mcp-json", "/etc/mcp.json",
+        "--mcp-call-timeout", "7", "--mcp-idle-timeout", "9"])
     config = server_config(args, tmp_path, ("sk-lm-x",))
     assert config == ServerConfig(
         host="0.0.0.0", port=8080, models_dir=tmp_path, home=config.home, api_tokens=("sk-lm-x",), cors=True,
-        public_metrics=True, allow_remote_mcp=True, max_body_bytes=2 << 20,
+        public_metrics=True, allow_remote_mcp=True, max_body_bytes=2 << 20, mcp_json=Path("/etc/mcp.json"),
+        mcp_call_timeout=7, mcp_idle_timeout=9,
         runtime=RuntimeSettings(default_context_length=8192, parallel=8, jit=False, auto_evict=False, jit_ttl=None,
                                 n_threads=2, max_queue=3, cache_ram_mib=0))
 

@@ -71,6 +71,13 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                             "each image at most 20 MB and 10 s")
     serve.add_argument("--allow-remote-mcp", action="store_true",
                        help="allow per-request MCP servers (ephemeral_mcp integrations on /api/v1/chat)")
+    serve.add_argument("--mcp-json", type=Path, metavar="FILE",
+                       help="the mcp.json of the MCP servers that integrations name (default: $LMKUBE_HOME/mcp.json)")
+    serve.add_argument("--mcp-call-timeout", type=float, default=ServerConfig.mcp_call_timeout, metavar="SECONDS",
+                       help="longest one MCP tool call may take; past it the call fails (default: %(default)g)")
+    serve.add_argument("--mcp-idle-timeout", type=float, default=ServerConfig.mcp_idle_timeout, metavar="SECONDS",
+                       help="close an mcp.json server's session (stop a stdio server) after this long unused "
+                            "(default: %(default)g)")
     serve.add_argument("--demo", action="store_true",
                        help="add the offline demo models: huggingfacetb/smollm2-135m-instruct (a small real "
                             "instruct model, cached by set-up), lmkube/demo (random weights, gibberish, fast) and "
@@ -108,6 +115,9 @@ def server_config(args: argparse.Namespace, models_dir: Path, tokens: tuple[str,
         cors=args.cors,
         public_metrics=args.public_metrics,
         allow_remote_mcp=args.allow_remote_mcp,
+        mcp_call_timeout=args.mcp_call_timeout,
+        mcp_json=args.mcp_json,
+        mcp_idle_timeout=args.mcp_idle_timeout,
         max_body_bytes=args.max_body_size << 20,
     )
 

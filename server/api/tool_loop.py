@@ -47,9 +47,10 @@ class LoopFamily(Protocol):
         ...
 
     def tool_done(self, call: ToolCall, tool: McpTool | None, arguments: dict[str, Any] | str | None,
-                  output: str, error: str | None) -> list[SseEvent]:
+                  output: str, error: str | None, protocol: bool = False) -> list[SseEvent]:
         """Events for a call's outcome: `tool` None (unknown name), `arguments` a str (they did not parse),
-        `error` set (the server reported a failure), else a success."""
+        `error` set (the tool reported a failure; `protocol`: the call itself failed, e.g. timed out),
+        else a success."""
         ...
 
 
@@ -69,9 +70,11 @@ class ToolLoop:
     (the assistant's turns and the tool results), for the family to store."""
 
     def __init__(self, run: ChatRun, spec: ChatSpec, *, toolbox: McpToolbox | None,
-                 functions: Sequence[dict[str, Any]] = ()) -> None:
+                 functions: Sequence[dict[str, Any]] = (), approved: Sequence[ToolCall] = ()) -> None:
         """`spec`: the first round's, with the conversation so far and the request's tool_choice (tools are
-        the loop's: `functions`, the client's own tools, and the toolbox's)."""
+        the loop's: `functions`, the client's own tools, and the toolbox's). `approved`: MCP calls of an earlier
+        turn that waited for the client's approval and got it: they run before the first round."""
+        self.approved = approved
         self.run = run
         self.spec = spec
         self.toolbox = toolbox
@@ -90,6 +93,9 @@ class ToolLoop:
 
     async def events(self, family: LoopFamily) -> AsyncIterator[list[SseEvent]]:
         """The rounds' events, a batch at a time; raises APIError on failure. Hold `instance.in_use()`."""
+        for call in self.approved:
+            async for events in self._call(family, call):
+                yield events
         for index in range(MAX_TOOL_ROUNDS + 1):
             spec = self.round_spec(index)
             round = await self.run.submit(spec)
@@ -115,6 +121,7 @@ class ToolLoop:
         tool = self.toolbox.tools.get(call.name) if self.toolbox is not None else None
         arguments = tool.parse_arguments(call.arguments) if tool is not None else None
         error: str | None
+        protocol = True  # unless the tool itself answers
         if tool is None or not isinstance(arguments, dict):
             output = error = arguments if isinstance(arguments, str) else f"Cannot find tool with name {call.name}."
         else:
@@ -122,8 +129,8 @@ class ToolLoop:
                 yield started
             assert self.toolbox is not None
             run = await self.toolbox.call(tool, arguments)
-            output, error = run.output, run.error
-        yield family.tool_done(call, tool, arguments, output, error)
+            output, error, protocol = run.output, run.error, run.protocol
+        yield family.tool_done(call, tool, arguments, output, error, protocol)
         self.added.append({"role": "tool", "tool_call_id": call.id, "content": output})
 
 

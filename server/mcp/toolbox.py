@@ -1,42 +1,51 @@
 """Integrations → MCP sessions → OpenAI-format function tools, and calls back to the MCP servers.
 
 An integration is an ephemeral MCP server named in the request (`{"type": "ephemeral_mcp", ...}`,
-needs `--allow-remote-mcp`) or a plugin naming a server in `$LMKUBE_HOME/mcp.json`
-(`"mcp/<name>"` or `{"type": "plugin", "id": ...}`, needs API tokens). Only HTTP servers (Streamable
-HTTP transport) are supported.
-
-Each server's session lives in its own asyncio task for the whole request: the SDK's transport holds
-an anyio task group, which must be entered and left in one task, while the chat loop that uses the
-tools runs inside an async generator that yields between calls.
+needs `--allow-remote-mcp`; Streamable HTTP; its session lasts the request) or a plugin naming a
+server in `$LMKUBE_HOME/mcp.json` (`"mcp/<name>"` or `{"type": "plugin", "id": ...}`, needs API
+tokens; stdio or HTTP; its session is kept across requests by `McpSessions`). `allowed_tools`
+narrows what the model is offered on either. A call that fails, times out or finds its server gone
+(and not startable again) is a `ToolRun` with an error, for the tool loop to report as a failed call. A
+server that cannot be reached or started when the request begins (and has never listed its tools) is
+left out of the request's toolbox with the reason, which the family reports as a failed item; neither
+is an HTTP error.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import APIError
+from .connection import McpConnection, describe
+from .servers import MCP_JSON, ServerSpec, load_mcp_json, server_spec, string_map
+from .sessions import ManagedServer, McpSessions
 
 log = logging.getLogger(__name__)
 
 MAX_TOOL_ROUNDS = 8  # model rounds that may call tools; one more round without tools then answers
-CONNECT_TIMEOUT = 15.0  # seconds to connect, initialize and list tools
-CALL_TIMEOUT = 120.0  # seconds for one tool call
+DEFAULT_CALL_TIMEOUT = 120.0  # seconds for one tool call (--mcp-call-timeout)
 
 
 @dataclass(frozen=True)
 class Integration:
     kind: str  # "ephemeral_mcp" | "plugin"
     label: str  # server_label, or the plugin id ("mcp/<name>")
-    url: str
-    headers: dict[str, str]
+    spec: ServerSpec
     allowed_tools: frozenset[str] | None
+
+    @property
+    def url(self) -> str | None:
+        return self.spec.url
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.spec.headers
 
     @property
     def provider_info(self) -> dict[str, str]:
@@ -65,31 +74,11 @@ def _allowed_tools(value: Any, where: str) -> frozenset[str] | None:
     return frozenset(value)
 
 
-def _headers(value: Any, where: str) -> dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise _invalid(f"{where}.headers must be an object of string values.")
-    return dict(value)
-
-
-def load_mcp_json(home: Path) -> dict[str, Any]:
-    """`$LMKUBE_HOME/mcp.json`'s `mcpServers` (Cursor / LM Studio format); {} when there is none."""
-    path = home / "mcp.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise APIError(500, f"Cannot read {path}: {exc}", type="plugin_connection_error",
-                       param="integrations", code="invalid_mcp_json") from None
-    servers = data.get("mcpServers") if isinstance(data, dict) else None
-    return servers if isinstance(servers, dict) else {}
-
-
 def parse_integrations(items: Sequence[str | dict[str, Any]], *, home: Path, allow_remote: bool,
-                       has_tokens: bool) -> list[Integration]:
-    """Validates the request's `integrations` against the server's settings (400/403 on refusal)."""
+                       has_tokens: bool, mcp_json: Path | None = None) -> list[Integration]:
+    """Validates the request's `integrations` against the server's settings (400/403 on refusal).
+    Plugins are read from `mcp_json`, by default `home`/mcp.json."""
+    mcp_json = mcp_json or home / MCP_JSON
     result: list[Integration] = []
     servers: dict[str, Any] | None = None
     for index, item in enumerate(items):
@@ -106,8 +95,8 @@ def parse_integrations(items: Sequence[str | dict[str, Any]], *, home: Path, all
                 raise _invalid(f"{where}.server_label must be a non-empty string.")
             if not isinstance(url, str) or not url.startswith(("http://", "https://")):
                 raise _invalid(f"{where}.server_url must be an http:// or https:// URL.")
-            result.append(Integration("ephemeral_mcp", label, url, _headers(item.get("headers"), where),
-                                      _allowed_tools(item.get("allowed_tools"), where)))
+            spec = ServerSpec(url=url, headers=string_map(item.get("headers"), f"{where}.headers"))
+            result.append(Integration("ephemeral_mcp", label, spec, _allowed_tools(item.get("allowed_tools"), where)))
         elif kind == "plugin":
             plugin_id = item.get("id")
             if not isinstance(plugin_id, str) or not plugin_id:
@@ -120,17 +109,13 @@ def parse_integrations(items: Sequence[str | dict[str, Any]], *, home: Path, all
                 raise _invalid(f"Plugin \"{plugin_id}\" not found: only MCP plugins (\"mcp/<name>\") are supported.",
                                "plugin_not_found")
             if servers is None:
-                servers = load_mcp_json(home)
+                servers = load_mcp_json(mcp_json)
             entry = servers.get(name)
             if not isinstance(entry, dict):
                 raise _invalid(f"Plugin \"{plugin_id}\" not found: no server \"{name}\" in "
-                               f"{home / 'mcp.json'} (known: {', '.join(sorted(servers)) or 'none'}).",
+                               f"{mcp_json} (known: {', '.join(sorted(servers)) or 'none'}).",
                                "plugin_not_found")
-            url = entry.get("url") or entry.get("serverUrl")
-            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-                raise _invalid(f"Plugin \"{plugin_id}\" is not an HTTP MCP server (it has no http(s) \"url\"); only "
-                               "HTTP servers are supported.", "plugin_not_supported")
-            result.append(Integration("plugin", plugin_id, url, _headers(entry.get("headers"), f"mcp.json {name}"),
+            result.append(Integration("plugin", plugin_id, server_spec(name, entry),
                                       _allowed_tools(item.get("allowed_tools"), where)))
         else:
             raise _invalid(f"{where}: expected a plugin id string, {{\"type\": \"plugin\", ...}} or "
@@ -138,98 +123,66 @@ def parse_integrations(items: Sequence[str | dict[str, Any]], *, home: Path, all
     return result
 
 
-def _first_error(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
+class ToolSource(Protocol):
+    """Where a request's tools of one integration come from, and where their calls go."""
+
+    integration: Integration
+    tools: list[Any]
+
+    async def call(self, name: str, arguments: dict[str, Any]) -> Any: ...
+
+    async def close(self) -> None: ...
 
 
-def _describe(exc: BaseException) -> str:
-    exc = _first_error(exc)
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+class _RequestSession:
+    """An ephemeral server's session, for this request only."""
 
-
-class _Connection:
-    """One MCP session, owned by its own task; `call` sends requests to it."""
-
-    def __init__(self, integration: Integration) -> None:
+    def __init__(self, integration: Integration, call_timeout: float) -> None:
         self.integration = integration
+        self.connection = McpConnection(integration.label, integration.spec, call_timeout=call_timeout)
         self.tools: list[Any] = []
-        self._requests: asyncio.Queue[tuple[str, dict[str, Any], asyncio.Future[Any]] | None] = asyncio.Queue()
-        self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._task = asyncio.create_task(self._run(), name=f"mcp:{integration.label}")
 
-    async def _run(self) -> None:
-        import httpx2
-        from mcp import ClientSession, types
-        from mcp.client.streamable_http import streamable_http_client
-
-        pending: asyncio.Future[Any] | None = None
-        try:
-            timeout = httpx2.Timeout(CALL_TIMEOUT, connect=CONNECT_TIMEOUT)
-            async with (
-                httpx2.AsyncClient(headers=self.integration.headers, timeout=timeout) as http,
-                streamable_http_client(self.integration.url, http_client=http) as (read, write),
-                ClientSession(read, write) as session,
-            ):
-                await session.initialize()
-                cursor = None
-                while True:
-                    page = types.PaginatedRequestParams(cursor=cursor) if cursor else None
-                    listing = await session.list_tools(params=page)
-                    self.tools.extend(listing.tools)
-                    cursor = getattr(listing, "next_cursor", None)
-                    if not cursor:
-                        break
-                self._ready.set_result(None)
-                while (request := await self._requests.get()) is not None:
-                    name, arguments, pending = request
-                    try:
-                        result = await session.call_tool(name, arguments)
-                    except Exception as exc:
-                        if not pending.done():
-                            pending.set_exception(exc)
-                    else:
-                        if not pending.done():
-                            pending.set_result(result)
-                    pending = None
-        except BaseException as exc:
-            if not self._ready.done():
-                self._ready.set_exception(exc if isinstance(exc, Exception) else ConnectionError(_describe(exc)))
-            if pending is not None and not pending.done():
-                pending.set_exception(ConnectionError(_describe(exc)))
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            log.info("MCP server %s closed: %s", self.integration.label, _describe(exc))
-        finally:
-            while not self._requests.empty():
-                request = self._requests.get_nowait()
-                if request is not None and not request[2].done():
-                    request[2].set_exception(ConnectionError("the MCP session has closed"))
-
-    async def wait_ready(self) -> None:
-        try:
-            await asyncio.wait_for(asyncio.shield(self._ready), CONNECT_TIMEOUT)
-        except TimeoutError:
-            raise ConnectionError(f"no answer within {CONNECT_TIMEOUT:g} s") from None
+    async def open(self) -> None:
+        await self.connection.start()
+        self.tools = self.connection.tools
 
     async def call(self, name: str, arguments: dict[str, Any]) -> Any:
-        if self._task.done():
-            raise ConnectionError("the MCP session has closed")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self._requests.put((name, arguments, future))
-        return await asyncio.wait_for(future, CALL_TIMEOUT + 5)
+        return await self.connection.call(name, arguments)
 
     async def close(self) -> None:
-        if self._task.done():
-            return
-        self._requests.put_nowait(None)
+        await self.connection.close()
+
+
+class _KeptSession:
+    """A hold on an mcp.json server's kept session: tools as listed when the request began; a call
+    restarts the session if it has ended since."""
+
+    def __init__(self, integration: Integration, server: ManagedServer) -> None:
+        self.integration = integration
+        self.server = server
+        self.tools: list[Any] = []
+        self._held = False
+
+    async def open(self) -> None:
+        self.server.hold()
+        self._held = True
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), 5)
-        except (TimeoutError, Exception):
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+            self.tools = list((await self.server.connect()).tools)
+        except ConnectionError as exc:
+            if not self.server.last_tools:
+                raise
+            # It ran before: its calls fail with the reason, as failed tool calls the model and client see.
+            log.warning("MCP server %s is down (%s); offering its last tool list", self.server.label, exc)
+            self.tools = list(self.server.last_tools)
+
+    async def call(self, name: str, arguments: dict[str, Any]) -> Any:
+        connection = await self.server.connect()
+        return await connection.call(name, arguments)
+
+    async def close(self) -> None:
+        if self._held:
+            self._held = False
+            self.server.release()
 
 
 @dataclass(frozen=True)
@@ -238,11 +191,15 @@ class McpTool:
     tool: str  # the MCP server's name for it
     description: str
     input_schema: dict[str, Any]
-    connection: _Connection = field(repr=False)
+    source: ToolSource = field(repr=False)
+
+    @property
+    def integration(self) -> Integration:
+        return self.source.integration
 
     @property
     def provider_info(self) -> dict[str, str]:
-        return self.connection.integration.provider_info
+        return self.source.integration.provider_info
 
     def openai_tool(self) -> dict[str, Any]:
         return {"type": "function", "function": {"name": self.name, "description": self.description,
@@ -265,6 +222,7 @@ class ToolRun:
 
     output: str
     error: str | None = None
+    protocol: bool = False  # the error is the call's (it timed out, the server is gone), not the tool's own
 
 
 def _result_text(result: Any) -> str:
@@ -281,53 +239,84 @@ def _result_text(result: Any) -> str:
     return "\n".join(parts)
 
 
-class McpToolbox:
-    """The request's MCP tools. `close()` ends every session."""
+@dataclass(frozen=True)
+class Unavailable:
+    """An integration whose server could not be reached or started when the request began."""
 
-    def __init__(self, connections: list[_Connection]) -> None:
-        self.connections = connections
+    integration: Integration
+    reason: str
+
+
+class McpToolbox:
+    """The request's MCP tools, and the integrations left out because their server is unavailable.
+    `close()` ends its own sessions and lets go of the kept ones."""
+
+    def __init__(self, sources: list[ToolSource], unavailable: Sequence[Unavailable] = ()) -> None:
+        self.sources = sources
+        self.unavailable = list(unavailable)
         self.tools: dict[str, McpTool] = {}
-        for connection in connections:
-            allowed = connection.integration.allowed_tools
-            for tool in connection.tools:
+        for source in sources:
+            allowed = source.integration.allowed_tools
+            for tool in source.tools:
                 if allowed is not None and tool.name not in allowed:
                     continue
                 name = tool.name
                 if name in self.tools:  # the same name on two servers: qualify the later one
-                    name = f"{connection.integration.label}_{tool.name}"
+                    name = f"{source.integration.label}_{tool.name}"
                 schema = getattr(tool, "input_schema", None) or {"type": "object", "properties": {}}
-                self.tools[name] = McpTool(name, tool.name, tool.description or "", dict(schema), connection)
+                self.tools[name] = McpTool(name, tool.name, tool.description or "", dict(schema), source)
 
     def openai_tools(self) -> list[dict[str, Any]]:
         return [tool.openai_tool() for tool in self.tools.values()]
 
     async def call(self, tool: McpTool, arguments: dict[str, Any]) -> ToolRun:
         try:
-            result = await tool.connection.call(tool.tool, arguments)
+            result = await tool.source.call(tool.tool, arguments)
+        except TimeoutError as exc:
+            message = f"Tool {tool.tool} timed out: {exc}"
+            return ToolRun(message, error=message, protocol=True)
         except Exception as exc:
-            message = f"Error calling tool {tool.tool}: {_describe(exc)}"
-            return ToolRun(message, error=message)
+            message = f"Error calling tool {tool.tool}: {describe(exc)}"
+            return ToolRun(message, error=message, protocol=True)
         text = _result_text(result)
         if getattr(result, "is_error", False):
             return ToolRun(text, error=text or f"Tool {tool.tool} failed.")
         return ToolRun(text)
 
     async def close(self) -> None:
-        await asyncio.gather(*(c.close() for c in self.connections), return_exceptions=True)
+        await asyncio.gather(*(source.close() for source in self.sources), return_exceptions=True)
 
 
-async def open_toolbox(integrations: Sequence[Integration]) -> McpToolbox:
-    """Connects to every integration and lists its tools; an unreachable server is a 502 naming it."""
-    connections = [_Connection(i) for i in integrations]
-    toolbox = McpToolbox([])
-    toolbox.connections = connections
-    for connection in connections:
+async def open_toolbox(integrations: Sequence[Integration], *, sessions: McpSessions | None = None,
+                       call_timeout: float = DEFAULT_CALL_TIMEOUT) -> McpToolbox:
+    """Starts (or reuses) every integration's session and lists its tools. Plugins' sessions are
+    `sessions`' (else this request's). A server that cannot be reached or started is left out, with the
+    reason in `unavailable`, for the family to report (the request goes on without its tools)."""
+    opened: list[ToolSource] = []
+    unavailable: list[Unavailable] = []
+    for integration in integrations:
+        source: _RequestSession | _KeptSession
+        if integration.kind == "plugin" and sessions is not None:
+            source = _KeptSession(integration, sessions.server(integration.label.removeprefix("mcp/"),
+                                                                integration.spec))
+        else:
+            source = _RequestSession(integration, call_timeout)
         try:
-            await connection.wait_ready()
+            await source.open()
         except Exception as exc:
-            await toolbox.close()
-            info = connection.integration
-            what = f"plugin \"{info.label}\"" if info.kind == "plugin" else f"MCP server \"{info.label}\""
-            raise APIError(502, f"Cannot connect to {what} at {info.url}: {_describe(exc)}",
-                           type=info.error_type, param="integrations", code=info.error_type) from None
-    return McpToolbox(connections)
+            await source.close()
+            what = f"plugin \"{integration.label}\"" if integration.kind == "plugin" \
+                else f"MCP server \"{integration.label}\""
+            reason = f"Cannot connect to {what} at {integration.spec.describe()}: {describe(exc)}"
+            log.warning("%s", reason)
+            unavailable.append(Unavailable(integration, reason))
+            continue
+        opened.append(source)
+    return McpToolbox(opened, unavailable)
+
+
+def unavailable_error(toolbox: McpToolbox) -> APIError:
+    """The first unavailable server as an HTTP error (for a request that cannot go on without it)."""
+    first = toolbox.unavailable[0]
+    return APIError(502, first.reason, type=first.integration.error_type, param="integrations",
+                    code=first.integration.error_type)

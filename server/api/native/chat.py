@@ -29,7 +29,7 @@ from ...conversations import ConversationStore
 from ...engine.events import Finish
 from ...engine.sampling import SamplingParams
 from ...errors import APIError, error_body
-from ...mcp import McpTool, McpToolbox, open_toolbox, parse_integrations
+from ...mcp import McpTool, McpToolbox, open_toolbox, parse_integrations, unavailable_error
 from ...runtime.instance import ModelInstance
 from ...runtime.manager import ModelManager
 from ...store.model_store import ModelNotFound, ModelVariant
@@ -200,6 +200,12 @@ class NativeChatEvents:
                 self.stats["model_load_time_seconds"] = round(instance.load_seconds, 3)
                 yield [("model_load.end", {"model_instance_id": instance.id,
                                            "load_time_seconds": round(instance.load_seconds, 3)})]
+            for item in self.toolbox.unavailable if self.toolbox is not None else []:
+                # A server that could not start: the chat goes on without its tools, and says why.
+                failure = {"reason": item.reason,
+                           "metadata": {"type": "invalid_name", "tool_name": item.integration.label}}
+                self.output.append({"type": "invalid_tool_call", **failure})
+                yield [("tool_call.failure", failure)]
             has_tools = self.toolbox is not None and bool(self.toolbox.tools)
             choice = (body.tool_choice if body.tool_choice is not None else "auto") if has_tools else None
             spec = ChatSpec(messages=_conversation(self.history, self.turn), tool_choice=choice,
@@ -289,7 +295,7 @@ class NativeChatEvents:
                                          "provider_info": tool.provider_info})]
 
     def tool_done(self, call: ToolCall, tool: McpTool | None, arguments: dict[str, Any] | str | None,
-                  output: str, error: str | None) -> list[SseEvent]:
+                  output: str, error: str | None, protocol: bool = False) -> list[SseEvent]:
         if tool is None:
             failure: dict[str, Any] = {"reason": output, "metadata": {"type": "invalid_name", "tool_name": call.name}}
         elif error is not None:
@@ -366,7 +372,7 @@ async def chat(
     config = request.app.state.config
     integrations = parse_integrations(
         body.integrations or [], home=config.home, allow_remote=config.allow_remote_mcp,
-        has_tokens=bool(request.app.state.api_tokens),
+        has_tokens=bool(request.app.state.api_tokens), mcp_json=config.mcp_json,
     )
     if body.tool_choice not in (None, "auto", "none") and not integrations:
         raise APIError(400, "tool_choice requires MCP integrations (the tools come from them).", param="tool_choice")
@@ -398,9 +404,12 @@ async def chat(
         turn.append({"role": "system", "content": body.system_prompt})
     turn.append({"role": "user", "content": content})
     instance_id = loaded.id if loaded is not None else variant.model_key if variant is not None else body.model
-    toolbox = await open_toolbox(integrations) if integrations else None
+    toolbox = await open_toolbox(integrations, sessions=request.app.state.mcp_sessions,
+                                 call_timeout=config.mcp_call_timeout) if integrations else None
     if toolbox is not None and not toolbox.tools and body.tool_choice not in (None, "auto", "none"):
         await toolbox.close()
+        if toolbox.unavailable:  # a forced call with no server to take it
+            raise unavailable_error(toolbox)
         raise APIError(400, "tool_choice requires tools, but the integrations offer none (check allowed_tools).",
                        param="tool_choice")
     native = NativeChatEvents(manager, store, body, history, turn, instance_id, toolbox)

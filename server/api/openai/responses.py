@@ -6,11 +6,14 @@ events (`responses_events`). Responses are stored (unless `store: false`) in the
 `/api/v1/chat` uses, so `previous_response_id` continues a conversation started on either endpoint.
 `instructions` apply to this request only and are not stored, as OpenAI documents.
 
-`mcp` tools (with `--allow-remote-mcp`) run on the server: their tools go to the model next to the
-function tools; a round whose calls are all MCP calls runs them, records `mcp_call` items and feeds
-the results back (at most `MAX_TOOL_ROUNDS` rounds with tools). A call of a function tool ends the
-response with `function_call` items for the client to answer with `function_call_output`. MCP tools
-run without approval: `require_approval` must be "never" (or left out).
+`mcp` tools run on the server: a `server_url` (with `--allow-remote-mcp`), or a `server_label` of
+mcp.json (with API tokens). Their tools go to the model next to the function tools; a round whose calls
+are all MCP calls runs them, records `mcp_call` items and feeds the results back (at most
+`MAX_TOOL_ROUNDS` rounds with tools). A call of a function tool ends the response with `function_call`
+items for the client to answer with `function_call_output`. So does a call whose `require_approval`
+asks for approval: an `mcp_approval_request` item, stored in the conversation as the assistant's call
+under the request's id; the client's `mcp_approval_response` (with `previous_response_id`) runs it (an
+`mcp_call` with `approval_request_id`) or gives the model a "not approved" result, and the run goes on.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from ...conversations import ConversationStore, new_response_id
 from ...engine.events import Finish
 from ...engine.sampling import SamplingParams
 from ...errors import APIError, bad_request, error_message
-from ...mcp import McpTool, McpToolbox, open_toolbox, parse_integrations
+from ...mcp import Integration, McpTool, McpToolbox, open_toolbox, parse_integrations
 from ...runtime.instance import ModelInstance
 from ...runtime.manager import ModelManager
 from ...streaming import EventStreamResponse, SseEvent, unless_disconnected
@@ -39,10 +42,13 @@ from ..tool_loop import ToolLoop, run_to_end, until_submitted
 from .responses_events import EventEncoder, McpName, ResponseBuilder
 from .responses_input import (
     ResponsesRequest,
+    approvals,
     chat_tool_choice,
+    check_require_approval,
     echo_tools,
     function_tools,
     input_messages,
+    needs_approval,
     response_format,
 )
 from .responses_store import input_items as stored_input_items
@@ -51,6 +57,8 @@ log = logging.getLogger(__name__)
 
 
 PATH = "/v1/responses"
+
+NOT_APPROVED = "The user did not approve this tool call; it was not run."
 
 # The chat layer names request fields the chat-completions way; these are their Responses names.
 _PARAMS = {"messages": "input", "response_format": "text.format"}
@@ -65,30 +73,65 @@ def _renamed(error: APIError) -> APIError:
     return error
 
 
-def _integrations(tools: list[dict[str, Any]], request: Request) -> list[Any]:
-    """The request's `mcp` tools as MCP integrations (400 when the server does not allow them)."""
+def _integrations(tools: list[dict[str, Any]], request: Request) -> tuple[list[Integration], dict[str, Any]]:
+    """The request's `mcp` tools as MCP integrations, and each server's `require_approval` by label. One
+    with a `server_url` is a per-request server (needs --allow-remote-mcp); one without names a server of
+    mcp.json by its `server_label` (needs API tokens, as on /api/v1/chat)."""
     config = request.app.state.config
-    if not config.allow_remote_mcp:
-        raise bad_request("MCP tools ({\"type\": \"mcp\"}) are disabled on this server; start it with "
-                          "--allow-remote-mcp to allow them.", param="tools", code="remote_mcp_disabled")
-    items = []
+    items: list[str | dict[str, Any]] = []
+    approval: dict[str, Any] = {}
     for index, tool in enumerate(tools):
-        approval = tool.get("require_approval")
-        if approval not in (None, "never") and not (isinstance(approval, dict) and "always" not in approval):
-            raise bad_request(f"tools[{index}].require_approval: this server runs MCP tools without approval; "
-                              "use \"never\".", param="tools")
-        if tool.get("connector_id") is not None or not isinstance(tool.get("server_url"), str):
-            raise bad_request(f"tools[{index}]: only MCP servers given by server_url are supported.", param="tools")
+        check_require_approval(tool.get("require_approval"), f"tools[{index}]")
+        approval[str(tool.get("server_label"))] = tool.get("require_approval")
+        if tool.get("connector_id") is not None:
+            raise bad_request(f"tools[{index}]: connectors are not supported; give a server_url, or the "
+                              "server_label of a server in mcp.json.", param="tools")
         allowed = tool.get("allowed_tools")
         if isinstance(allowed, dict):
             allowed = allowed.get("tool_names")
+        if tool.get("server_url") is None:
+            items.append({"type": "plugin", "id": f"mcp/{tool.get('server_label')}", "allowed_tools": allowed})
+            continue
+        if not config.allow_remote_mcp:
+            raise bad_request("MCP tools with a server_url are disabled on this server; start it with "
+                              "--allow-remote-mcp to allow them.", param="tools", code="remote_mcp_disabled")
         items.append({"type": "ephemeral_mcp", "server_label": tool.get("server_label"),
                       "server_url": tool["server_url"], "headers": tool.get("headers"), "allowed_tools": allowed})
     try:
-        return parse_integrations(items, home=config.home, allow_remote=True, has_tokens=True)
+        return parse_integrations(items, home=config.home, allow_remote=True, mcp_json=config.mcp_json,
+                                  has_tokens=bool(request.app.state.api_tokens)), approval
     except APIError as exc:
         exc.param = "tools"
         raise
+
+
+def server_label(integration: Integration) -> str:
+    """The label the client gave the server (a plugin's id is `mcp/<server_label>`)."""
+    return integration.label.removeprefix("mcp/") if integration.kind == "plugin" else integration.label
+
+
+def _waiting_calls(history: list[dict[str, Any]]) -> list[ToolCall]:
+    """The MCP calls of the conversation's last turn that wait for approval (no result yet)."""
+    last = next((m for m in reversed(history) if m.get("role") == "assistant"), None)
+    if last is None:
+        return []
+    answered = {m.get("tool_call_id") for m in history if m.get("role") == "tool"}
+    return [ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in last.get("tool_calls") or []
+            if str(c.get("id")).startswith("mcpr_") and c["id"] not in answered]
+
+
+def _answered(body: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[list[ToolCall], list[dict[str, Any]]]:
+    """The calls that waited for approval: the approved ones (to run), and results for the others (every
+    call gets a result, so the conversation stays well formed when the client moved on)."""
+    answers = {a.request_id: a.approve for a in approvals(body.input)}
+    waiting = _waiting_calls(history)
+    for request_id in answers.keys() - {call.id for call in waiting}:
+        raise bad_request(f"No pending mcp_approval_request with id '{request_id}' in the conversation "
+                          "continued by previous_response_id.", param="input", code="approval_request_not_found")
+    approved = [call for call in waiting if answers.get(call.id)]
+    refused = [{"role": "tool", "tool_call_id": call.id, "content": NOT_APPROVED}
+               for call in waiting if not answers.get(call.id)]
+    return approved, refused
 
 
 def _conversation(instructions: str | None, history: list[dict[str, Any]],
@@ -126,7 +169,8 @@ class ResponseEvents:
 
     def __init__(self, body: ResponsesRequest, run: ChatRun, store: ConversationStore,
                  messages: list[dict[str, Any]], turn: list[dict[str, Any]], functions: list[dict[str, Any]],
-                 toolbox: McpToolbox | None, builder: ResponseBuilder, usage: dict[str, Any]) -> None:
+                 toolbox: McpToolbox | None, builder: ResponseBuilder, usage: dict[str, Any],
+                 approved: list[ToolCall]) -> None:
         self.body = body
         self.run = run
         self.store = store
@@ -140,7 +184,7 @@ class ResponseEvents:
         spec = ChatSpec(messages=messages, tool_choice=chat_tool_choice(body.tool_choice),
                         parallel_tool_calls=body.parallel_tool_calls, response_format=response_format(body.text),
                         reasoning_effort=body.reasoning.effort if body.reasoning else None)
-        self.loop = ToolLoop(run, spec, toolbox=toolbox, functions=functions)
+        self.loop = ToolLoop(run, spec, toolbox=toolbox, functions=functions, approved=approved)
 
     def submitted(self) -> bool:
         return bool(self.loop.rounds)
@@ -163,6 +207,13 @@ class ResponseEvents:
             if self.toolbox is not None:
                 for label, tools in _listed_tools(self.toolbox).items():
                     yield builder.mcp_list_tools(label, tools)
+                for item in self.toolbox.unavailable:
+                    yield builder.mcp_list_tools_failed(server_label(item.integration), item.reason)
+                for call in self.loop.approved:
+                    tool = self.toolbox.tools[call.name]
+                    self._pending[call.id], events = builder.mcp_approved_call(
+                        server_label(tool.integration), tool.tool, call.arguments, call.id)
+                    yield events
             async for events in self.loop.events(self):
                 yield events
             if self.draft:  # lmkube: LM Studio's draft `stats` as an extra top-level key (SDKs keep it)
@@ -191,21 +242,22 @@ class ResponseEvents:
         self._account(round, finish)
         self.incomplete = finish.reason == "length"
         calls = round.result.tool_calls
-        events, pending = self.builder.end_round(calls, status="incomplete" if self.incomplete else "completed")
+        events, pending, _approvals = self.builder.end_round(
+            calls, status="incomplete" if self.incomplete else "completed")
         if self.incomplete:  # cut by max_output_tokens: no round is left to use their results
             for index, _ in pending:
                 events += self.builder.mcp_skipped(index)
             return events, [], False
         self._pending = {call.id: index for index, call in pending}
-        # A call of a client's function ends the response: the client answers it.
+        # A call of a client's function, or one waiting for approval, ends the response: the client answers it.
         return events, [call for _, call in pending], bool(pending) and len(pending) == len(calls)
 
     def tool_started(self, tool: McpTool, arguments: dict[str, Any]) -> list[SseEvent]:
         return []
 
     def tool_done(self, call: ToolCall, tool: McpTool | None, arguments: dict[str, Any] | str | None,
-                  output: str, error: str | None) -> list[SseEvent]:
-        return self.builder.mcp_result(self._pending[call.id], output, error)
+                  output: str, error: str | None, protocol: bool = False) -> list[SseEvent]:
+        return self.builder.mcp_result(self._pending[call.id], output, error, protocol=protocol)
 
     def _account(self, round: Round, finish: Finish) -> None:
         usage = self.usage
@@ -220,10 +272,10 @@ class ResponseEvents:
 
 def _listed_tools(toolbox: McpToolbox) -> dict[str, list[dict[str, Any]]]:
     listed: dict[str, list[dict[str, Any]]] = {}
-    for connection in toolbox.connections:
-        listed.setdefault(connection.integration.label, [])
+    for source in toolbox.sources:
+        listed.setdefault(server_label(source.integration), [])
     for tool in toolbox.tools.values():
-        listed[tool.connection.integration.label].append(
+        listed[server_label(tool.integration)].append(
             {"name": tool.tool, "description": tool.description, "input_schema": tool.input_schema,
              "annotations": None})
     return listed
@@ -255,7 +307,7 @@ async def start_response(body: ResponsesRequest, request: Request, manager: Mode
     tools = function_tools(body.tools)
     if tools.dropped:
         log.info("/v1/responses: left out tools this server cannot run: %s", ", ".join(tools.dropped))
-    integrations = _integrations(tools.mcp, request) if tools.mcp else []
+    integrations, approval = _integrations(tools.mcp, request) if tools.mcp else ([], {})
     response_format(body.text)  # validated before anything loads
     history: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
@@ -264,19 +316,35 @@ async def start_response(body: ResponsesRequest, request: Request, manager: Mode
             raise APIError(404, f"Previous response with id '{body.previous_response_id}' not found.",
                            param="previous_response_id", code="previous_response_not_found")
         history = found
+    elif approvals(body.input):
+        raise bad_request("mcp_approval_response items answer a stored response: send its id as "
+                          "previous_response_id.", param="previous_response_id")
+    approved, refused = _answered(body, history)
+    turn = [*refused, *turn]
     messages = _conversation(body.instructions, history, turn)
     if not messages:
         raise bad_request("'input' is required (a string or an array of input items).", param="input")
-    toolbox = await open_toolbox(integrations) if integrations else None
+    toolbox = await open_toolbox(integrations, sessions=request.app.state.mcp_sessions,
+                                 call_timeout=request.app.state.config.mcp_call_timeout) if integrations else None
     try:
+        if toolbox is not None and toolbox.unavailable and not toolbox.tools and \
+                body.tool_choice not in (None, "auto", "none"):  # a forced call with no server to take it
+            first = toolbox.unavailable[0]
+            raise APIError(502, first.reason, type="external_connector_error", param="tools", code="http_error")
         usage = _usage_zero()
         run = await ChatRun.open(manager, body.model, ttl=body.ttl, sampling=_sampling(body, usage), param="input",
                                  header_tool_choice=request.headers.get(TOOL_CHOICE_HEADER), rename=_renamed)
         instance = run.instance
-        names = {name: McpName(t.connection.integration.label, t.tool) for name, t in toolbox.tools.items()} \
-            if toolbox is not None else {}
+        names = {name: McpName(server_label(t.integration), t.tool,
+                               needs_approval(approval.get(server_label(t.integration)), t.tool))
+                 for name, t in toolbox.tools.items()} if toolbox is not None else {}
+        for call in approved:
+            if call.name not in names:
+                raise bad_request(f"The approved call of '{call.name}' needs its MCP server in 'tools' again.",
+                                  param="tools", code="approval_tool_missing")
         builder = ResponseBuilder(_response_body(body, new_response_id(), instance.id), names, tools.namespaced)
-        response = ResponseEvents(body, run, store, messages, turn, tools.functions, toolbox, builder, usage)
+        response = ResponseEvents(body, run, store, messages, turn, tools.functions, toolbox, builder, usage,
+                                  approved)
     except BaseException:
         if toolbox is not None:
             await toolbox.close()

@@ -20,6 +20,8 @@ from typing import Any
 from ...chat.deltas import ChatDelta, ToolCall, ToolCallDelta
 from ...streaming import SseEvent, sse_event
 
+MCP_CALL_FAILED = -32000  # JSON-RPC's server-error range: the call failed before the tool gave a result
+
 
 def item_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(24)}"
@@ -31,6 +33,7 @@ class McpName:
 
     server_label: str
     tool: str
+    approval: bool = False  # the call waits for the client's mcp_approval_response
 
 
 class ResponseBuilder:
@@ -121,7 +124,10 @@ class ResponseBuilder:
                 events += self.close_text()
                 mcp = self.mcp_names.get(piece.name or "")
                 item: dict[str, Any]
-                if mcp is not None:
+                if mcp is not None and mcp.approval:
+                    item = {"id": item_id("mcpr"), "type": "mcp_approval_request", "server_label": mcp.server_label,
+                            "name": mcp.tool, "arguments": ""}
+                elif mcp is not None:
                     item = {"id": item_id("mcp"), "type": "mcp_call", "server_label": mcp.server_label,
                             "name": mcp.tool, "arguments": "", "status": "in_progress"}
                 else:
@@ -135,14 +141,19 @@ class ResponseBuilder:
             item = self.output[index]
             if piece.arguments:
                 item["arguments"] += piece.arguments
+                if item["type"] == "mcp_approval_request":  # OpenAI streams no argument deltas for these
+                    continue
                 kind = "mcp_call_arguments" if item["type"] == "mcp_call" else "function_call_arguments"
                 events.append((f"response.{kind}.delta", {"item_id": item["id"], "output_index": index,
                                                           "delta": piece.arguments}))
         return events
 
-    def end_round(self, calls: list[ToolCall], *, status: str) -> tuple[list[SseEvent], list[tuple[int, ToolCall]]]:
+    def end_round(self, calls: list[ToolCall], *,
+                  status: str) -> tuple[list[SseEvent], list[tuple[int, ToolCall]], list[ToolCall]]:
         """Closes this round's items against the parsed calls: function calls are done; MCP calls (returned
-        with their output index) wait for `mcp_result`. Announced calls that did not parse are incomplete."""
+        with their output index) wait for `mcp_result`; calls that need approval are done as
+        `mcp_approval_request` items (returned, their id now the approval request's). Announced calls
+        that did not parse are incomplete."""
         events = self.close_text(status)
         by_id = {call.id: call for call in calls}
         announced = {call_id for _, call_id in self._calls.values()}
@@ -150,16 +161,22 @@ class ResponseBuilder:
             if call.id not in announced:
                 events += self.feed(ChatDelta(tool_calls=[ToolCallDelta(-1 - len(self._calls), call.id, call.name)]))
         pending: list[tuple[int, ToolCall]] = []
+        approvals: list[ToolCall] = []
         for index, call_id in self._calls.values():
             item = self.output[index]
             found = by_id.get(call_id)
             if found is None:
-                item["status"] = "incomplete"
+                if item["type"] != "mcp_approval_request":  # which has no status
+                    item["status"] = "incomplete"
                 events.append(self._done(index))
                 continue
             item["arguments"] = found.arguments
             where = {"item_id": item["id"], "output_index": index}
-            if item["type"] == "mcp_call":
+            if item["type"] == "mcp_approval_request":
+                found.id = item["id"]  # the conversation keeps the call under the id the approval names
+                approvals.append(found)
+                events.append(self._done(index))
+            elif item["type"] == "mcp_call":
                 events += [("response.mcp_call_arguments.done", {**where, "arguments": found.arguments}),
                            ("response.mcp_call.in_progress", where)]
                 pending.append((index, found))
@@ -168,17 +185,42 @@ class ResponseBuilder:
                 events += [("response.function_call_arguments.done",
                             {**where, "name": item["name"], "arguments": found.arguments}), self._done(index)]
         self._calls = {}
-        return events, pending
+        return events, pending, approvals
 
-    def mcp_result(self, index: int, output: str, error: str | None) -> list[SseEvent]:
+    def mcp_approved_call(self, server_label: str, name: str, arguments: str,
+                          approval_id: str) -> tuple[int, list[SseEvent]]:
+        """An approved call's `mcp_call` item, in progress until `mcp_result`."""
+        index, added = self._add({"id": item_id("mcp"), "type": "mcp_call", "server_label": server_label,
+                                  "name": name, "arguments": arguments, "approval_request_id": approval_id,
+                                  "status": "in_progress"})
+        where = {"item_id": self.output[index]["id"], "output_index": index}
+        return index, [added, ("response.mcp_call_arguments.done", {**where, "arguments": arguments}),
+                       ("response.mcp_call.in_progress", where)]
+
+    def mcp_result(self, index: int, output: str, error: str | None, *, protocol: bool = False) -> list[SseEvent]:
+        """The call's outcome; an error as OpenAI's `McpToolCallError`: the tool's own failure (its content),
+        or a protocol error (the call timed out, the server is gone, the arguments were not an object)."""
         item = self.output[index]
-        item.update(output=output, error=error, status="failed" if error else "completed")
+        failure: dict[str, Any] | None = None
+        if error is not None and protocol:
+            failure = {"type": "mcp_protocol_error", "code": MCP_CALL_FAILED, "message": error}
+        elif error is not None:
+            failure = {"type": "mcp_tool_execution_error", "content": [{"type": "text", "text": error}]}
+        item.update(output=output, error=failure, status="failed" if error else "completed")
         kind = "failed" if error else "completed"
         return [(f"response.mcp_call.{kind}", {"item_id": item["id"], "output_index": index}), self._done(index)]
 
     def mcp_skipped(self, index: int) -> list[SseEvent]:
         self.output[index]["status"] = "incomplete"
         return [self._done(index)]
+
+    def mcp_list_tools_failed(self, server_label: str, error: str) -> list[SseEvent]:
+        """A server that could not be reached or started: its listing with the error; the run goes on."""
+        index, added = self._add({"id": item_id("mcpl"), "type": "mcp_list_tools", "server_label": server_label,
+                                  "tools": [], "error": error})
+        where = {"item_id": self.output[index]["id"], "output_index": index}
+        return [added, ("response.mcp_list_tools.in_progress", where), ("response.mcp_list_tools.failed", where),
+                self._done(index)]
 
     def mcp_list_tools(self, server_label: str, tools: list[dict[str, Any]]) -> list[SseEvent]:
         item: dict[str, Any] = {"id": item_id("mcpl"), "type": "mcp_list_tools", "server_label": server_label,

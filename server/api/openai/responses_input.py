@@ -184,14 +184,67 @@ def input_messages(value: str | list[dict[str, Any]] | None) -> list[dict[str, A
         elif kind == "reasoning":
             parts = item.get("content") or item.get("summary") or []
             reasoning.append(_text(parts, where) if isinstance(parts, list) else "")
-        elif kind in ("mcp_list_tools", "mcp_call", "item_reference"):
-            continue  # server-side records: what they produced is in the stored conversation, if anywhere
+        elif kind in ("mcp_list_tools", "mcp_call", "mcp_approval_request", "mcp_approval_response",
+                      "item_reference"):
+            continue  # server-side records (what they produced is in the stored conversation) and approvals
         else:
             raise _invalid(f"{where}: unsupported input item type {kind!r} (expected 'message', 'function_call', "
                            "'function_call_output' or 'reasoning').")
     if reasoning:
         assistant()
     return messages
+
+
+@dataclass(frozen=True)
+class Approval:
+    """An `mcp_approval_response` input item: the client's answer to an `mcp_approval_request`."""
+
+    request_id: str
+    approve: bool
+
+
+def approvals(value: str | list[dict[str, Any]] | None) -> list[Approval]:
+    """The request's `mcp_approval_response` items."""
+    found: list[Approval] = []
+    for index, item in enumerate(value if isinstance(value, list) else []):
+        if item.get("type") != "mcp_approval_response":
+            continue
+        where = f"input[{index}]"
+        if not isinstance(item.get("approve"), bool):
+            raise _invalid(f"{where}.approve must be true or false.")
+        found.append(Approval(_string(item, "approval_request_id", where), item["approve"]))
+    return found
+
+
+def needs_approval(setting: Any, tool: str) -> bool:
+    """Whether an `mcp` tool entry's `require_approval` asks for approval before `tool` runs. Left out it
+    is "never", as on LM Studio (OpenAI's own default is "always"). A filter object: the tools named in
+    `never.tool_names` run without approval, those in `always.tool_names` need it, and the rest need it
+    unless `always` names tools (then only those do)."""
+    if setting is None or setting == "never":
+        return False
+    if setting == "always" or not isinstance(setting, Mapping):
+        return True
+
+    def named(key: str) -> list[str] | None:
+        entry = setting.get(key)
+        names = entry.get("tool_names") if isinstance(entry, Mapping) else None
+        return names if isinstance(names, list) else None
+
+    never, always = named("never"), named("always")
+    if never is not None and tool in never:
+        return False
+    return always is None or tool in always
+
+
+def check_require_approval(setting: Any, where: str) -> None:
+    if setting is None or setting in ("always", "never"):
+        return
+    if isinstance(setting, Mapping) and set(setting) <= {"always", "never"} and all(
+            isinstance(v, Mapping) and isinstance(v.get("tool_names", []), list) for v in setting.values()):
+        return
+    raise bad_request(f"{where}.require_approval must be \"always\", \"never\" or "
+                      "{\"always\": {\"tool_names\": [...]}, \"never\": {\"tool_names\": [...]}}.", param="tools")
 
 
 def namespaced_name(namespace: str, name: str) -> str:
