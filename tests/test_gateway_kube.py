@@ -7,7 +7,6 @@ container port named `http`: the pods have no node, the status is what a kubelet
 
 from __future__ import annotations
 
-import base64
 import secrets
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import httpx
 import kubernetes.client
 import pytest
-from gateway_support import GatewayProcess, start_gateway
+from gateway_support import GatewayProcess, gateway_account, gateway_key, start_gateway
 from kube_cluster import ROOT, KubeCluster
 from lmkube.operator import crd
 from lmkube.operator.resources import labels
@@ -24,10 +23,6 @@ from support import ServerProcess, wait_until
 UPSTREAM = secrets.token_hex(16)
 KEY = f"gw-{secrets.token_hex(12)}"
 USER = [{"role": "user", "content": "Hello there"}]
-WATCH = [{"apiGroups": [crd.GROUP], "resources": [crd.PLURAL], "verbs": ["get", "list", "watch"]},
-         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-         # The keys (chart: in the release namespace only).
-         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["list", "watch"]}]
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +62,6 @@ def set_ready(api: Any, namespace: str, name: str, ready: bool) -> None:
     kubernetes.client.CoreV1Api(api).patch_namespaced_pod_status(name, namespace, {"status": status})
 
 
-def gateway_key(api: Any, namespace: str, name: str, key: str, **fields: str) -> None:
-    data = {k: base64.b64encode(v.encode()).decode() for k, v in {"key": key, **fields}.items()}
-    kubernetes.client.CoreV1Api(api).create_namespaced_secret(namespace, {
-        "metadata": {"name": name, "labels": {"lmkube.dev/gateway-key": "true"}}, "data": data})
-
-
 def chat(gw: GatewayProcess, model: str, key: str = KEY, content: str = "Hello") -> httpx.Response:
     return httpx.post(f"{gw.base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
                       json={"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 2})
@@ -82,14 +71,7 @@ def test_discovers_and_follows_local_models_pods_and_keys(
         kube: KubeCluster, api: Any, kube_namespace: str, replicas: list[ServerProcess],
         tmp_path: Path) -> None:
     ns = kube_namespace
-    kube.kubectl("create", "serviceaccount", "gateway", "-n", ns)
-    core_rbac = kubernetes.client.RbacAuthorizationV1Api(api)
-    core_rbac.create_namespaced_role(ns, {"metadata": {"name": "gateway"}, "rules": WATCH})
-    core_rbac.create_namespaced_role_binding(ns, {
-        "metadata": {"name": "gateway"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "gateway"},
-        "subjects": [{"kind": "ServiceAccount", "name": "gateway", "namespace": ns}]})
-    kubeconfig = kube.service_account_kubeconfig(ns, "gateway", tmp_path / "kubeconfig")
+    kubeconfig = gateway_account(kube, ns, tmp_path / "kubeconfig")
     local_model(api, ns, "chat", "acme/tiny-chat", ["tiny"])
     pod(api, ns, "chat-a", "chat", replicas[0])
     gateway_key(api, ns, "team", KEY, namespaces=ns)
