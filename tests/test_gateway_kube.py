@@ -2,18 +2,22 @@
 following them as they change. It runs as a ServiceAccount with only the chart's gateway permissions (watch
 LocalModels and pods in the namespace it serves, list/watch Secrets in its own), reaching real `lmkube serve`
 processes at the pod IPs the test writes into the pods' status (127.0.0.1 and the server's port as the
-container port named `http`: the pods have no node, the status is what a kubelet would report).
+container port named `http`: the pods have no node, the status is what a kubelet would report). Out of a
+cluster it logs in with a kubeconfig: a token, or an exec credential plugin (EKS, GKE style).
 """
 
 from __future__ import annotations
 
+import json
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import kubernetes.client
 import pytest
+import yaml
 from gateway_support import GatewayProcess, gateway_account, gateway_key, start_gateway
 from kube_cluster import ROOT, KubeCluster
 from lmkube.operator import crd
@@ -121,3 +125,49 @@ def test_discovers_and_follows_local_models_pods_and_keys(
         wait_until(lambda: chat(gw, "second").status_code == 401, timeout=30)
     finally:
         gw.stop()
+
+
+# An exec credential plugin, as EKS's `aws eks get-token` or GKE's `gke-gcloud-auth-plugin`: prints an
+# ExecCredential whose token expires within the client's 5-minute skew, so every request runs it again.
+EXEC_PLUGIN = """
+import datetime, json, os
+with open(os.environ["PLUGIN_LOG"], "a") as log:
+    log.write(os.environ["KUBERNETES_EXEC_INFO"] + "\\n")
+expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=1)
+print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
+                  "status": {"token": os.environ["PLUGIN_TOKEN"],
+                             "expirationTimestamp": expires.strftime("%Y-%m-%dT%H:%M:%SZ")}}))
+"""
+
+
+def test_a_kubeconfig_with_an_exec_plugin(kube: KubeCluster, api: Any, kube_namespace: str,
+                                          replicas: list[ServerProcess], tmp_path: Path) -> None:
+    ns = kube_namespace
+    config = yaml.safe_load(gateway_account(kube, ns, tmp_path / "token-kubeconfig").read_text())
+    (user,) = config["users"]
+    (tmp_path / "plugin.py").write_text(EXEC_PLUGIN)
+    user["user"] = {"exec": {
+        "apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable, "args": ["plugin.py"],
+        "interactiveMode": "Never",  # relative to the kubeconfig's folder, as kubectl runs it
+        "env": [{"name": "PLUGIN_TOKEN", "value": user["user"]["token"]},
+                {"name": "PLUGIN_LOG", "value": str(tmp_path / "plugin.log")}]}}
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(config))
+    local_model(api, ns, "chat", "acme/tiny-chat", ["tiny"])
+    pod(api, ns, "chat-a", "chat", replicas[0])
+    gateway_key(api, ns, "team", KEY, namespaces=ns)
+    (tmp_path / "upstream").write_text(UPSTREAM)
+    gw = start_gateway(tmp_path, "--namespace", ns, "--keys-namespace", ns, "--upstream-token-file",
+                       str(tmp_path / "upstream"), env={"KUBECONFIG": str(tmp_path / "kubeconfig")})
+    try:
+        answer = chat(gw, "tiny")
+        assert answer.status_code == 200, answer.text
+        # Still following changes with the plugin's credential: a second LocalModel appears.
+        local_model(api, ns, "other", "acme/other-chat", ["second"])
+        pod(api, ns, "other-a", "other", replicas[1])
+        wait_until(lambda: chat(gw, "second").status_code == 200, timeout=30)
+    finally:
+        gw.stop()
+    runs = (tmp_path / "plugin.log").read_text().splitlines()
+    assert len(runs) > 1, runs  # run again for the expiring credential, not once for good
+    assert json.loads(runs[0])["kind"] == "ExecCredential"
+    assert "Unauthorized" not in gw.log_path.read_text() and "Forbidden" not in gw.log_path.read_text()
