@@ -189,16 +189,6 @@ def test_existing_claim_no_pvc_and_mounted():
         {"name": "models", "mountPath": "/models"}]
 
 
-def test_several_replicas_roll_one_at_a_time():
-    shared = {"model": REPO, "storage": {"existingClaim": "shared"}, "replicas": 2}
-    cpu = deployment("qwen", "ns", parse_spec({**shared, "gpu": {"count": 0}}))["spec"]["strategy"]
-    assert cpu == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
-    gpu = deployment("qwen", "ns", parse_spec(shared))["spec"]["strategy"]  # a surge pod would wait for a GPU
-    assert gpu == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
-    single = deployment("qwen", "ns", parse_spec({"model": REPO, "gpu": {"count": 0}}))["spec"]["strategy"]
-    assert single == {"type": "Recreate", "rollingUpdate": None}
-
-
 def test_service_and_endpoint():
     svc = service("qwen", "ns", owner=OWNER)
     assert svc["metadata"]["name"] == "lm-qwen" and svc["spec"]["type"] == "ClusterIP"
@@ -229,6 +219,16 @@ def test_deployment_gpu():
     assert env["LMKUBE_HOME"]["value"] == "/models/.lmkube"
     assert c["volumeMounts"] == [{"name": "models", "mountPath": "/models"}]
     assert dep["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"] == {"claimName": "lm-qwen-models"}
+
+
+def test_several_replicas_roll_one_at_a_time():
+    shared = {"model": REPO, "storage": {"existingClaim": "shared"}, "replicas": 2}
+    cpu = deployment("qwen", "ns", parse_spec({**shared, "gpu": {"count": 0}}))["spec"]["strategy"]
+    assert cpu == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    gpu = deployment("qwen", "ns", parse_spec(shared))["spec"]["strategy"]  # a surge pod would wait for a GPU
+    assert gpu == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    single = deployment("qwen", "ns", parse_spec({"model": REPO, "gpu": {"count": 0}}))["spec"]["strategy"]
+    assert single == {"type": "Recreate", "rollingUpdate": None}
 
 
 def test_deployment_cpu_and_image_override():
