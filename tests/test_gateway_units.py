@@ -117,4 +117,3 @@ def test_pods_accept_the_gateway_credential_only_when_the_operator_has_one() -> 
     assert gateway_secret_name("chat", "rotated") != secret["metadata"]["name"]  # a new token, a new Secret
     assert reconcile.secret_version("t", settings) != reconcile.secret_version("t", OperatorSettings())
     assert token_secret("chat", "ns", "t")["metadata"]["name"] != secret["metadata"]["name"]
-
