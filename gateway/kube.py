@@ -7,7 +7,8 @@ is the same readiness the Service's endpoints follow, one fewer kind to read, an
 (deletionTimestamp set) is dropped at once so new requests avoid it while its in-flight ones finish.
 
 Plain httpx on the REST API (the official client is synchronous): credentials from the pod's
-ServiceAccount in a cluster, else from $KUBECONFIG or ~/.kube/config (token, client certificate, CA).
+ServiceAccount in a cluster, else from $KUBECONFIG or ~/.kube/config through the official client's loader
+(token, client certificate, CA, and `exec` credential plugins such as EKS's and GKE's).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import contextlib
 import logging
 import os
 import ssl
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,6 @@ from typing import Any
 
 import httpx
 import orjson
-import yaml
 from lmkube.operator import crd
 from lmkube.operator.resources import PORT_NAME, selector_labels
 
@@ -47,49 +46,51 @@ class KubeConfig:
     token: Callable[[], str | None]
 
 
-def _ssl_context(ca_file: str | None, ca_data: str | None, cert: tuple[str, str] | None) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=ca_file,
-                                         cadata=base64.b64decode(ca_data).decode() if ca_data else None)
+def _ssl_context(ca_file: str | None, cert: tuple[str, str] | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca_file)
     if cert is not None:
         context.load_cert_chain(*cert)
     return context
-
-
-def _data_file(data: str) -> str:
-    with tempfile.NamedTemporaryFile("wb", delete=False, prefix="lmkube-gateway-") as handle:
-        handle.write(base64.b64decode(data))
-        return handle.name
 
 
 def load_kube_config() -> KubeConfig:
     host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
     if host and port and (SERVICE_ACCOUNT / "token").exists():
         # Bound ServiceAccount tokens are rotated on disk: read it for every request.
-        return KubeConfig(f"https://{host}:{port}", _ssl_context(str(SERVICE_ACCOUNT / "ca.crt"), None, None),
+        return KubeConfig(f"https://{host}:{port}", _ssl_context(str(SERVICE_ACCOUNT / "ca.crt"), None),
                           lambda: (SERVICE_ACCOUNT / "token").read_text().strip())
-    path = Path(os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or Path.home() / ".kube" / "config")
-    config = yaml.safe_load(path.read_text())
-    context_name = config.get("current-context")
-    context = next(c["context"] for c in config["contexts"] if c["name"] == context_name)
-    cluster = next(c["cluster"] for c in config["clusters"] if c["name"] == context["cluster"])
-    user: dict[str, Any] = next((u["user"] for u in config.get("users", []) if u["name"] == context.get("user")), {})
-    cert = None
-    if "client-certificate-data" in user:
-        cert = (_data_file(user["client-certificate-data"]), _data_file(user["client-key-data"]))
-    elif "client-certificate" in user:
-        cert = (user["client-certificate"], user["client-key"])
+    return _from_kubeconfig()
+
+
+def _from_kubeconfig() -> KubeConfig:
+    """$KUBECONFIG (its files merged) or ~/.kube/config, read by the official client's loader: its current
+    context's token or tokenFile, client certificate, CA, or an `exec` plugin (EKS, GKE, ...), which is run
+    again whenever the credential it printed has expired (its `expirationTimestamp`)."""
+    from kubernetes import client, config  # out of a cluster only
+
+    configuration = client.Configuration()
+    config.load_kube_config(client_configuration=configuration)
+    cert: tuple[str, str] | None = None
+    if configuration.cert_file and configuration.key_file:
+        cert = (configuration.cert_file, configuration.key_file)
     verify: ssl.SSLContext | bool
-    if cluster.get("insecure-skip-tls-verify"):
-        verify = False
-        if cert is not None:
-            verify = ssl.create_default_context()
-            verify.check_hostname = False
-            verify.verify_mode = ssl.CERT_NONE
-            verify.load_cert_chain(*cert)
+    if configuration.verify_ssl:
+        verify = _ssl_context(configuration.ssl_ca_cert, cert)
+    elif cert is not None:  # insecure-skip-tls-verify, but a client certificate to present
+        verify = ssl.create_default_context()
+        verify.check_hostname = False
+        verify.verify_mode = ssl.CERT_NONE
+        verify.load_cert_chain(*cert)
     else:
-        verify = _ssl_context(cluster.get("certificate-authority"), cluster.get("certificate-authority-data"), cert)
-    token = user.get("token")
-    return KubeConfig(cluster["server"].rstrip("/"), verify, lambda: token)
+        verify = False
+
+    def token() -> str | None:
+        if configuration.refresh_api_key_hook is not None:  # a token that expires: runs the plugin again
+            configuration.refresh_api_key_hook(configuration)
+        bearer = configuration.api_key.get("BearerToken")  # "Bearer <token>"
+        return bearer.removeprefix("Bearer ") if isinstance(bearer, str) else None
+
+    return KubeConfig(configuration.host.rstrip("/"), verify, token)
 
 
 class Watch:
@@ -176,17 +177,30 @@ def _port(pod: dict[str, Any]) -> int:
     return DEFAULT_PORT
 
 
+def _serving_pods(status: dict[str, Any]) -> set[str] | None:
+    """The pods the operator reports the model loaded on (status.pods[], phase Ready or Idle), or None when it
+    reports no pod at all yet. A pod that is Ready (its server listens) but not in this set has not had the
+    model loaded yet, e.g. a replica the autoscaler just added: a request sent there would load the model on
+    its own, and the operator's load (which replaces what else is loaded) would cut it off."""
+    records = status.get("pods") or []
+    if not records:
+        return None
+    return {r.get("name") for r in records if r.get("phase") in ("Ready", "Idle")}
+
+
 def served_models(local_models: list[dict[str, Any]], pods: list[dict[str, Any]]) -> list[ServedModel]:
     """Each LocalModel with its ready pods (matched by the operator's selector labels)."""
     models = []
     for body in local_models:
         meta, spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
         selector = selector_labels(meta["name"]).items()
+        serving = _serving_pods(status)
         replicas = tuple(
             Replica(url=f"http://{pod['status']['podIP']}:{_port(pod)}", name=pod["metadata"]["name"])
             for pod in pods
             if pod["metadata"].get("namespace") == meta["namespace"] and _ready(pod)
-            and selector <= (pod["metadata"].get("labels") or {}).items())
+            and selector <= (pod["metadata"].get("labels") or {}).items()
+            and (serving is None or pod["metadata"]["name"] in serving))
         models.append(ServedModel(namespace=meta["namespace"], name=meta["name"], model_key=status.get("modelKey"),
                                   aliases=tuple(spec.get("aliases") or ()), replicas=replicas))
     return models

@@ -387,10 +387,13 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
         return status
 
     want_hash = desired_pod_hash(name, spec, settings, token)
-    pods = [p for p in observe.views(kube.list_pods(namespace, resources.selector_labels(name)),
-                                     resources.POD_HASH_ANNOTATION)
-            if not p.terminating and p.pod_hash == want_hash]
+    views = observe.views(kube.list_pods(namespace, resources.selector_labels(name)), resources.POD_HASH_ANNOTATION)
+    pods = [p for p in views if not p.terminating and p.pod_hash == want_hash]
     old_records = {r.get("name"): r for r in previous.get("pods") or []}
+    # During a rollout the previous template's pods serve on until the Deployment removes them: their records
+    # stay in status.pods (the gateway routes to the pods listed serving, not to a new one not yet loaded).
+    outgoing = [old_records[p.name] for p in views
+                if p.pod_hash != want_hash and p.ready and p.name in old_records]
     works: dict[str, PodWork] = {}
     clients: dict[str, PodClient] = {}
     downloader: str | None = None  # with a shared claim, one pod downloads and the others wait for it
@@ -407,7 +410,7 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
         pending = [p for p in pods if p.name in works and works[p.name].load]
         if pending:
             # Show Loading while the (blocking) load requests run.
-            _publish(kube, body, _status(body, spec, pods, works, settings, now, old_records), emit)
+            _publish(kube, body, _status(body, spec, pods, works, settings, now, old_records, outgoing), emit)
             body = {**body, "status": {**previous, "phase": st.LOADING}}
             for pod in pending:
                 works[pod.name] = load_on_pod(clients[pod.name], pod, spec, works[pod.name], options.clock(),
@@ -415,18 +418,19 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
     finally:
         for client in clients.values():
             client.close()
-    status = _status(body, spec, pods, works, settings, now, old_records)
+    status = _status(body, spec, pods, works, settings, now, old_records, outgoing)
     _publish(kube, body, status, emit)
     return status
 
 
 def _status(body: Mapping[str, Any], spec: LocalModelSpec, pods: list[PodView], works: dict[str, PodWork],
-            settings: OperatorSettings, now: str, kept: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+            settings: OperatorSettings, now: str, kept: Mapping[str, dict[str, Any]] | None = None,
+            outgoing: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     states = [works[p.name].state for p in pods if p.name in works]
     # A pod that is not ready this pass (its server restarting) keeps its record: what it loaded and why
     # its last server died must outlive the restart.
     records = [works[p.name].record if p.name in works else (kept or {})[p.name] for p in pods
-               if p.name in works or p.name in (kept or {})]
+               if p.name in works or p.name in (kept or {})] + list(outgoing or ())
     summary = st.summarize(spec.replicas, pods, states)
     return build_status(body, spec, summary, states, records, settings, now)
 

@@ -5,9 +5,11 @@ dicts, plus the request bodies the operator sends to the server. No kopf and no 
 handlers create-or-update what these return, so every builder is deterministic for a given input.
 
 Choices (see also the docstrings):
-- Deployment strategy is always Recreate: the cache volume is ReadWriteOnce (a surge pod on another
-  node would hang on Multi-Attach), a GPU pod's surge twin needs a second free GPU, and two servers
-  writing the same models dir at once is never wanted. A rollout therefore has a short downtime.
+- Deployment strategy (`strategy`): Recreate for one replica: its cache volume is ReadWriteOnce (a surge pod
+  on another node would hang on Multi-Attach), a GPU pod's surge twin needs a second free GPU, and two
+  servers writing the same models dir at once is never wanted. A rollout therefore has a short downtime.
+  Several replicas already share a ReadWriteMany claim (spec.storage.existingClaim): they roll one pod at a
+  time and never all at once, so clients (and the gateway) always have a replica that serves.
 - `LMKUBE_HOME` is `<models dir>/.lmkube`: downloads.json, presets and stored conversations live on
   the persistent cache volume (surviving restarts, writable by uid 1000 through fsGroup), the image's
   home directory need not be writable, and the model scanner skips dot folders.
@@ -345,11 +347,22 @@ def deployment(name: str, namespace: str, spec: LocalModelSpec, settings: Operat
         "spec": {
             "replicas": spec.replicas,
             "selector": {"matchLabels": selector_labels(name)},
-            "strategy": {"type": "Recreate"},
+            "strategy": strategy(spec),
             "revisionHistoryLimit": 3,
             "template": pod_template(name, spec, settings, secret_version),
         },
     }
+
+
+def strategy(spec: LocalModelSpec) -> dict[str, Any]:
+    """Recreate for one replica (see the module docstring). Several replicas roll one at a time: a new pod
+    first, an old one going once it is ready (CPU); or an old one first when each pod takes a GPU (a surge
+    pod would wait for a free GPU). `rollingUpdate: None` removes it when the operator's merge patch turns a
+    rolling Deployment back to Recreate (the API server refuses Recreate with rollingUpdate set)."""
+    if spec.replicas <= 1:
+        return {"type": "Recreate", "rollingUpdate": None}
+    surge = 0 if spec.gpu.count > 0 else 1
+    return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": surge, "maxUnavailable": 1 - surge}}
 
 
 def load_model_id(spec: LocalModelSpec) -> str:

@@ -8,14 +8,16 @@ LM Studio `/api/*`: {"error": {"type", "message", "code", "param"}}
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from fastapi import Request
-from fastapi.exceptions import RequestValidationError
 from starlette.responses import Response
 
-from .engine.events import QueueFull
+if TYPE_CHECKING:  # the gateway renders its errors with this module: no FastAPI or engine at run time
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+
+    from .engine.events import QueueFull
 
 ANTHROPIC_TYPES = {
     400: "invalid_request_error",
@@ -100,25 +102,33 @@ def family(path: str) -> str:
     return "openai"
 
 
-def error_body(path: str, error: APIError) -> dict[str, Any]:
-    match family(path):
+def error_body(family: str, status: int, message: str, *, type: str = "invalid_request_error",
+               code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """The error body of an API family ("openai", "anthropic", "lmstudio"; see `family`), for the server's
+    own errors and the gateway's. `status` is the one sent (Anthropic's `error.type` follows from it); `type`
+    is the OpenAI name, which LM Studio's native enum translates."""
+    match family:
         case "anthropic":
-            status = error_status(path, error)
             kind = ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-            return {"type": "error", "error": {"type": kind, "message": error_message(path, error)}}
+            return {"type": "error", "error": {"type": kind, "message": message}}
         case "lmstudio":
-            kind = NATIVE_TYPES.get(error.type, error.type)
-            if error.code in ("model_not_found", "job_not_found"):  # their own types in the native enum
-                kind = error.code
-            body: dict[str, Any] = {"type": kind, "message": error.message}
-            if error.code:
-                body["code"] = error.code
-            if error.param:
-                body["param"] = error.param
+            kind = NATIVE_TYPES.get(type, type)
+            if code in ("model_not_found", "job_not_found"):  # their own types in the native enum
+                kind = code
+            body: dict[str, Any] = {"type": kind, "message": message}
+            if code:
+                body["code"] = code
+            if param:
+                body["param"] = param
             return {"error": body}
         case _:
-            return {"error": {"message": error_message(path, error), "type": error.type, "param": error.param,
-                              "code": error.code}}
+            return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def api_error_body(path: str, error: APIError) -> dict[str, Any]:
+    """`error`'s body for the API family of `path`, in its wording (`error_message`)."""
+    return error_body(family(path), error_status(path, error), error_message(path, error), type=error.type,
+                      code=error.code, param=error.param)
 
 
 def error_status(path: str, error: APIError) -> int:
@@ -129,7 +139,7 @@ def error_status(path: str, error: APIError) -> int:
 
 def error_response(request: Request, error: APIError, headers: dict[str, str] | None = None) -> Response:
     return Response(
-        orjson.dumps(error_body(request.url.path, error)),
+        orjson.dumps(api_error_body(request.url.path, error)),
         status_code=error_status(request.url.path, error),
         media_type="application/json",
         headers={**(error.headers or {}), **(headers or {})} or None,

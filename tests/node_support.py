@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
 
+import pytest
+from kube_cluster import KubeCluster
+from operator_support import grant_operator_rules, install_crd
 from real_node import RealNode
 from support import wait_until
 
@@ -28,6 +33,25 @@ RUN_AS = 1000  # the image's user (operator/resources.py RUN_AS)
 VENV_PYTHON = "/opt/lmkube/bin/python"
 # Generous: a busy 2-core machine shared with other work, pods of a ~1 GB image starting a Python server.
 POD_TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def kube(real_node: RealNode) -> KubeCluster:
+    """The real node's control plane (a module that imports this has no use for the session's node-less one)."""
+    return real_node.cluster
+
+
+@pytest.fixture(scope="module")
+def node_namespace(real_node: RealNode, kube: KubeCluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A namespace named after the test module, with the CRD and the operator's RBAC; deleted after the module,
+    with the volumes provided for it."""
+    name = f"{request.module.__name__.removeprefix('test_').replace('_', '-')[:40]}-{secrets.token_hex(3)}"
+    install_crd(kube)
+    kube.create_namespace(name)
+    grant_operator_rules(kube, name)
+    yield name
+    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    delete_volumes(real_node, name)
 
 
 def provide_volume(node: RealNode, namespace: str, claim: str, access_mode: str = "ReadWriteOnce",

@@ -65,6 +65,22 @@ APISERVER_NODE_PORT = 6443
 IMPORT_TIMEOUT = 900  # the project image (~1 GB) unpacked on a busy 2-core machine
 
 
+def take_lock(directory: Path) -> IO[str]:
+    """The lock file `directory`/lock, held (flock). A run that finishes removes the file and the directory, so
+    a run that waited on the removed file holds nothing: it takes the lock again, on the file now there."""
+    while True:
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = (directory / "lock").open("a")
+        except FileNotFoundError:  # the finishing run removed the directory in between
+            continue
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(lock.fileno()).st_ino == (directory / "lock").stat().st_ino:
+                return lock
+        lock.close()
+
+
 class RealNodeUnavailable(RuntimeError):
     """This machine cannot run the real node; the message says what is missing."""
 
@@ -240,9 +256,7 @@ class RealNode:
     def start(self, timeout: float = 180) -> None:
         preflight(self.binaries)
         began = time.monotonic()
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
-        self._lock = (STATE_DIR / "lock").open("w")
-        fcntl.flock(self._lock, fcntl.LOCK_EX)  # another run's node: wait for it to finish
+        self._lock = take_lock(STATE_DIR)  # another run's node: wait for it to finish
         if STATE_FILE.exists():  # a killed run's leftovers
             clean_up(json.loads(STATE_FILE.read_text()))
         self.host_before = host_snapshot()

@@ -2,20 +2,23 @@
 following them as they change. It runs as a ServiceAccount with only the chart's gateway permissions (watch
 LocalModels and pods in the namespace it serves, list/watch Secrets in its own), reaching real `lmkube serve`
 processes at the pod IPs the test writes into the pods' status (127.0.0.1 and the server's port as the
-container port named `http`: the pods have no node, the status is what a kubelet would report).
+container port named `http`: the pods have no node, the status is what a kubelet would report). Out of a
+cluster it logs in with a kubeconfig: a token, or an exec credential plugin (EKS, GKE style).
 """
 
 from __future__ import annotations
 
-import base64
+import json
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import kubernetes.client
 import pytest
-from gateway_support import GatewayProcess, start_gateway
+import yaml
+from gateway_support import GatewayProcess, gateway_account, gateway_key, start_gateway
 from kube_cluster import ROOT, KubeCluster
 from lmkube.operator import crd
 from lmkube.operator.resources import labels
@@ -24,10 +27,6 @@ from support import ServerProcess, wait_until
 UPSTREAM = secrets.token_hex(16)
 KEY = f"gw-{secrets.token_hex(12)}"
 USER = [{"role": "user", "content": "Hello there"}]
-WATCH = [{"apiGroups": [crd.GROUP], "resources": [crd.PLURAL], "verbs": ["get", "list", "watch"]},
-         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-         # The keys (chart: in the release namespace only).
-         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["list", "watch"]}]
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +66,6 @@ def set_ready(api: Any, namespace: str, name: str, ready: bool) -> None:
     kubernetes.client.CoreV1Api(api).patch_namespaced_pod_status(name, namespace, {"status": status})
 
 
-def gateway_key(api: Any, namespace: str, name: str, key: str, **fields: str) -> None:
-    data = {k: base64.b64encode(v.encode()).decode() for k, v in {"key": key, **fields}.items()}
-    kubernetes.client.CoreV1Api(api).create_namespaced_secret(namespace, {
-        "metadata": {"name": name, "labels": {"lmkube.dev/gateway-key": "true"}}, "data": data})
-
-
 def chat(gw: GatewayProcess, model: str, key: str = KEY, content: str = "Hello") -> httpx.Response:
     return httpx.post(f"{gw.base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
                       json={"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 2})
@@ -82,14 +75,7 @@ def test_discovers_and_follows_local_models_pods_and_keys(
         kube: KubeCluster, api: Any, kube_namespace: str, replicas: list[ServerProcess],
         tmp_path: Path) -> None:
     ns = kube_namespace
-    kube.kubectl("create", "serviceaccount", "gateway", "-n", ns)
-    core_rbac = kubernetes.client.RbacAuthorizationV1Api(api)
-    core_rbac.create_namespaced_role(ns, {"metadata": {"name": "gateway"}, "rules": WATCH})
-    core_rbac.create_namespaced_role_binding(ns, {
-        "metadata": {"name": "gateway"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "gateway"},
-        "subjects": [{"kind": "ServiceAccount", "name": "gateway", "namespace": ns}]})
-    kubeconfig = kube.service_account_kubeconfig(ns, "gateway", tmp_path / "kubeconfig")
+    kubeconfig = gateway_account(kube, ns, tmp_path / "kubeconfig")
     local_model(api, ns, "chat", "acme/tiny-chat", ["tiny"])
     pod(api, ns, "chat-a", "chat", replicas[0])
     gateway_key(api, ns, "team", KEY, namespaces=ns)
@@ -139,3 +125,49 @@ def test_discovers_and_follows_local_models_pods_and_keys(
         wait_until(lambda: chat(gw, "second").status_code == 401, timeout=30)
     finally:
         gw.stop()
+
+
+# An exec credential plugin, as EKS's `aws eks get-token` or GKE's `gke-gcloud-auth-plugin`: prints an
+# ExecCredential whose token expires within the client's 5-minute skew, so every request runs it again.
+EXEC_PLUGIN = """
+import datetime, json, os
+with open(os.environ["PLUGIN_LOG"], "a") as log:
+    log.write(os.environ["KUBERNETES_EXEC_INFO"] + "\\n")
+expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=1)
+print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
+                  "status": {"token": os.environ["PLUGIN_TOKEN"],
+                             "expirationTimestamp": expires.strftime("%Y-%m-%dT%H:%M:%SZ")}}))
+"""
+
+
+def test_a_kubeconfig_with_an_exec_plugin(kube: KubeCluster, api: Any, kube_namespace: str,
+                                          replicas: list[ServerProcess], tmp_path: Path) -> None:
+    ns = kube_namespace
+    config = yaml.safe_load(gateway_account(kube, ns, tmp_path / "token-kubeconfig").read_text())
+    (user,) = config["users"]
+    (tmp_path / "plugin.py").write_text(EXEC_PLUGIN)
+    user["user"] = {"exec": {
+        "apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable, "args": ["plugin.py"],
+        "interactiveMode": "Never",  # relative to the kubeconfig's folder, as kubectl runs it
+        "env": [{"name": "PLUGIN_TOKEN", "value": user["user"]["token"]},
+                {"name": "PLUGIN_LOG", "value": str(tmp_path / "plugin.log")}]}}
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(config))
+    local_model(api, ns, "chat", "acme/tiny-chat", ["tiny"])
+    pod(api, ns, "chat-a", "chat", replicas[0])
+    gateway_key(api, ns, "team", KEY, namespaces=ns)
+    (tmp_path / "upstream").write_text(UPSTREAM)
+    gw = start_gateway(tmp_path, "--namespace", ns, "--keys-namespace", ns, "--upstream-token-file",
+                       str(tmp_path / "upstream"), env={"KUBECONFIG": str(tmp_path / "kubeconfig")})
+    try:
+        answer = chat(gw, "tiny")
+        assert answer.status_code == 200, answer.text
+        # Still following changes with the plugin's credential: a second LocalModel appears.
+        local_model(api, ns, "other", "acme/other-chat", ["second"])
+        pod(api, ns, "other-a", "other", replicas[1])
+        wait_until(lambda: chat(gw, "second").status_code == 200, timeout=30)
+    finally:
+        gw.stop()
+    runs = (tmp_path / "plugin.log").read_text().splitlines()
+    assert len(runs) > 1, runs  # run again for the expiring credential, not once for good
+    assert json.loads(runs[0])["kind"] == "ExecCredential"
+    assert "Unauthorized" not in gw.log_path.read_text() and "Forbidden" not in gw.log_path.read_text()

@@ -7,26 +7,23 @@ from __future__ import annotations
 
 import base64
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import kubernetes.client
 import openai
 import pytest
-from gateway_support import start_gateway
+from gateway_support import gateway_account, gateway_key, start_gateway
 from hf_hub_server import FakeHub
 from kube_cluster import KubeCluster
 from lmkube.operator import resources
-from node_support import POD_TIMEOUT, delete_volumes, provide_volume
-from operator_support import OPERATOR_ACCOUNT, Api, OperatorProcess, grant_operator_rules, install_crd
+from node_support import POD_TIMEOUT, kube, node_namespace, provide_volume
+from operator_e2e_support import TINY_REPO, api, hub, lm_spec, operator
+from operator_support import Api, OperatorProcess
 from project_image import BUILD_TIMEOUT
 from real_node import RealNode
-from real_node_config import NODE_IP
 from support import wait_until
-from test_gateway_kube import WATCH, gateway_key
 
-from lmkube.synthetic_gguf import write_llama_model
+__all__ = ["api", "hub", "kube", "node_namespace", "operator"]  # fixtures
 
 # The project image: a source change rebuilds it (minutes) before the first pod; `-m "not image"` skips these.
 pytestmark = [pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning"), pytest.mark.image,
@@ -34,47 +31,15 @@ pytestmark = [pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureReq
 
 UPSTREAM = f"gw-upstream-{secrets.token_hex(16)}"
 KEY = f"gw-{secrets.token_hex(12)}"
-REPO = "hub-org/Tiny-GGUF"
+OPERATOR_ENV = {"LMKUBE_OPERATOR_GATEWAY_TOKEN": UPSTREAM}  # read by operator_e2e_support's `operator`
 
 
-@pytest.fixture(scope="module")
-def hub(real_node: RealNode, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
-    d = tmp_path_factory.mktemp("gw-hub")
-    hub = FakeHub(host=NODE_IP).start()  # where pods reach the host
-    hub.add_repo(REPO, {"tiny-Q4_K_M.gguf": write_llama_model(d / "tiny-Q4_K_M.gguf", seed=21, name="Tiny")})
-    yield hub
-    hub.stop()
-
-
-@pytest.fixture(scope="module")
-def kube(real_node: RealNode) -> KubeCluster:
-    """The real node's control plane (this module's `kube` is not the session's node-less one)."""
-    return real_node.cluster
-
-
-@pytest.fixture(scope="module")
-def ns(real_node: RealNode, kube: KubeCluster) -> Iterator[str]:
-    name = f"gw-e2e-{secrets.token_hex(3)}"
-    install_crd(kube)
-    kube.create_namespace(name)
-    grant_operator_rules(kube, name)
-    yield name
-    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
-    delete_volumes(real_node, name)
-
-
-def test_operator_pods_behind_the_gateway(real_node: RealNode, kube: KubeCluster, ns: str, hub: FakeHub,
-                                          node_image: str, tmp_path: Path) -> None:
-    kubeconfig = kube.service_account_kubeconfig(ns, OPERATOR_ACCOUNT, tmp_path / "operator-kubeconfig")
-    operator = OperatorProcess(kubeconfig, ns, tmp_path / "operator.log",
-                               env={"LMKUBE_OPERATOR_GATEWAY_TOKEN": UPSTREAM, "LMKUBE_OPERATOR_CPU_IMAGE": node_image,
-                                    "LMKUBE_OPERATOR_IMAGE_PULL_POLICY": "Never"})
-    operator.start()
-    api = Api(kube, ns)
+def test_operator_pods_behind_the_gateway(real_node: RealNode, kube: KubeCluster, node_namespace: str, hub: FakeHub,
+                                          operator: OperatorProcess, api: Api, tmp_path: Path) -> None:
+    ns = node_namespace
     gateway = None
     try:
-        spec = {"model": REPO, "gpu": {"count": 0}, "storage": {"size": "1Gi"}, "contextLength": 512,
-                "env": [{"name": "HF_ENDPOINT", "value": hub.url}, {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]}
+        spec = lm_spec(hub, TINY_REPO, contextLength=512)
         for name in ("chat", "other"):
             provide_volume(real_node, ns, resources.names(name).pvc)
         api.create_lm("chat", {**spec, "aliases": ["gpt-4o-mini"]})
@@ -83,20 +48,12 @@ def test_operator_pods_behind_the_gateway(real_node: RealNode, kube: KubeCluster
             wait_until(lambda name=name: api.status(name).get("phase") == "Ready", timeout=POD_TIMEOUT,
                        message=f"{name} not Ready:\n{operator.log()[-4000:]}")
 
+        gw_kubeconfig = gateway_account(kube, ns, tmp_path / "gw-kubeconfig")
         with kube.api_client() as client:
-            kube.kubectl("create", "serviceaccount", "gateway", "-n", ns)
-            rbac = kubernetes.client.RbacAuthorizationV1Api(client)
-            rbac.create_namespaced_role(ns, {"metadata": {"name": "gateway"}, "rules": WATCH})
-            rbac.create_namespaced_role_binding(ns, {
-                "metadata": {"name": "gateway"},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "gateway"},
-                "subjects": [{"kind": "ServiceAccount", "name": "gateway", "namespace": ns}]})
             gateway_key(client, ns, "client", KEY, namespaces=ns)
         (tmp_path / "upstream").write_text(UPSTREAM)
         gateway = start_gateway(tmp_path, "--namespace", ns, "--keys-namespace", ns, "--upstream-token-file",
-                                str(tmp_path / "upstream"),
-                                env={"KUBECONFIG": str(kube.service_account_kubeconfig(ns, "gateway",
-                                                                                       tmp_path / "gw-kubeconfig"))})
+                                str(tmp_path / "upstream"), env={"KUBECONFIG": str(gw_kubeconfig)})
         client = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key=KEY, max_retries=0, timeout=60)
         messages = [{"role": "user", "content": "Hi"}]
         for model in ("gpt-4o-mini", f"{ns}/other", f"{ns}/chat"):
@@ -122,5 +79,3 @@ def test_operator_pods_behind_the_gateway(real_node: RealNode, kube: KubeCluster
         for name in ("chat", "other"):
             api.delete_lm(name)
         wait_until(lambda: not api.pods("chat") and not api.pods("other"), timeout=POD_TIMEOUT)
-        operator.stop()
-        api.close()

@@ -1,5 +1,5 @@
-"""Unit tests of the gateway's pure parts (resolution, grants, balancing) and of the operator's side of the
-gateway credential (the pods accept it besides their own token)."""
+"""Unit tests of the gateway's pure parts (resolution, grants, balancing, replicas from pods and status) and
+of the operator's side of the gateway credential (the pods accept it besides their own token)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from dataclasses import replace
 from lmkube.gateway.balance import Balancer
 from lmkube.gateway.catalog import Replica, ServedModel
 from lmkube.gateway.keys import KeyRing, grant_from_fields
+from lmkube.gateway.kube import served_models
 from lmkube.gateway.resolve import resolve, upstream_model
 from lmkube.operator import reconcile
-from lmkube.operator.resources import deployment, gateway_secret, gateway_secret_name, token_secret
+from lmkube.operator.resources import deployment, gateway_secret, gateway_secret_name, labels, token_secret
 from lmkube.operator.spec import OperatorSettings, parse_spec
 
 CHAT = ServedModel("team-a", "chat", "acme/tiny-chat", aliases=("gpt-4o-mini",))
@@ -27,6 +28,33 @@ def test_a_model_answers_to_its_key_name_alias_and_namespace_name() -> None:
     assert resolve("acme/tiny-chat", [CHAT, TWIN], lambda m: m.namespace == "team-b") == [TWIN]
     assert upstream_model("gpt-4o-mini", CHAT) == "acme/tiny-chat"
     assert upstream_model("acme/tiny-chat@q4_k_m", CHAT) == "acme/tiny-chat@q4_k_m"
+
+
+def _pod(name: str, ip: str, *, ready: bool = True, deleting: bool = False) -> dict[str, object]:
+    return {"metadata": {"name": name, "namespace": "team-a", "labels": labels("chat"),
+                         **({"deletionTimestamp": "2026-01-01T00:00:00Z"} if deleting else {})},
+            "spec": {"containers": [{"ports": [{"name": "http", "containerPort": 1234}]}]},
+            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+
+
+def test_replicas_are_the_ready_pods_the_operator_reports_serving_in_a_rollout() -> None:
+    pods = [_pod("old", "10.0.0.1", deleting=True), _pod("a", "10.0.0.2"), _pod("b", "10.0.0.3"),
+            _pod("c", "10.0.0.4", ready=False)]
+    local_model: dict[str, object] = {"metadata": {"name": "chat", "namespace": "team-a"}, "spec": {},
+                                      "status": {"modelKey": "acme/tiny-chat"}}
+    # No per-pod status (no operator, or not yet): every ready pod that is not terminating.
+    (model,) = served_models([local_model], pods)
+    assert [r.name for r in model.replicas] == ["a", "b"] and model.replicas[0].url == "http://10.0.0.2:1234"
+    # A rollout's new pod is ready before the operator has loaded the model on it: not yet routed to.
+    local_model["status"] = {"modelKey": "acme/tiny-chat", "pods": [{"name": "a", "phase": "Ready"},
+                                                                    {"name": "b", "phase": "Loading"}]}
+    assert [r.name for r in served_models([local_model], pods)[0].replicas] == ["a"]
+    local_model["status"] = {"pods": [{"name": "a", "phase": "Idle"}, {"name": "b", "phase": "Ready"}]}
+    assert [r.name for r in served_models([local_model], pods)[0].replicas] == ["a", "b"]
+    # Listed serving but terminating, the other one still loading: no replica (a 503 with Retry-After rather
+    # than a request the operator's load would cut off).
+    local_model["status"] = {"pods": [{"name": "b", "phase": "Loading"}, {"name": "old", "phase": "Ready"}]}
+    assert served_models([local_model], pods)[0].replicas == ()
 
 
 def test_grants_and_constant_time_lookup() -> None:

@@ -109,6 +109,15 @@ def objects(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind]
 
 
+def is_gateway(doc: dict[str, Any]) -> bool:
+    return (doc["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "gateway"
+
+
+def operator_objects(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The `kind` objects but the gateway's (on by default, tests/test_helm_gateway.py)."""
+    return [d for d in objects(docs, kind) if not is_gateway(d)]
+
+
 def test_lint_is_clean(helm: Any, full_values: Path) -> None:
     for args in ([], ["-f", str(full_values)]):
         result = helm("lint", "--strict", str(CHART), *args)
@@ -145,34 +154,34 @@ def test_schema_rejects_bad_values(helm: Any, tmp_path: Path, values: dict[str, 
 def test_rbac_is_operator_rbac_py(helm: Any, full_values: Path) -> None:
     rules = rbac.rules()
     docs = render(helm)
-    (cluster_role,) = objects(docs, "ClusterRole")
+    (cluster_role,) = operator_objects(docs, "ClusterRole")
     assert cluster_role["rules"] == rules["cluster"] + rules["namespaced"]  # all namespaces: one ClusterRole
-    assert objects(docs, "Role") == [] and objects(docs, "RoleBinding") == []
-    (binding,) = objects(docs, "ClusterRoleBinding")
+    assert operator_objects(docs, "Role") == [] and operator_objects(docs, "RoleBinding") == []
+    (binding,) = operator_objects(docs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == cluster_role["metadata"]["name"] == "lmkube"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "lmkube", "namespace": "lmkube-system"}]
-    (account,) = objects(docs, "ServiceAccount")
+    (account,) = operator_objects(docs, "ServiceAccount")
     assert account["metadata"] == {**account["metadata"], "name": "lmkube", "namespace": "lmkube-system"}
 
     docs = render(helm, "-f", str(full_values))
-    (cluster_role,) = objects(docs, "ClusterRole")
+    (cluster_role,) = operator_objects(docs, "ClusterRole")
     assert cluster_role["rules"] == rules["cluster"]  # only what is needed cluster-wide
-    roles = objects(docs, "Role")
+    roles = operator_objects(docs, "Role")
     assert [(r["metadata"]["namespace"], r["rules"]) for r in roles] == [
         ("team-a", rules["namespaced"]), ("team-b", rules["namespaced"])]
-    for role_binding in objects(docs, "RoleBinding"):
+    for role_binding in operator_objects(docs, "RoleBinding"):
         assert role_binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "lmk"}
         assert role_binding["subjects"] == [{"kind": "ServiceAccount", "name": "lmkube-op",
                                              "namespace": "lmkube-system"}]
-    assert len(objects(docs, "RoleBinding")) == 2
+    assert len(operator_objects(docs, "RoleBinding")) == 2
     # The generated file the chart reads is current.
     assert (CHART / "files" / "operator-rules.yaml").read_text() == rbac.render()
-    no_rbac = {d["kind"] for d in render(helm, "--set", "rbac.create=false")}
+    no_rbac = {d["kind"] for d in render(helm, "--set", "rbac.create=false") if not is_gateway(d)}
     assert no_rbac == {"ServiceAccount", "Deployment"}
 
 
 def test_operator_deployment_args_env_and_peering(helm: Any, full_values: Path) -> None:
-    (deployment,) = objects(render(helm), "Deployment")
+    (deployment,) = operator_objects(render(helm), "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "lmkube/lmkube:0.1.0"
@@ -188,7 +197,7 @@ def test_operator_deployment_args_env_and_peering(helm: Any, full_values: Path) 
     assert container["startupProbe"]["httpGet"] == container["livenessProbe"]["httpGet"] == {
         "path": "/healthz", "port": "health"}
     # The model servers follow image.tag unless serverImage says otherwise.
-    (tagged,) = objects(render(helm, "--set", "image.tag=2.0.0"), "Deployment")
+    (tagged,) = operator_objects(render(helm, "--set", "image.tag=2.0.0"), "Deployment")
     tagged_env = {e["name"]: e.get("value") for e in tagged["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert tagged_env["LMKUBE_OPERATOR_CPU_IMAGE"] == "lmkube/lmkube:2.0.0"
     assert tagged_env["LMKUBE_OPERATOR_CUDA_IMAGE"] == "lmkube/lmkube:2.0.0-cuda"
@@ -196,7 +205,7 @@ def test_operator_deployment_args_env_and_peering(helm: Any, full_values: Path) 
     assert not objects(render(helm), "ClusterKopfPeering") and not objects(render(helm), "KopfPeering")
 
     docs = render(helm, "-f", str(full_values))
-    (deployment,) = objects(docs, "Deployment")
+    (deployment,) = operator_objects(docs, "Deployment")
     assert deployment["metadata"]["name"] == "lmk" and deployment["spec"]["replicas"] == 2
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -214,11 +223,11 @@ def test_operator_deployment_args_env_and_peering(helm: Any, full_values: Path) 
     assert pod["tolerations"] == FULL_VALUES["operator"]["tolerations"]
     assert pod["affinity"] == FULL_VALUES["operator"]["affinity"]
     # Peering: one KopfPeering per watched namespace, named as --peering says.
-    assert [(p["metadata"]["namespace"], p["metadata"]["name"]) for p in objects(docs, "KopfPeering")] == [
+    assert [(p["metadata"]["namespace"], p["metadata"]["name"]) for p in operator_objects(docs, "KopfPeering")] == [
         ("team-a", "lmk"), ("team-b", "lmk")]
-    (peering,) = objects(render(helm, "--set", "operator.replicas=3"), "ClusterKopfPeering")
+    (peering,) = operator_objects(render(helm, "--set", "operator.replicas=3"), "ClusterKopfPeering")
     assert peering["metadata"]["name"] == "lmkube" and "namespace" not in peering["metadata"]
-    (pdb,) = objects(docs, "PodDisruptionBudget")
+    (pdb,) = operator_objects(docs, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
 
 
@@ -309,7 +318,8 @@ def test_install_and_uninstall(kube: KubeCluster, crds: None) -> None:
     deployment = get("deployment", fullname, namespace)
     assert deployment["spec"]["replicas"] == 2
     # The real controller-manager takes it from there (no pods run: the `kube` control plane has no node).
-    wait_until(lambda: kube.kubectl("get", "pods", "-n", namespace, "-o", "name").stdout.count("pod/") == 2,
+    wait_until(lambda: kube.kubectl("get", "pods", "-n", namespace, "-l", "app.kubernetes.io/component=operator",
+                                    "-o", "name").stdout.count("pod/") == 2,
                timeout=30, message="the operator Deployment's pods created")
     model = get("localmodel", "tiny", models_ns)
     assert model["spec"]["gpu"]["count"] == 0 and model["spec"]["gpu"]["resource"] == "nvidia.com/gpu"

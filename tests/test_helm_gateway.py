@@ -1,5 +1,5 @@
-"""The chart's gateway (gateway.enabled): Deployment, Service, PodDisruptionBudget, credential and RBAC, as
-rendered by the real helm and accepted by a real kube-apiserver (server-side dry run)."""
+"""The chart's gateway (gateway.enabled, on by default): Deployment, Service, PodDisruptionBudget, credential
+and RBAC, as rendered by the real helm and accepted by a real kube-apiserver (server-side dry run)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from test_helm_chart import CHART, helm, objects, render
 __all__ = ["helm"]  # the fixture, shared with test_helm_chart.py
 
 ON = ("--set", "gateway.enabled=true")
+OFF = ("--set", "gateway.enabled=false")
 READ = ["get", "list", "watch"]
 
 
@@ -21,7 +22,15 @@ def gateway_objects(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any
 
 
 def test_gateway_deployment_service_pdb_and_credential(helm: Any) -> None:
-    assert not [d for d in render(helm) if "gateway" in d["metadata"]["name"]]  # off by default
+    def names(docs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+        return [(d["kind"], d["metadata"]["name"]) for d in docs]
+
+    assert names(render(helm)) == names(render(helm, *ON))  # on by default
+    off = render(helm, *OFF)
+    assert not [d for d in off if "gateway" in d["metadata"]["name"]]
+    (alone,) = objects(off, "Deployment")  # and the operator gets no gateway credential
+    env = alone["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert "LMKUBE_OPERATOR_GATEWAY_TOKEN" not in {e["name"] for e in env}
     docs = render(helm, *ON)
     (deployment,) = gateway_objects(docs, "Deployment")
     assert deployment["metadata"]["name"] == "lmkube-gateway" and deployment["spec"]["replicas"] == 2

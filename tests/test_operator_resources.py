@@ -226,7 +226,7 @@ def test_service_and_endpoint():
 def test_deployment_gpu():
     dep = deployment("qwen", "ns", parse_spec({"model": REPO, "ttl": "30m", "parallel": 2}), owner=OWNER)
     assert dep["metadata"]["name"] == "lm-qwen" and dep["metadata"]["ownerReferences"] == [OWNER]
-    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate", "rollingUpdate": None}
     c = container(dep)
     assert c["image"] == f"lmkube/lmkube:{VERSION}-cuda"
     assert c["command"] == ["lmkube"]
@@ -240,6 +240,16 @@ def test_deployment_gpu():
     assert env["LMKUBE_HOME"]["value"] == "/models/.lmkube"
     assert c["volumeMounts"] == [{"name": "models", "mountPath": "/models"}]
     assert dep["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"] == {"claimName": "lm-qwen-models"}
+
+
+def test_several_replicas_roll_one_at_a_time():
+    shared = {"model": REPO, "storage": {"existingClaim": "shared"}, "replicas": 2}
+    cpu = deployment("qwen", "ns", parse_spec({**shared, "gpu": {"count": 0}}))["spec"]["strategy"]
+    assert cpu == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    gpu = deployment("qwen", "ns", parse_spec(shared))["spec"]["strategy"]  # a surge pod would wait for a GPU
+    assert gpu == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    single = deployment("qwen", "ns", parse_spec({"model": REPO, "gpu": {"count": 0}}))["spec"]["strategy"]
+    assert single == {"type": "Recreate", "rollingUpdate": None}
 
 
 def test_deployment_cpu_and_image_override():

@@ -8,13 +8,24 @@ controller-manager.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from real_node import BUSYBOX_IMAGE, STATE_FILE, RealNode, RealNodeUnavailable, host_snapshot, preflight
+from real_node import (
+    BUSYBOX_IMAGE,
+    STATE_FILE,
+    RealNode,
+    RealNodeUnavailable,
+    host_snapshot,
+    preflight,
+    take_lock,
+)
 from real_node_config import NODE_IP
 from support import wait_until
 
@@ -274,3 +285,23 @@ def test_killed_run_is_cleaned_up_and_the_host_left_as_found(real_node: RealNode
     finally:
         real_node.cluster.kubectl("delete", "node", "killed-node", "recovered-node", "--wait=false", check=False)
         real_node.start()
+
+
+def test_a_run_waiting_for_the_node_takes_the_lock_the_finishing_run_left(tmp_path: Path) -> None:
+    """No node needed. A finishing run removes the lock file and its directory (RealNode.stop): the run that
+    waited on that file must hold the lock file a third run would open, not the removed one."""
+    directory = tmp_path / "state"
+    first = take_lock(directory)
+    taken: list[object] = []
+    waiter = threading.Thread(target=lambda: taken.append(take_lock(directory)))
+    waiter.start()
+    waiter.join(timeout=0.5)
+    assert waiter.is_alive()  # waiting for the first run
+    (directory / "lock").unlink()
+    first.close()
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+    waiter.join(timeout=10)
+    (second,) = taken
+    assert os.fstat(second.fileno()).st_ino == (directory / "lock").stat().st_ino  # type: ignore[attr-defined]
+    second.close()  # type: ignore[attr-defined]

@@ -329,6 +329,27 @@ def test_a_new_pod_setting_rolls_the_deployment(cluster: FakeCluster) -> None:
     assert cluster.reconcile("tiny")["phase"] == "Ready"
 
 
+def test_during_a_rollout_the_old_pods_stay_listed_serving_until_they_go(cluster: FakeCluster) -> None:
+    shared = {"model": MODEL, "replicas": 2, "storage": {"existingClaim": "shared-models"}, "gpu": {"count": 0}}
+    cluster.apply("tiny", shared)
+    cluster.reconcile("tiny")
+    volume = Volume(files={KEY: "q4_k_m"})
+    for name in ("tiny-a", "tiny-b"):
+        cluster.start_pod("tiny", name, volume=volume)
+    assert cluster.reconcile("tiny")["readyReplicas"] == 2
+    cluster.apply("tiny", {**shared, "image": "registry.local/lmkube:next"})
+    cluster.reconcile("tiny")
+    assert cluster.deployment("tiny")["spec"]["strategy"]["type"] == "RollingUpdate"
+    # The new template's first pod is ready, not loaded yet: the old pods are still the ones serving.
+    cluster.start_pod("tiny", "tiny-c", volume=volume)
+    serving = {r["name"]: r["phase"] for r in cluster.reconcile("tiny")["pods"]}
+    assert serving == {"tiny-a": "Ready", "tiny-b": "Ready", "tiny-c": "Ready"}
+    cluster.pod("tiny-a")["metadata"]["deletionTimestamp"] = "2027-01-15T09:00:00Z"  # the Deployment removes one
+    status = cluster.reconcile("tiny")
+    assert {r["name"] for r in status["pods"]} == {"tiny-b", "tiny-c"}
+    assert status["readyReplicas"] == 1  # only the new template's pods count
+
+
 def test_a_deleted_owned_object_is_recreated(cluster: FakeCluster) -> None:
     ready_model(cluster)
     cluster.kube.delete("Service", NAMESPACE, resources.names("tiny").service)

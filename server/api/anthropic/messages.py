@@ -14,7 +14,7 @@ from fastapi import Depends, Request
 
 from ...chat.session import TOOL_CHOICE_HEADER, prepare_chat
 from ...engine.sampling import SamplingParams
-from ...errors import APIError, error_body
+from ...errors import APIError, api_error_body
 from ...runtime.manager import ModelManager
 from ...streaming import EventStreamResponse, SseEvent, sse_event, unless_disconnected
 from .. import inference
@@ -61,7 +61,7 @@ async def _stream(round: Round, builder: MessageBuilder) -> AsyncIterator[bytes]
         async for events in _events(round, builder):
             yield b"".join(sse_event(name, data) for name, data in events)
     except APIError as exc:  # the stream has started: report it in-band
-        yield sse_event("error", {"error": error_body(PATH, exc)["error"]})
+        yield sse_event("error", {"error": api_error_body(PATH, exc)["error"]})
     except Exception as exc:
         yield sse_event("error", {"error": {"type": "api_error", "message": f"Internal server error: {exc}"}})
     finally:

@@ -28,7 +28,7 @@ from ...chat.session import ChatSpec
 from ...conversations import ConversationStore
 from ...engine.events import Finish
 from ...engine.sampling import SamplingParams
-from ...errors import APIError, error_body
+from ...errors import APIError, api_error_body
 from ...mcp import McpTool, McpToolbox, open_toolbox, parse_integrations, unavailable_error
 from ...runtime.instance import ModelInstance
 from ...runtime.manager import ModelManager
@@ -354,7 +354,7 @@ async def _stream(chat: NativeChatEvents, head: list[list[SseEvent]],
         async for events in batches():
             yield b"".join(sse_event(name, data) for name, data in events)
     except APIError as exc:
-        yield sse_event("error", {"error": error_body(PATH, exc)["error"]})
+        yield sse_event("error", {"error": api_error_body(PATH, exc)["error"]})
     except Exception as exc:  # the stream has started: report it in-band, then still end it
         yield sse_event("error", {"error": {"type": "internal_error", "message": f"Internal server error: {exc}"}})
     finally:

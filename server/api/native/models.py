@@ -12,7 +12,7 @@ from fastapi import Depends
 from ...chat.reasoning import ReasoningStyle, detect_reasoning_style
 from ...engine.llama_lib import ModelLoadError, gpu_offload_supported
 from ...engine.speculative import DraftIncompatible
-from ...errors import APIError, error_body
+from ...errors import APIError, api_error_body
 from ...runtime.estimate import available_memory, estimate_memory, fits
 from ...runtime.instance import LoadConfig, ModelInstance, check_num_experts
 from ...runtime.manager import ModelManager
@@ -181,7 +181,7 @@ async def _load_events(body: LoadRequest, config: LoadConfig, manager: ModelMana
     try:
         result = task.result()
     except APIError as exc:
-        yield sse_event("error", {"error": error_body(LOAD_PATH, exc)["error"]})
+        yield sse_event("error", {"error": api_error_body(LOAD_PATH, exc)["error"]})
         return
     yield sse_event("model_load.end", {"model_instance_id": result["instance_id"], "result": result})
 
