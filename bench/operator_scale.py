@@ -21,19 +21,27 @@ timing (poll 2 s, resync 30 s, retry 5 s). Then:
 3. `--settle-seconds` for the back-off of the waiting models to reach the resync interval, then its CPU
    (user + system, /proc/<pid>/stat) over `--idle-seconds`;
 4. every LocalModel deleted (8 client threads, one DELETE each, as `kubectl delete lm --all` does): time until
-   none is left (finalizers released) and until none of the owned objects is;
+   none is left (finalizers released) and until none of the owned objects is; how long the DELETE requests
+   themselves took (the API server's share) and the operator's CPU meanwhile;
 5. its RSS `--after-seconds` after that, next to its idle RSS; its peak RSS over the whole run;
 6. from its log: how often the delete handler ran per model, and urllib3's "Connection pool is full" warnings.
 
 It prints a Markdown table (one column per count) and writes it to bench/results/operator-scale-<UTC time>.md
 (the operator logs: bench/results/logs/opscale-*.log).
+
+`--memory-report FRAMES` runs the operator with LMKUBE_OPERATOR_MEMORY_REPORT (operator/memreport.py) and asks
+for a report (SIGUSR1) with no models, once every phase is written, and after they are gone:
+bench/results/logs/opscale-*.memory.txt. FRAMES > 0 traces allocations (tracemalloc: live bytes and where they
+grew; slows the operator, so its timings are not comparable); 0 reports the allocators only (glibc, pymalloc).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -235,6 +243,8 @@ class Result:
     owned_gone_s: float
     deletes_per_model: tuple[int, int]  # (most delete-handler runs for one model, models with more than one)
     pool_warnings: int
+    deletes_sent_s: float  # until the API server had answered every DELETE
+    delete_cpu: float  # the operator's cores from the first DELETE until no LocalModel was left
 
 
 class Watcher:
@@ -262,14 +272,32 @@ def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path)
     cluster.create_namespace(namespace)
     grant_operator_rules(cluster, namespace)
     kubeconfig = cluster.service_account_kubeconfig(namespace, OPERATOR_ACCOUNT, workdir / f"{namespace}.kubeconfig")
-    operator = OperatorProcess(kubeconfig, namespace, workdir / f"{namespace}.log", env=DEFAULT_TIMING)
+    env = dict(DEFAULT_TIMING)
+    memory_report = workdir / f"{namespace}.memory.txt"
+    if args.memory_report is not None:
+        env |= {"LMKUBE_OPERATOR_MEMORY_REPORT": str(memory_report),
+                "LMKUBE_OPERATOR_MEMORY_REPORT_FRAMES": str(args.memory_report)}
+    operator = OperatorProcess(kubeconfig, namespace, workdir / f"{namespace}.log", env=env)
     client = cluster.api_client()
     watch = Watcher(client, namespace)
-    operator.start()
+    try:
+        operator.start()
+    except BaseException:
+        operator.stop()  # a start that timed out leaves the process running
+        raise
     assert operator.process is not None
     footprint = Footprint(operator.process.pid).start()
+
+    def report_memory(label: str) -> None:
+        if args.memory_report is not None and operator.process is not None:
+            with memory_report.open("a") as out:
+                out.write(f"--- {count} models: {label}\n")
+            os.kill(operator.process.pid, signal.SIGUSR1)
+            time.sleep(5)  # the report runs in the operator; the RSS samples of the next step should not see it
+
     try:
         idle_rss = footprint.settled_rss(5)
+        report_memory("idle, no models")
         names = [f"m{i:04d}" for i in range(count)]
         spec = {"model": args.model, "gpu": {"count": 0}, "storage": {"size": "1Gi"}}
         began = time.monotonic()
@@ -289,22 +317,27 @@ def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path)
             time.sleep(0.2)
         print(f"  {count}: objects {objects_s:.1f} s, phases {phases_s:.1f} s; settling {args.settle_seconds} s",
               flush=True)
+        report_memory("every phase written")
         time.sleep(args.settle_seconds)
         idle_cpu = footprint.cpu_over(args.idle_seconds)
         print(f"  {count}: idle CPU {idle_cpu:.3f} cores; deleting", flush=True)
         began = time.monotonic()
+        _, cpu_before = footprint.read()
         with ThreadPoolExecutor(CLIENT_THREADS) as pool:
             list(pool.map(lambda name: watch.custom.delete_namespaced_custom_object(
                 crd.GROUP, crd.VERSION, namespace, crd.PLURAL, name, _preload_content=False), names))
+        deletes_sent_s = time.monotonic() - began
         wait_for(lambda: not watch.local_models(), args.timeout, "LocalModels gone")
         lm_gone_s = time.monotonic() - began
+        delete_cpu = (footprint.read()[1] - cpu_before) / lm_gone_s
         wait_for(lambda: all(watch.owned(kind) == 0 for kind in COLLECTED), args.timeout, "owned objects gone")
         owned_gone_s = time.monotonic() - began
         after_rss = footprint.settled_rss(args.after_seconds)
+        report_memory("all gone")
         runs = [operator.log().count(f"LocalModel {namespace}/{name} deleted") for name in names]
         return Result(count, objects_s, phases_s, idle_rss, footprint.peak_rss, after_rss, idle_cpu, lm_gone_s,
                       owned_gone_s, (max(runs), sum(1 for r in runs if r > 1)),
-                      operator.log().count("Connection pool is full"))
+                      operator.log().count("Connection pool is full"), deletes_sent_s, delete_cpu)
     finally:
         footprint.stop()
         operator.stop()
@@ -322,6 +355,8 @@ def table(results: list[Result]) -> str:
         ("operator peak RSS", lambda r: f"{r.peak_rss / mib:.0f} MiB"),
         ("operator CPU, models waiting (Pending)", lambda r: f"{r.idle_cpu:.3f} cores"),
         ("all LocalModels gone after the delete (finalizers released)", lambda r: f"{r.lm_gone_s:.1f} s"),
+        ("  of which the DELETE requests themselves", lambda r: f"{r.deletes_sent_s:.1f} s"),
+        ("  operator CPU meanwhile", lambda r: f"{r.delete_cpu:.2f} cores"),
         ("all owned objects and their pods gone", lambda r: f"{r.owned_gone_s:.1f} s"),
         ("operator RSS after they are gone", lambda r: f"{r.after_rss / mib:.0f} MiB "
                                                        f"({(r.after_rss - r.idle_rss) / mib:+.0f})"),
@@ -348,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-seconds", type=float, default=30.0, help="window of the idle CPU measurement")
     parser.add_argument("--after-seconds", type=float, default=10.0, help="after deletion, before reading RSS")
     parser.add_argument("--timeout", type=float, default=300.0, help="give up on a step after this long")
+    parser.add_argument("--memory-report", type=int, default=None, metavar="FRAMES",
+                        help="memory reports from the operator (operator/memreport.py); FRAMES 0: allocators only")
     args = parser.parse_args(argv)
     urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     counts = [int(c) for c in args.counts.split(",") if c.strip()]
@@ -359,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         cluster.apply_crds(CRD_PATH)
         for count in counts:
             results.append(run_count(cluster, count, args, logs))
+            if args.memory_report is not None:
+                print(f"memory reports: bench/results/logs/opscale-{count}-*.memory.txt", flush=True)
     report = table(results)
     print(report)
     out.write_text(report + "\n")

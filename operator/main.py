@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `lmkube serve` never pays for kopf.
     import kopf
+    from lmkube.operator import memreport
     from lmkube.operator.handlers import build_runtime, register
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -33,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.verbose:
         logging.getLogger("kubernetes").setLevel(logging.WARNING)
         logging.getLogger("httpx").setLevel(logging.WARNING)
+    # A diagnostic, only with LMKUBE_OPERATOR_MEMORY_REPORT set; after the imports, which tracemalloc would slow.
+    memreport.install_from_env()
     registry = kopf.OperatorRegistry()
     register(registry, build_runtime())
     namespaces = list(dict.fromkeys(args.namespace))
