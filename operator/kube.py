@@ -79,9 +79,14 @@ def not_found(error: ApiException) -> bool:
 
 class Kube:
     def __init__(self, client: kubernetes.client.ApiClient) -> None:
+        self.client = client
         self.core = kubernetes.client.CoreV1Api(client)
         self.apps = kubernetes.client.AppsV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
+
+    def close_idle_connections(self) -> None:
+        """Closes the pooled connections no request is using (the next requests open new ones)."""
+        self.client.rest_client.pool_manager.clear()
 
     # -- owned objects: get / create / patch by kind -----------------------------------------------
 

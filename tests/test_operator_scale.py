@@ -172,6 +172,7 @@ def test_nothing_is_kept_for_models_that_are_gone(in_process: Runtime, scale_api
     create_all(scale_api, names)
     wait_until(lambda: all_phased(scale_api, names), timeout=120)
     assert {name for _, name in in_process.schedule.known()} >= set(names)
+    releases = in_process.memory_release.releases
     delete_all(scale_api, names)
     wait_until(lambda: all(scale_api.lm(name) is None for name in names), timeout=KOPF_CANCELLATION_POLLING / 2)
     # Events of the owned objects the garbage collector is deleting now must not bring any model back.
@@ -179,3 +180,5 @@ def test_nothing_is_kept_for_models_that_are_gone(in_process: Runtime, scale_api
                timeout=120)
     assert in_process.schedule.known() == {}
     assert in_process.schedule.bookkeeping_sizes() == {"entries": 0, "aliases": 0, "scheduled": 0, "heap": 0}
+    # And once the deletions are over, the freed memory goes back to the system (gc, malloc_trim).
+    wait_until(lambda: in_process.memory_release.releases > releases, timeout=60, message="no memory release")
