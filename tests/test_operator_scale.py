@@ -59,6 +59,8 @@ def test_deleting_many_waiting_models_releases_every_finalizer_at_once(
     names = [f"m{i:02d}" for i in range(20)]
     operator.start()
     try:
+        assert operator.process is not None  # `lmkube operator` runs itself again with glibc's malloc
+        assert b"PYTHONMALLOC=malloc" in Path(f"/proc/{operator.process.pid}/environ").read_bytes().split(b"\0")
         create_all(api, names)
         wait_until(lambda: all_phased(api, names), timeout=120, message=f"phases:\n{operator.log()[-3000:]}")
         delete_all(api, names)
