@@ -17,7 +17,7 @@ timing (poll 2 s, resync 30 s, retry 5 s). Then:
 
 1. its idle RSS (no models yet);
 2. N LocalModels created by 8 client threads: time until every Deployment, Service, PVC and Secret exists,
-   and until every `status.phase` is written;
+   and until every `status.phase` is written, and the operator's CPU meanwhile;
 3. `--settle-seconds` for the back-off of the waiting models to reach the resync interval, then its CPU
    (user + system, /proc/<pid>/stat) over `--idle-seconds`;
 4. every LocalModel deleted (8 client threads, one DELETE each, as `kubectl delete lm --all` does): time until
@@ -245,6 +245,7 @@ class Result:
     pool_warnings: int
     deletes_sent_s: float  # until the API server had answered every DELETE
     delete_cpu: float  # the operator's cores from the first DELETE until no LocalModel was left
+    create_cpu: float  # the operator's cores from the first create until every phase was written
 
 
 class Watcher:
@@ -301,12 +302,13 @@ def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path)
         names = [f"m{i:04d}" for i in range(count)]
         spec = {"model": args.model, "gpu": {"count": 0}, "storage": {"size": "1Gi"}}
         began = time.monotonic()
+        _, cpu_before = footprint.read()
         with ThreadPoolExecutor(CLIENT_THREADS) as pool:
             list(pool.map(lambda name: watch.custom.create_namespaced_custom_object(
                 crd.GROUP, crd.VERSION, namespace, crd.PLURAL,
                 {"apiVersion": crd.API_VERSION, "kind": crd.KIND, "metadata": {"name": name}, "spec": spec},
                 _preload_content=False), names))
-        objects_s = phases_s = 0.0
+        objects_s = phases_s = create_cpu = 0.0
         while not (objects_s and phases_s):
             if time.monotonic() - began > args.timeout:
                 raise TimeoutError(f"{count} models: objects or phases missing after {args.timeout} s")
@@ -314,6 +316,7 @@ def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path)
                 objects_s = time.monotonic() - began
             if not phases_s and sum(1 for m in watch.local_models() if (m.get("status") or {}).get("phase")) >= count:
                 phases_s = time.monotonic() - began
+                create_cpu = (footprint.read()[1] - cpu_before) / phases_s
             time.sleep(0.2)
         print(f"  {count}: objects {objects_s:.1f} s, phases {phases_s:.1f} s; settling {args.settle_seconds} s",
               flush=True)
@@ -337,7 +340,7 @@ def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path)
         runs = [operator.log().count(f"LocalModel {namespace}/{name} deleted") for name in names]
         return Result(count, objects_s, phases_s, idle_rss, footprint.peak_rss, after_rss, idle_cpu, lm_gone_s,
                       owned_gone_s, (max(runs), sum(1 for r in runs if r > 1)),
-                      operator.log().count("Connection pool is full"), deletes_sent_s, delete_cpu)
+                      operator.log().count("Connection pool is full"), deletes_sent_s, delete_cpu, create_cpu)
     finally:
         footprint.stop()
         operator.stop()
@@ -351,6 +354,7 @@ def table(results: list[Result]) -> str:
     rows: list[tuple[str, Callable[[Result], str]]] = [
         ("every Deployment, Service, PVC and Secret exists", lambda r: f"{r.objects_s:.1f} s"),
         ("every `status.phase` written", lambda r: f"{r.phases_s:.1f} s"),
+        ("  operator CPU meanwhile", lambda r: f"{r.create_cpu:.2f} cores"),
         ("operator idle RSS, no models", lambda r: f"{r.idle_rss / mib:.0f} MiB"),
         ("operator peak RSS", lambda r: f"{r.peak_rss / mib:.0f} MiB"),
         ("operator CPU, models waiting (Pending)", lambda r: f"{r.idle_cpu:.3f} cores"),
