@@ -23,7 +23,8 @@ timing (poll 2 s, resync 30 s, retry 5 s). Then:
 4. every LocalModel deleted (8 client threads, one DELETE each, as `kubectl delete lm --all` does): time until
    none is left (finalizers released) and until none of the owned objects is; how long the DELETE requests
    themselves took (the API server's share) and the operator's CPU meanwhile;
-5. its RSS `--after-seconds` after that, next to its idle RSS; its peak RSS over the whole run;
+5. its RSS `--after-seconds` after that, next to its idle RSS; its peak RSS over the whole run; with `--again`,
+   the same models created and deleted once more, and its RSS after that round too;
 6. from its log: how often the delete handler ran per model, and urllib3's "Connection pool is full" warnings.
 
 It prints a Markdown table (one column per count) and writes it to bench/results/operator-scale-<UTC time>.md
@@ -246,6 +247,7 @@ class Result:
     deletes_sent_s: float  # until the API server had answered every DELETE
     delete_cpu: float  # the operator's cores from the first DELETE until no LocalModel was left
     create_cpu: float  # the operator's cores from the first create until every phase was written
+    again_rss: int  # RSS after a second round of the same models (--again), else 0
 
 
 class Watcher:
@@ -301,13 +303,22 @@ def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path)
         report_memory("idle, no models")
         names = [f"m{i:04d}" for i in range(count)]
         spec = {"model": args.model, "gpu": {"count": 0}, "storage": {"size": "1Gi"}}
+
+        def create_all() -> None:
+            with ThreadPoolExecutor(CLIENT_THREADS) as pool:
+                list(pool.map(lambda name: watch.custom.create_namespaced_custom_object(
+                    crd.GROUP, crd.VERSION, namespace, crd.PLURAL,
+                    {"apiVersion": crd.API_VERSION, "kind": crd.KIND, "metadata": {"name": name}, "spec": spec},
+                    _preload_content=False), names))
+
+        def delete_all() -> None:
+            with ThreadPoolExecutor(CLIENT_THREADS) as pool:
+                list(pool.map(lambda name: watch.custom.delete_namespaced_custom_object(
+                    crd.GROUP, crd.VERSION, namespace, crd.PLURAL, name, _preload_content=False), names))
+
         began = time.monotonic()
         _, cpu_before = footprint.read()
-        with ThreadPoolExecutor(CLIENT_THREADS) as pool:
-            list(pool.map(lambda name: watch.custom.create_namespaced_custom_object(
-                crd.GROUP, crd.VERSION, namespace, crd.PLURAL,
-                {"apiVersion": crd.API_VERSION, "kind": crd.KIND, "metadata": {"name": name}, "spec": spec},
-                _preload_content=False), names))
+        create_all()
         objects_s = phases_s = create_cpu = 0.0
         while not (objects_s and phases_s):
             if time.monotonic() - began > args.timeout:
@@ -326,9 +337,7 @@ def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path)
         print(f"  {count}: idle CPU {idle_cpu:.3f} cores; deleting", flush=True)
         began = time.monotonic()
         _, cpu_before = footprint.read()
-        with ThreadPoolExecutor(CLIENT_THREADS) as pool:
-            list(pool.map(lambda name: watch.custom.delete_namespaced_custom_object(
-                crd.GROUP, crd.VERSION, namespace, crd.PLURAL, name, _preload_content=False), names))
+        delete_all()
         deletes_sent_s = time.monotonic() - began
         wait_for(lambda: not watch.local_models(), args.timeout, "LocalModels gone")
         lm_gone_s = time.monotonic() - began
@@ -337,10 +346,21 @@ def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path)
         owned_gone_s = time.monotonic() - began
         after_rss = footprint.settled_rss(args.after_seconds)
         report_memory("all gone")
-        runs = [operator.log().count(f"LocalModel {namespace}/{name} deleted") for name in names]
+        runs = [operator.log().count(f"LocalModel {namespace}/{name} deleted") for name in names]  # first round
+        again_rss = 0
+        if args.again:  # the same models once more: what a second round adds is what the operator keeps
+            create_all()
+            wait_for(lambda: sum(1 for m in watch.local_models() if (m.get("status") or {}).get("phase")) >= count,
+                     args.timeout, "phases, second round")
+            delete_all()
+            wait_for(lambda: not watch.local_models() and all(watch.owned(kind) == 0 for kind in COLLECTED),
+                     args.timeout, "everything gone, second round")
+            again_rss = footprint.settled_rss(args.after_seconds)
+            report_memory("all gone, second round")
         return Result(count, objects_s, phases_s, idle_rss, footprint.peak_rss, after_rss, idle_cpu, lm_gone_s,
                       owned_gone_s, (max(runs), sum(1 for r in runs if r > 1)),
-                      operator.log().count("Connection pool is full"), deletes_sent_s, delete_cpu, create_cpu)
+                      operator.log().count("Connection pool is full"), deletes_sent_s, delete_cpu, create_cpu,
+                      again_rss)
     finally:
         footprint.stop()
         operator.stop()
@@ -368,6 +388,9 @@ def table(results: list[Result]) -> str:
          lambda r: f"{r.deletes_per_model[0]}; {r.deletes_per_model[1]}"),
         ('"Connection pool is full" warnings', lambda r: str(r.pool_warnings)),
     ]
+    if any(r.again_rss for r in results):
+        rows.append(("operator RSS after a second round of the same models",
+                     lambda r: f"{r.again_rss / mib:.0f} MiB ({(r.again_rss - r.idle_rss) / mib:+.0f})"))
     lines = ["| | " + " | ".join(str(r.count) for r in results) + " |", "|---" * (len(results) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(cell(r) for r in results) + " |" for label, cell in rows]
     return "\n".join(lines)
@@ -387,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-seconds", type=float, default=30.0, help="window of the idle CPU measurement")
     parser.add_argument("--after-seconds", type=float, default=10.0, help="after deletion, before reading RSS")
     parser.add_argument("--timeout", type=float, default=300.0, help="give up on a step after this long")
+    parser.add_argument("--again", action="store_true",
+                        help="create and delete the same models a second time, and report the RSS after that too")
     parser.add_argument("--memory-report", type=int, default=None, metavar="FRAMES",
                         help="memory reports from the operator (operator/memreport.py); FRAMES 0: allocators only")
     args = parser.parse_args(argv)

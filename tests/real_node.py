@@ -65,6 +65,19 @@ APISERVER_NODE_PORT = 6443
 IMPORT_TIMEOUT = 900  # the project image (~1 GB) unpacked on a busy 2-core machine
 
 
+def take_lock() -> IO[str]:
+    """The node's lock. A run that leaves removes the lock file (and the directory): a run that was waiting on
+    the old file then holds a lock nobody else sees, so it locks the file that is there now instead."""
+    while True:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        lock = (STATE_DIR / "lock").open("w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(lock.fileno()).st_ino == os.stat(STATE_DIR / "lock").st_ino:
+                return lock
+        lock.close()
+
+
 class RealNodeUnavailable(RuntimeError):
     """This machine cannot run the real node; the message says what is missing."""
 
@@ -240,9 +253,7 @@ class RealNode:
     def start(self, timeout: float = 180) -> None:
         preflight(self.binaries)
         began = time.monotonic()
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
-        self._lock = (STATE_DIR / "lock").open("w")
-        fcntl.flock(self._lock, fcntl.LOCK_EX)  # another run's node: wait for it to finish
+        self._lock = take_lock()  # another run's node: wait for it to finish
         if STATE_FILE.exists():  # a killed run's leftovers
             clean_up(json.loads(STATE_FILE.read_text()))
         self.host_before = host_snapshot()
