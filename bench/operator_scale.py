@@ -17,23 +17,32 @@ timing (poll 2 s, resync 30 s, retry 5 s). Then:
 
 1. its idle RSS (no models yet);
 2. N LocalModels created by 8 client threads: time until every Deployment, Service, PVC and Secret exists,
-   and until every `status.phase` is written;
+   and until every `status.phase` is written, and the operator's CPU meanwhile;
 3. `--settle-seconds` for the back-off of the waiting models to reach the resync interval, then its CPU
    (user + system, /proc/<pid>/stat) over `--idle-seconds`;
 4. every LocalModel deleted (8 client threads, one DELETE each, as `kubectl delete lm --all` does): time until
-   none is left (finalizers released) and until none of the owned objects is;
-5. its RSS `--after-seconds` after that, next to its idle RSS; its peak RSS over the whole run;
+   none is left (finalizers released) and until none of the owned objects is; how long the DELETE requests
+   themselves took (the API server's share) and the operator's CPU meanwhile;
+5. its RSS `--after-seconds` after that, next to its idle RSS; its peak RSS over the whole run; with `--again`,
+   the same models created and deleted once more, and its RSS after that round too;
 6. from its log: how often the delete handler ran per model, and urllib3's "Connection pool is full" warnings.
 
 It prints a Markdown table (one column per count) and writes it to bench/results/operator-scale-<UTC time>.md
 (the operator logs: bench/results/logs/opscale-*.log).
+
+`--memory-report FRAMES` runs the operator with LMKUBE_OPERATOR_MEMORY_REPORT (operator/memreport.py) and asks
+for a report (SIGUSR1) with no models, once every phase is written, and after they are gone:
+bench/results/logs/opscale-*.memory.txt. FRAMES > 0 traces allocations (tracemalloc: live bytes and where they
+grew; slows the operator, so its timings are not comparable); 0 reports the allocators only (glibc, pymalloc).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -235,6 +244,10 @@ class Result:
     owned_gone_s: float
     deletes_per_model: tuple[int, int]  # (most delete-handler runs for one model, models with more than one)
     pool_warnings: int
+    deletes_sent_s: float  # until the API server had answered every DELETE
+    delete_cpu: float  # the operator's cores from the first DELETE until no LocalModel was left
+    create_cpu: float  # the operator's cores from the first create until every phase was written
+    again_rss: int  # RSS after a second round of the same models (--again), else 0
 
 
 class Watcher:
@@ -262,23 +275,51 @@ def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path)
     cluster.create_namespace(namespace)
     grant_operator_rules(cluster, namespace)
     kubeconfig = cluster.service_account_kubeconfig(namespace, OPERATOR_ACCOUNT, workdir / f"{namespace}.kubeconfig")
-    operator = OperatorProcess(kubeconfig, namespace, workdir / f"{namespace}.log", env=DEFAULT_TIMING)
+    env = dict(DEFAULT_TIMING)
+    memory_report = workdir / f"{namespace}.memory.txt"
+    if args.memory_report is not None:
+        env |= {"LMKUBE_OPERATOR_MEMORY_REPORT": str(memory_report),
+                "LMKUBE_OPERATOR_MEMORY_REPORT_FRAMES": str(args.memory_report)}
+    operator = OperatorProcess(kubeconfig, namespace, workdir / f"{namespace}.log", env=env)
     client = cluster.api_client()
     watch = Watcher(client, namespace)
-    operator.start()
+    try:
+        operator.start()
+    except BaseException:
+        operator.stop()  # a start that timed out leaves the process running
+        raise
     assert operator.process is not None
     footprint = Footprint(operator.process.pid).start()
+
+    def report_memory(label: str) -> None:
+        if args.memory_report is not None and operator.process is not None:
+            with memory_report.open("a") as out:
+                out.write(f"--- {count} models: {label}\n")
+            os.kill(operator.process.pid, signal.SIGUSR1)
+            time.sleep(5)  # the report runs in the operator; the RSS samples of the next step should not see it
+
     try:
         idle_rss = footprint.settled_rss(5)
+        report_memory("idle, no models")
         names = [f"m{i:04d}" for i in range(count)]
         spec = {"model": args.model, "gpu": {"count": 0}, "storage": {"size": "1Gi"}}
+
+        def create_all() -> None:
+            with ThreadPoolExecutor(CLIENT_THREADS) as pool:
+                list(pool.map(lambda name: watch.custom.create_namespaced_custom_object(
+                    crd.GROUP, crd.VERSION, namespace, crd.PLURAL,
+                    {"apiVersion": crd.API_VERSION, "kind": crd.KIND, "metadata": {"name": name}, "spec": spec},
+                    _preload_content=False), names))
+
+        def delete_all() -> None:
+            with ThreadPoolExecutor(CLIENT_THREADS) as pool:
+                list(pool.map(lambda name: watch.custom.delete_namespaced_custom_object(
+                    crd.GROUP, crd.VERSION, namespace, crd.PLURAL, name, _preload_content=False), names))
+
         began = time.monotonic()
-        with ThreadPoolExecutor(CLIENT_THREADS) as pool:
-            list(pool.map(lambda name: watch.custom.create_namespaced_custom_object(
-                crd.GROUP, crd.VERSION, namespace, crd.PLURAL,
-                {"apiVersion": crd.API_VERSION, "kind": crd.KIND, "metadata": {"name": name}, "spec": spec},
-                _preload_content=False), names))
-        objects_s = phases_s = 0.0
+        _, cpu_before = footprint.read()
+        create_all()
+        objects_s = phases_s = create_cpu = 0.0
         while not (objects_s and phases_s):
             if time.monotonic() - began > args.timeout:
                 raise TimeoutError(f"{count} models: objects or phases missing after {args.timeout} s")
@@ -286,25 +327,40 @@ def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path)
                 objects_s = time.monotonic() - began
             if not phases_s and sum(1 for m in watch.local_models() if (m.get("status") or {}).get("phase")) >= count:
                 phases_s = time.monotonic() - began
+                create_cpu = (footprint.read()[1] - cpu_before) / phases_s
             time.sleep(0.2)
         print(f"  {count}: objects {objects_s:.1f} s, phases {phases_s:.1f} s; settling {args.settle_seconds} s",
               flush=True)
+        report_memory("every phase written")
         time.sleep(args.settle_seconds)
         idle_cpu = footprint.cpu_over(args.idle_seconds)
         print(f"  {count}: idle CPU {idle_cpu:.3f} cores; deleting", flush=True)
         began = time.monotonic()
-        with ThreadPoolExecutor(CLIENT_THREADS) as pool:
-            list(pool.map(lambda name: watch.custom.delete_namespaced_custom_object(
-                crd.GROUP, crd.VERSION, namespace, crd.PLURAL, name, _preload_content=False), names))
+        _, cpu_before = footprint.read()
+        delete_all()
+        deletes_sent_s = time.monotonic() - began
         wait_for(lambda: not watch.local_models(), args.timeout, "LocalModels gone")
         lm_gone_s = time.monotonic() - began
+        delete_cpu = (footprint.read()[1] - cpu_before) / lm_gone_s
         wait_for(lambda: all(watch.owned(kind) == 0 for kind in COLLECTED), args.timeout, "owned objects gone")
         owned_gone_s = time.monotonic() - began
         after_rss = footprint.settled_rss(args.after_seconds)
-        runs = [operator.log().count(f"LocalModel {namespace}/{name} deleted") for name in names]
+        report_memory("all gone")
+        runs = [operator.log().count(f"LocalModel {namespace}/{name} deleted") for name in names]  # first round
+        again_rss = 0
+        if args.again:  # the same models once more: what a second round adds is what the operator keeps
+            create_all()
+            wait_for(lambda: sum(1 for m in watch.local_models() if (m.get("status") or {}).get("phase")) >= count,
+                     args.timeout, "phases, second round")
+            delete_all()
+            wait_for(lambda: not watch.local_models() and all(watch.owned(kind) == 0 for kind in COLLECTED),
+                     args.timeout, "everything gone, second round")
+            again_rss = footprint.settled_rss(args.after_seconds)
+            report_memory("all gone, second round")
         return Result(count, objects_s, phases_s, idle_rss, footprint.peak_rss, after_rss, idle_cpu, lm_gone_s,
                       owned_gone_s, (max(runs), sum(1 for r in runs if r > 1)),
-                      operator.log().count("Connection pool is full"))
+                      operator.log().count("Connection pool is full"), deletes_sent_s, delete_cpu, create_cpu,
+                      again_rss)
     finally:
         footprint.stop()
         operator.stop()
@@ -318,10 +374,13 @@ def table(results: list[Result]) -> str:
     rows: list[tuple[str, Callable[[Result], str]]] = [
         ("every Deployment, Service, PVC and Secret exists", lambda r: f"{r.objects_s:.1f} s"),
         ("every `status.phase` written", lambda r: f"{r.phases_s:.1f} s"),
+        ("  operator CPU meanwhile", lambda r: f"{r.create_cpu:.2f} cores"),
         ("operator idle RSS, no models", lambda r: f"{r.idle_rss / mib:.0f} MiB"),
         ("operator peak RSS", lambda r: f"{r.peak_rss / mib:.0f} MiB"),
         ("operator CPU, models waiting (Pending)", lambda r: f"{r.idle_cpu:.3f} cores"),
         ("all LocalModels gone after the delete (finalizers released)", lambda r: f"{r.lm_gone_s:.1f} s"),
+        ("  of which the DELETE requests themselves", lambda r: f"{r.deletes_sent_s:.1f} s"),
+        ("  operator CPU meanwhile", lambda r: f"{r.delete_cpu:.2f} cores"),
         ("all owned objects and their pods gone", lambda r: f"{r.owned_gone_s:.1f} s"),
         ("operator RSS after they are gone", lambda r: f"{r.after_rss / mib:.0f} MiB "
                                                        f"({(r.after_rss - r.idle_rss) / mib:+.0f})"),
@@ -329,6 +388,9 @@ def table(results: list[Result]) -> str:
          lambda r: f"{r.deletes_per_model[0]}; {r.deletes_per_model[1]}"),
         ('"Connection pool is full" warnings', lambda r: str(r.pool_warnings)),
     ]
+    if any(r.again_rss for r in results):
+        rows.append(("operator RSS after a second round of the same models",
+                     lambda r: f"{r.again_rss / mib:.0f} MiB ({(r.again_rss - r.idle_rss) / mib:+.0f})"))
     lines = ["| | " + " | ".join(str(r.count) for r in results) + " |", "|---" * (len(results) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(cell(r) for r in results) + " |" for label, cell in rows]
     return "\n".join(lines)
@@ -348,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-seconds", type=float, default=30.0, help="window of the idle CPU measurement")
     parser.add_argument("--after-seconds", type=float, default=10.0, help="after deletion, before reading RSS")
     parser.add_argument("--timeout", type=float, default=300.0, help="give up on a step after this long")
+    parser.add_argument("--again", action="store_true",
+                        help="create and delete the same models a second time, and report the RSS after that too")
+    parser.add_argument("--memory-report", type=int, default=None, metavar="FRAMES",
+                        help="memory reports from the operator (operator/memreport.py); FRAMES 0: allocators only")
     args = parser.parse_args(argv)
     urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     counts = [int(c) for c in args.counts.split(",") if c.strip()]
@@ -359,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         cluster.apply_crds(CRD_PATH)
         for count in counts:
             results.append(run_count(cluster, count, args, logs))
+            if args.memory_report is not None:
+                print(f"memory reports: bench/results/logs/opscale-{count}-*.memory.txt", flush=True)
     report = table(results)
     print(report)
     out.write_text(report + "\n")

@@ -17,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
+import gc
 import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +80,50 @@ class Timing:
         return delay
 
 
+class MemoryRelease:
+    """Gives freed memory back to the system once a burst of deletions is over (`soon()` not called for
+    `quiet_seconds`): first `before()` (closing the API connections the burst opened: each holds buffers and
+    objects allocated mid-burst, which keep whole pymalloc arenas from being returned), then a full garbage
+    collection, then glibc's `malloc_trim`, without which glibc keeps the free pages that held hundreds of
+    models' JSON. One thread for the operator's life: a timer thread per deletion would itself leave thread
+    state scattered through the heap."""
+
+    def __init__(self, before: Callable[[], None] = lambda: None, quiet_seconds: float = 5.0) -> None:
+        self.before = before
+        self.quiet_seconds = quiet_seconds
+        self.releases = 0
+        self._due: float | None = None
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def soon(self) -> None:
+        with self._changed:
+            self._due = time.monotonic() + self.quiet_seconds
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lmkube-memory-release", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while self._due is None or (left := self._due - time.monotonic()) > 0:
+                    self._changed.wait(None if self._due is None else left)
+                self._due = None
+            try:
+                self.before()
+            except Exception:
+                log.exception("before releasing memory")
+            release_memory()
+            self.releases += 1
+
+
+def release_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to ask
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 @dataclass
 class Runtime:
     """What the handlers share: the API client, options, timing, and the schedule of passes."""
@@ -90,9 +135,10 @@ class Runtime:
     # kopf.event() needs the context kopf runs handlers in (its settings and its queue of Events to post);
     # passes run on the schedule's threads, so each runs in a copy of one taken in a handler.
     kopf_context: contextvars.Context | None = None
-    memory_release: threading.Timer | None = None
+    memory_release: MemoryRelease = field(init=False)
 
     def __post_init__(self) -> None:
+        self.memory_release = MemoryRelease(before=self.kube.close_idle_connections)
         self.schedule = Schedule(self.run_pass, alias=instance_of, workers=PASS_WORKERS,
                                  settle_seconds=min(self.timing.poll_seconds, MAX_SETTLE_SECONDS),
                                  fallback_seconds=self.timing.resync_seconds)
@@ -117,20 +163,6 @@ class Runtime:
         delay = self.timing.next_delay(before, after, previous_delay, time.time())
         log.debug("pass of %s/%s: %s, next in %.1f s", namespace, name, after.get("phase"), delay)
         return delay
-
-    def release_memory_soon(self, seconds: float = 5.0) -> None:
-        """Hands freed heap back to the system once a burst of deletions is over: glibc otherwise keeps the
-        free pages that held hundreds of models' JSON (measured: about a quarter of the growth at 200 models)."""
-        if self.memory_release is not None:
-            self.memory_release.cancel()
-        self.memory_release = threading.Timer(seconds, release_memory)
-        self.memory_release.daemon = True
-        self.memory_release.start()
-
-
-def release_memory() -> None:
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to ask
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def instance_of(key: Key) -> tuple[str, str]:
@@ -188,12 +220,13 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         count = rc.unload_all(runtime.kube, body, runtime.options)
         log.info("LocalModel %s/%s deleted: unloaded %d instance(s)", body["metadata"]["namespace"],
                  body["metadata"]["name"], count)
-        runtime.release_memory_soon()
+        runtime.memory_release.soon()
 
     async def owned_changed(body: kopf.Body, **_: Any) -> None:
         instance = (body.get("metadata", {}).get("labels") or {}).get(INSTANCE_LABEL)
-        if instance:
-            runtime.schedule.poke((body["metadata"]["namespace"], instance))
+        if instance and not runtime.schedule.poke((body["metadata"]["namespace"], instance)):
+            # An object of a model that is gone: the garbage collector's tail of a deletion, which allocates too.
+            runtime.memory_release.soon()
 
     for group_version, plural in (("v1", "pods"), ("apps/v1", "deployments"), ("v1", "services")):
         kopf.on.event(group_version, plural, labels=MANAGED, registry=registry)(owned_changed)

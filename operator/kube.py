@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,7 @@ import kubernetes.config
 import urllib3
 from kubernetes.client.exceptions import ApiException
 from lmkube.operator import crd
+from urllib3.util.ssl_ import create_urllib3_context
 
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -35,10 +37,36 @@ def load_config(pool_size: int | None = None) -> kubernetes.client.ApiClient:
     if pool_size is not None:
         configuration.connection_pool_maxsize = max(pool_size, configuration.connection_pool_maxsize)
     client = kubernetes.client.ApiClient(configuration)
+    share_tls_context(client)
     if not client.configuration.verify_ssl:
         # The kubeconfig asks for insecure-skip-tls-verify: one warning per request would drown the log.
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     return client
+
+
+def share_tls_context(client: kubernetes.client.ApiClient) -> ssl.SSLContext:
+    """One TLS context for every connection of `client`'s pool, with the trust and client certificate the
+    configuration names.
+
+    Without one, urllib3 builds a context per connection (and loads the CA into it); with OpenSSL 3 each costs
+    about 0.8 MiB that stays allocated while the connection idles in the pool, and the connections a burst of
+    reconciles opened stay there: measured, 24 of them held 20 MiB, and the fragments they left kept RSS up
+    after they were closed.
+    """
+    config = client.configuration
+    context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED if config.verify_ssl else ssl.CERT_NONE)
+    if config.ssl_ca_cert or config.ca_cert_data:
+        context.load_verify_locations(cafile=config.ssl_ca_cert, cadata=config.ca_cert_data)
+    elif config.verify_ssl:
+        context.load_default_certs()
+    if config.cert_file:
+        context.load_cert_chain(config.cert_file, config.key_file)
+    pool_kw = client.rest_client.pool_manager.connection_pool_kw
+    # With these left in, urllib3 would load them into the shared context again on every connection.
+    for key in ("ca_certs", "ca_cert_data", "cert_file", "key_file"):
+        pool_kw.pop(key, None)
+    pool_kw["ssl_context"] = context
+    return context
 
 
 def _json(response: Any) -> dict[str, Any]:
@@ -51,9 +79,14 @@ def not_found(error: ApiException) -> bool:
 
 class Kube:
     def __init__(self, client: kubernetes.client.ApiClient) -> None:
+        self.client = client
         self.core = kubernetes.client.CoreV1Api(client)
         self.apps = kubernetes.client.AppsV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
+
+    def close_idle_connections(self) -> None:
+        """Closes the pooled connections no request is using (the next requests open new ones)."""
+        self.client.rest_client.pool_manager.clear()
 
     # -- owned objects: get / create / patch by kind -----------------------------------------------
 

@@ -93,12 +93,13 @@ class Schedule:
             elif entry.state == IDLE:
                 self._set_due(key, entry, time.monotonic() + seconds)
 
-    def poke(self, alias: Hashable) -> None:
-        """One of a model's objects changed: a pass soon, if the model is known (never adds one)."""
+    def poke(self, alias: Hashable) -> bool:
+        """One of a model's objects changed: a pass soon, if the model is known (never adds one). Whether it is."""
         with self._changed:
             key = self._by_alias.get(alias)
         if key is not None:
             self.due_in(key, self.settle_seconds)
+        return key is not None
 
     def forget(self, key: Key, timeout: float = 60.0) -> None:
         """Drops the model; a pass already running is waited for (up to `timeout`), so none runs after this."""

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import ssl
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import certifi
 import kopf
+import kubernetes.client
 import kubernetes.config
 import pytest
+import urllib3
 from kube_cluster import KubeCluster
 from lmkube.operator import resources
 from lmkube.operator.handlers import Runtime, Timing, build_runtime, register
-from lmkube.operator.kube import Kube
+from lmkube.operator.kube import Kube, share_tls_context
 from operator_support import OPERATOR_ACCOUNT, Api, OperatorProcess, grant_operator_rules, install_crd
 from support import wait_until
 
@@ -55,6 +59,8 @@ def test_deleting_many_waiting_models_releases_every_finalizer_at_once(
     names = [f"m{i:02d}" for i in range(20)]
     operator.start()
     try:
+        assert operator.process is not None  # `lmkube operator` runs itself again with glibc's malloc
+        assert b"PYTHONMALLOC=malloc" in Path(f"/proc/{operator.process.pid}/environ").read_bytes().split(b"\0")
         create_all(api, names)
         wait_until(lambda: all_phased(api, names), timeout=120, message=f"phases:\n{operator.log()[-3000:]}")
         delete_all(api, names)
@@ -66,6 +72,43 @@ def test_deleting_many_waiting_models_releases_every_finalizer_at_once(
     finally:
         operator.stop()
         api.close()
+
+
+def verified_client(kube: KubeCluster, ca_file: str) -> kubernetes.client.ApiClient:
+    config = kube.client_configuration()
+    config.verify_ssl = True
+    config.ssl_ca_cert = ca_file
+    config.connection_pool_maxsize = 8
+    config.retries = 0
+    return kubernetes.client.ApiClient(config)
+
+
+def test_every_connection_of_the_api_client_shares_one_verified_tls_context(kube: KubeCluster) -> None:
+    # A context per connection (urllib3's default) holds ~0.8 MiB for as long as the connection idles in the pool.
+    with verified_client(kube, str(kube.workdir / "certs" / "apiserver.crt")) as client:
+        context = share_tls_context(client)
+        core = kubernetes.client.CoreV1Api(client)
+        together = threading.Barrier(8)
+
+        def read(_: int) -> int:
+            together.wait(timeout=30)  # eight requests at once: eight connections
+            response = core.list_namespace(_preload_content=False)
+            assert response.data  # read whole: the connection goes back to the pool
+            return int(response.status)
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(read, range(8))) == {200}
+        connections = client.rest_client.pool_manager.connection_from_url(kube.server).pool.queue
+        sockets = [c.sock for c in connections if c is not None and c.sock is not None]
+        assert len(sockets) >= 2
+        assert all(sock.context is context for sock in sockets)
+        assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    # Still verified: a trust store without the API server's CA refuses it.
+    with verified_client(kube, certifi.where()) as client:
+        share_tls_context(client)
+        with pytest.raises(urllib3.exceptions.MaxRetryError) as refused:
+            kubernetes.client.CoreV1Api(client).list_namespace(_preload_content=False)
+        assert isinstance(refused.value.reason, urllib3.exceptions.SSLError)
 
 
 # -- in-process: the operator's own bookkeeping ----------------------------------------------------
@@ -131,6 +174,7 @@ def test_nothing_is_kept_for_models_that_are_gone(in_process: Runtime, scale_api
     create_all(scale_api, names)
     wait_until(lambda: all_phased(scale_api, names), timeout=120)
     assert {name for _, name in in_process.schedule.known()} >= set(names)
+    releases = in_process.memory_release.releases
     delete_all(scale_api, names)
     wait_until(lambda: all(scale_api.lm(name) is None for name in names), timeout=KOPF_CANCELLATION_POLLING / 2)
     # Events of the owned objects the garbage collector is deleting now must not bring any model back.
@@ -138,3 +182,5 @@ def test_nothing_is_kept_for_models_that_are_gone(in_process: Runtime, scale_api
                timeout=120)
     assert in_process.schedule.known() == {}
     assert in_process.schedule.bookkeeping_sizes() == {"entries": 0, "aliases": 0, "scheduled": 0, "heap": 0}
+    # And once the deletions are over, the freed memory goes back to the system (gc, malloc_trim).
+    wait_until(lambda: in_process.memory_release.releases > releases, timeout=60, message="no memory release")

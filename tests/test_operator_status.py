@@ -192,3 +192,21 @@ def test_next_pass_polls_busy_models_and_backs_off_waiting_ones() -> None:
     failed = {"phase": "Failed", "pods": [{"name": "p", "retryAt": retry_at}]}
     assert 6 <= timing.next_delay({"phase": "Failed"}, failed, 30, now) <= 7
     assert timing.next_delay({"phase": "Failed"}, failed, 30, now + 100) == 30
+
+
+def test_memory_is_released_once_when_a_burst_of_deletions_is_over() -> None:
+    import time
+
+    from lmkube.operator.handlers import MemoryRelease
+    from support import wait_until
+
+    closed: list[float] = []
+    release = MemoryRelease(before=lambda: closed.append(time.monotonic()), quiet_seconds=2.0)
+    began = time.monotonic()
+    for _ in range(10):  # each deletion of the burst postpones the release
+        release.soon()
+        time.sleep(0.05)
+    wait_until(lambda: release.releases >= 1, timeout=30, message="no release")
+    assert release.releases == 1 and len(closed) == 1
+    assert closed[0] - began >= 0.45 + 2.0
+
