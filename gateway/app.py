@@ -19,7 +19,7 @@ import httpx
 import orjson
 from starlette.responses import Response
 
-from . import errors, routes
+from . import errors, routes, stored
 from .balance import Balancer
 from .catalog import Catalog, Replica, ServedModel
 from .errors import GatewayError, family
@@ -157,6 +157,8 @@ class Gateway:
         if method == "POST" and path in routes.BODY_MODEL_ROUTES:
             await self._inference(scope, receive, send, grant)
             return None
+        if (stored_id := stored.response_id(method, path)) is not None:
+            return await self._stored_response(scope, stored_id, grant)
         raise GatewayError(404, f"Unexpected endpoint or method. ({method} {path})", code="unknown_route")
 
     def _find(self, requested: str, grant: Grant, path: str, *, hide: bool) -> ServedModel:
@@ -182,6 +184,19 @@ class Gateway:
         assert self.client is not None
         picks = {m.id: (r.url if (r := self.balancer.pick(m.replicas)) else None) for m in visible}
         return _json(200, await routes.native_list(self.client, visible, path, self._upstream_auth(), picks))
+
+    async def _stored_response(self, scope: Scope, stored_id: str, grant: Grant) -> Response:
+        assert self.client is not None
+        query = scope.get("query_string", b"").decode("latin-1")
+        target = scope["path"] + (f"?{query}" if query else "")
+        urls = stored.candidates(self._visible(grant), self.owners.get(stored_id))
+        answer = await stored.find(self.client, urls, scope["method"], target, self._upstream_auth())
+        if answer is None:
+            raise GatewayError(404, f"Response with id '{stored_id}' not found.", code="not_found")
+        if scope["method"] == "DELETE" and answer.status_code == 200:
+            self.owners.pop(stored_id, None)
+        return Response(answer.content, status_code=answer.status_code,
+                        media_type=answer.headers.get("content-type", "application/json"))
 
     def _upstream_auth(self) -> dict[str, str]:
         token = self.settings.upstream_token

@@ -219,6 +219,25 @@ def test_a_restarted_gateway_replica_continues_conversations(gateways: list[Gate
         assert raw.headers["x-lmkube-replica"] == first.headers["x-lmkube-replica"]
 
 
+def test_stored_responses_are_found_whichever_gateway_replica_is_asked(gateways: list[GatewayProcess]) -> None:
+    """GET, input_items and DELETE name no model: the gateway asks the replica that stored the response (or,
+    not having seen it, each replica the key may use)."""
+    first_gw, second_gw = (oai(g) for g in gateways)
+    created = first_gw.responses.create(model="tiny", input="Remember me", max_output_tokens=4)
+    for client in (first_gw, second_gw):  # second_gw never saw the answer
+        found = client.responses.retrieve(created.id)
+        assert found.id == created.id and found.output_text == created.output_text
+        items = client.responses.input_items.list(created.id)
+        assert [item.type for item in items.data] == ["message"]
+    assert second_gw.responses.delete(created.id) is None
+    for client in (first_gw, second_gw):
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.responses.retrieve(created.id)
+        assert missing.value.body["message"] == f"Response with id '{created.id}' not found."  # type: ignore[index]
+    anonymous = httpx.get(f"{gateways[0].base_url}/v1/responses/{created.id}", timeout=10)
+    assert anonymous.status_code == 401
+
+
 # -- errors in each family's shape -----------------------------------------------------------------------
 
 
