@@ -10,6 +10,7 @@ which breaks as soon as two scrapers poll). Per HTTP route: `lmkube_http_request
 per-model extras: `lmkube_requests_rejected_total`, `lmkube_instance_max_queue`, `lmkube_host_cache_tokens`,
 speculative decoding's `lmkube_draft_tokens_total{outcome="accepted|rejected|ignored"}`, and vision's
 `lmkube_images_evaluated_total`, `lmkube_image_encode_seconds_total` and `lmkube_image_seconds_total`.
+The Gateway API Inference Extension's gauges under vLLM's names (`vllm:*`) are in gie_metrics.py.
 
 Hot path cost: the engines bump plain attributes once per decode call or finished request
 (engine/stats.py); the request observer does one dict update and one bisect per HTTP request, on the event
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 from .engine.generation import GenerationEngine
 from .engine.stats import EngineStats
+from .gie_metrics import write_gie_gauges
 from .request_observer import FinishedRequest
 from .runtime.manager import ModelManager
 
@@ -178,5 +180,6 @@ def write_model_metrics(out: Exposition, manager: ModelManager) -> None:
 def render(manager: ModelManager, http: HttpMetrics) -> str:
     out = Exposition()
     write_model_metrics(out, manager)
+    write_gie_gauges(out, manager)
     http.write(out)
     return out.text()

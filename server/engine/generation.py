@@ -112,6 +112,11 @@ class GenerationEngine:
         return self._caches.kv_tokens
 
     @property
+    def kv_tokens_in_use(self) -> int:
+        """Tokens whose KV the running requests hold (a snapshot read from another thread, maybe a step old)."""
+        return self._caches.kv_tokens_in_use
+
+    @property
     def host_cache_tokens(self) -> int:
         """Tokens of idle caches waiting in host memory (read from other threads: a snapshot, maybe a step old)."""
         return self._caches.host_tokens

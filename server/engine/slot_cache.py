@@ -34,8 +34,13 @@ class SlotCaches:
     def kv_tokens(self) -> int:
         """Cells holding KV, idle slots' reusable prefixes included; a prefix several sequences share counts once
         (sharing is how equal prefixes get there, so each shared run is one set of cells)."""
-        caches = sorted(list(s.cached) for s in self.slots if s.cached)
-        return sum(len(c) - common_prefix(c, previous) for previous, c in zip([[], *caches], caches, strict=False))
+        return _distinct_cells([list(c) for s in self.slots if (c := s.cached)])
+
+    @property
+    def kv_tokens_in_use(self) -> int:
+        """Cells the running requests hold (shared prefixes once). Idle slots' caches are left out: they are
+        dropped as soon as a request needs their room, as vLLM counts its evictable prefix-cache blocks free."""
+        return _distinct_cells([list(c) for s in self.slots if (c := s.cached) and s.request is not None])
 
     @property
     def host_tokens(self) -> int:
@@ -171,3 +176,9 @@ class SlotCaches:
         # Sized first: a long context's cache can be gigabytes, more than the whole budget.
         if self.host.wants(slot.cached) and self.context.sequence_state_size(slot.seq) <= self.host.budget_bytes:
             self.host.put(CachedPrompt(list(slot.cached), self.context.save_sequence(slot.seq)))
+
+
+def _distinct_cells(caches: list[list[int]]) -> int:
+    """Cells holding the sequences `caches`, counting a prefix that several of them share once."""
+    caches.sort()
+    return sum(len(c) - common_prefix(c, previous) for previous, c in zip([[], *caches], caches, strict=False))
