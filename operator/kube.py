@@ -20,6 +20,8 @@ from lmkube.operator import crd
 from urllib3.util.ssl_ import create_urllib3_context
 
 MERGE_PATCH = "application/merge-patch+json"
+# Custom resources of other projects the operator owns objects of: kind -> (group, version, plural).
+CUSTOM_KINDS = {"InferencePool": ("inference.networking.k8s.io", "v1", "inferencepools")}
 
 
 def load_config(pool_size: int | None = None) -> kubernetes.client.ApiClient:
@@ -105,7 +107,24 @@ class Kube:
             case "Deployment":
                 return (self.apps.read_namespaced_deployment, self.apps.create_namespaced_deployment,
                         self.apps.patch_namespaced_deployment)
+        if kind in CUSTOM_KINDS:
+            return self._custom_ops(*CUSTOM_KINDS[kind])
         raise ValueError(f"unsupported kind {kind}")
+
+    def _custom_ops(self, group: str, version: str, plural: str) -> tuple[Any, Any, Any]:
+        """get / create / patch of a custom resource, with the argument order of the typed APIs above."""
+        custom = self.custom
+
+        def read(name: str, namespace: str, **kwargs: Any) -> Any:
+            return custom.get_namespaced_custom_object(group, version, namespace, plural, name, **kwargs)
+
+        def create(namespace: str, body: dict[str, Any], **kwargs: Any) -> Any:
+            return custom.create_namespaced_custom_object(group, version, namespace, plural, body, **kwargs)
+
+        def patch(name: str, namespace: str, body: dict[str, Any], **kwargs: Any) -> Any:
+            return custom.patch_namespaced_custom_object(group, version, namespace, plural, name, body, **kwargs)
+
+        return read, create, patch
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         read, _, _ = self._ops(kind)

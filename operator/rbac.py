@@ -10,7 +10,9 @@ operator with exactly these rules:
 The file is a mapping with two lists of PolicyRules:
 - `cluster`: what is needed cluster-wide whatever the scope (kopf's discovery of CRDs and namespaces,
   cluster-wide peering);
-- `namespaced`: what is needed in every namespace whose LocalModels the operator manages.
+- `namespaced`: what is needed in every namespace whose LocalModels the operator manages;
+- `inferencePool`: added to `namespaced` only when the chart's `inferenceExtension.enabled` is (the operator
+  then creates a Gateway API Inference Extension InferencePool per LocalModel).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import yaml
 from lmkube.operator import crd
+from lmkube.operator.kube import CUSTOM_KINDS
 
 RULES_FILE = Path("charts") / "lmkube" / "files" / "operator-rules.yaml"
 KOPF_GROUP = "kopf.dev"
@@ -62,8 +65,13 @@ def namespaced_rules() -> list[dict[str, Any]]:
     ]
 
 
+def inference_pool_rules() -> list[dict[str, Any]]:
+    group, _, plural = CUSTOM_KINDS["InferencePool"]
+    return [_rule(group, [plural], ["get", "create", "patch"])]
+
+
 def rules() -> dict[str, list[dict[str, Any]]]:
-    return {"cluster": cluster_rules(), "namespaced": namespaced_rules()}
+    return {"cluster": cluster_rules(), "namespaced": namespaced_rules(), "inferencePool": inference_pool_rules()}
 
 
 def render() -> str:

@@ -21,6 +21,8 @@ from typing import Any, Protocol
 
 from lmkube.operator import observe, resources
 from lmkube.operator import status as st
+from lmkube.operator.inference_pool import CONDITION as POOL_CONDITION
+from lmkube.operator.inference_pool import ensure_inference_pool
 from lmkube.operator.kube import Kube
 from lmkube.operator.observe import PodView
 from lmkube.operator.podclient import LoadedInstance, PodAuthError, PodClient, PodError, PodUnreachable
@@ -385,6 +387,7 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
                                                      meta.get("generation"), now)}
         _publish(kube, body, status, emit)
         return status
+    pool = ensure_inference_pool(kube, body, settings)
 
     want_hash = desired_pod_hash(name, spec, settings, token)
     views = observe.views(kube.list_pods(namespace, resources.selector_labels(name)), resources.POD_HASH_ANNOTATION)
@@ -419,6 +422,13 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
         for client in clients.values():
             client.close()
     status = _status(body, spec, pods, works, settings, now, old_records, outgoing)
+    if pool is not None:
+        status["conditions"] = st.set_condition(status["conditions"], POOL_CONDITION, pool.status, pool.reason,
+                                                pool.message, meta.get("generation"), now)
+        before: Mapping[str, Any] = next(
+            (c for c in previous.get("conditions") or [] if c.get("type") == POOL_CONDITION), {})
+        if pool.status == "False" and before.get("reason") != pool.reason:
+            emit(body, "Warning", f"InferencePool{pool.reason}", pool.message)
     _publish(kube, body, status, emit)
     return status
 

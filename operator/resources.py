@@ -99,6 +99,17 @@ def labels(name: str) -> dict[str, str]:
     return {**selector_labels(name), "app.kubernetes.io/managed-by": "lmkube-operator"}
 
 
+# The Gateway API Inference Extension's endpoint picker reads a pod's metrics under the names of the engine this
+# label names; "vllm" selects the `vllm:*` gauges the server exports (server/gie_metrics.py).
+ENGINE_TYPE_LABEL = "llm-d.ai/engine-type"
+ENGINE_TYPE = "vllm"
+
+
+def pod_labels(name: str) -> dict[str, str]:
+    """The model-server pods' labels: `labels(name)` and the endpoint picker's engine type."""
+    return {**labels(name), ENGINE_TYPE_LABEL: ENGINE_TYPE}
+
+
 def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
     """An ownerReference to a LocalModel from its body (apiVersion, kind, metadata.name/uid)."""
     meta = body["metadata"]
@@ -222,6 +233,8 @@ def serve_args(spec: LocalModelSpec, settings: OperatorSettings | None = None) -
             "--parallel", str(spec.parallel), "--ttl", str(spec.ttl or 0)]
     if spec.mcp is not None:
         args += ["--mcp-json", f"{MCP_DIR}/{spec.mcp.key}"]
+    if settings.inference_pool is not None:
+        args.append("--public-metrics")  # the endpoint picker scrapes /metrics without a token
     return args
 
 
@@ -318,18 +331,21 @@ def pod_template(name: str, spec: LocalModelSpec, settings: OperatorSettings | N
         pod["priorityClassName"] = spec.priority_class_name
     if spec.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": s} for s in spec.image_pull_secrets]
+    pod_meta_labels = pod_labels(name)
     return {
         "metadata": {
-            "labels": labels(name),
-            "annotations": {POD_HASH_ANNOTATION: pod_hash(pod, secret_version)},
+            "labels": pod_meta_labels,
+            "annotations": {POD_HASH_ANNOTATION: pod_hash(pod, secret_version, pod_meta_labels)},
         },
         "spec": pod,
     }
 
 
-def pod_hash(pod_spec: Mapping[str, Any], secret_version: str | None = None) -> str:
-    """Digest of a rendered pod spec (and the token Secret's version, when given)."""
-    canonical = json.dumps({"pod": pod_spec, "secret": secret_version}, sort_keys=True, separators=(",", ":"))
+def pod_hash(pod_spec: Mapping[str, Any], secret_version: str | None = None,
+             pod_meta_labels: Mapping[str, str] | None = None) -> str:
+    """Digest of a rendered pod spec (and the token Secret's version and the pods' labels, when given)."""
+    canonical = json.dumps({"pod": pod_spec, "secret": secret_version, "labels": pod_meta_labels},
+                           sort_keys=True, separators=(",", ":"))
     return _hash(canonical, 16)
 
 

@@ -90,6 +90,19 @@ class LocalModelSpec:
 
 
 @dataclass(frozen=True)
+class InferencePoolSettings:
+    """The InferencePool (Gateway API Inference Extension) the operator creates per LocalModel, when enabled.
+
+    `endpoint_picker`: the picker's Service; `{pool}` in it becomes the pool's name (GIE's inferencepool chart
+    names the picker it installs for a pool `<pool>-epp`, the default here).
+    """
+
+    endpoint_picker: str = "{pool}-epp"
+    endpoint_picker_port: int = 9002
+    failure_mode: Literal["FailClose", "FailOpen"] = "FailClose"
+
+
+@dataclass(frozen=True)
 class OperatorSettings:
     """Operator-wide settings (flags / env of the operator Deployment), not per LocalModel."""
 
@@ -100,13 +113,28 @@ class OperatorSettings:
     image_pull_policy: str | None = None  # None: Kubernetes' default for the tag
     # The credential `lmkube gateway` sends; every model-server pod then accepts it besides its own token.
     gateway_token: str | None = field(default=None, repr=False)
+    # Set when the chart's inferenceExtension.enabled is: an InferencePool per LocalModel, and model-server pods
+    # whose /metrics answer without a token (the endpoint picker scrapes them without one).
+    inference_pool: InferencePoolSettings | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
         """Settings from LMKUBE_OPERATOR_CPU_IMAGE, _CUDA_IMAGE, _MODELS_DIR, _PORT, _IMAGE_PULL_POLICY,
-        _GATEWAY_TOKEN."""
+        _GATEWAY_TOKEN, and _INFERENCE_POOL=true with _ENDPOINT_PICKER, _ENDPOINT_PICKER_PORT and
+        _ENDPOINT_PICKER_FAILURE_MODE."""
         env = os.environ if environ is None else environ
         default = cls()
+        pool = None
+        if (env.get("LMKUBE_OPERATOR_INFERENCE_POOL") or "").strip().lower() in ("1", "true", "yes"):
+            failure_mode = env.get("LMKUBE_OPERATOR_ENDPOINT_PICKER_FAILURE_MODE") or "FailClose"
+            if failure_mode not in ("FailClose", "FailOpen"):
+                raise ValueError(f"LMKUBE_OPERATOR_ENDPOINT_PICKER_FAILURE_MODE must be FailClose or FailOpen, "
+                                 f"got {failure_mode!r}")
+            pool = InferencePoolSettings(
+                endpoint_picker=env.get("LMKUBE_OPERATOR_ENDPOINT_PICKER") or InferencePoolSettings.endpoint_picker,
+                endpoint_picker_port=int(env.get("LMKUBE_OPERATOR_ENDPOINT_PICKER_PORT")
+                                         or InferencePoolSettings.endpoint_picker_port),
+                failure_mode=failure_mode)  # type: ignore[arg-type]  # one of the two, checked above
         return cls(
             cpu_image=env.get("LMKUBE_OPERATOR_CPU_IMAGE") or default.cpu_image,
             cuda_image=env.get("LMKUBE_OPERATOR_CUDA_IMAGE") or default.cuda_image,
@@ -114,6 +142,7 @@ class OperatorSettings:
             port=int(env.get("LMKUBE_OPERATOR_PORT") or default.port),
             image_pull_policy=env.get("LMKUBE_OPERATOR_IMAGE_PULL_POLICY") or None,
             gateway_token=env.get("LMKUBE_OPERATOR_GATEWAY_TOKEN") or None,
+            inference_pool=pool,
         )
 
 

@@ -22,11 +22,13 @@
 #
 # Versions can be overridden: K8S_VERSION, ETCD_VERSION (default: the etcd version that
 # k8s.io/kubernetes itself requires), HELM_VERSION; ETCD_BIN=/path/to/etcd skips the etcd build
-# and links that binary instead (Debian bookworm's etcd-server 3.4.23 passes --selftest too).
+# and links that binary instead (Debian bookworm's etcd-server 3.4.23 passes --selftest too); GIE_VERSION, the
+# Gateway API Inference Extension release whose InferencePool CRD the tests install (LMKUBE_GIE_CRD).
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-v1.37.2}
 HELM_VERSION=${HELM_VERSION:-v3.22.0}
+GIE_VERSION=${GIE_VERSION:-v1.6.0}
 ETCD_VERSION=${ETCD_VERSION:-}
 
 selftest=0
@@ -170,6 +172,18 @@ for p in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
 done
 build helm "$HELM_VERSION-k8s1.$helm_client_go" "$helm_dir" helm.sh/helm/v3/cmd/helm "$helm_ldflags"
 
+# --- the Gateway API Inference Extension's InferencePool CRD (tests/test_inference_pool.py), from its Go module
+# (sigs.k8s.io/gateway-api-inference-extension, config/crd/bases), copied to $cache/crds/ by version.
+gie_crd=$cache/crds/gie-$GIE_VERSION/inference.networking.k8s.io_inferencepools.yaml
+if [ ! -f "$gie_crd" ]; then
+  gie_dir=$( (cd "$cache/go/src" && go mod download -json "sigs.k8s.io/gateway-api-inference-extension@$GIE_VERSION") \
+    | sed -n 's/^\s*"Dir": "\(.*\)",\?$/\1/p')
+  [ -f "$gie_dir/config/crd/bases/$(basename "$gie_crd")" ] || { log "no InferencePool CRD in GIE $GIE_VERSION"; exit 1; }
+  mkdir -p "$(dirname "$gie_crd")"
+  cp "$gie_dir/config/crd/bases/$(basename "$gie_crd")" "$gie_crd.tmp" && mv -f "$gie_crd.tmp" "$gie_crd"
+  log "InferencePool CRD of GIE $GIE_VERSION copied to $gie_crd"
+fi
+
 if [ "$selftest" = 1 ]; then
   log "selftest: starting etcd $ETCD_VERSION and kube-apiserver $K8S_VERSION on loopback ..."
   tmp=$(mktemp -d "${TMPDIR:-/tmp}/lmkube-selftest.XXXXXX")
@@ -252,3 +266,4 @@ fi
 [ "$with_kubectl" = 1 ] && echo "LMKUBE_KUBECTL=$bin/kubectl"
 echo "LMKUBE_HELM=$bin/helm"
 echo "KUBEBUILDER_ASSETS=$bin"
+echo "LMKUBE_GIE_CRD=$gie_crd"

@@ -29,10 +29,11 @@ def install_crd(kube: KubeCluster) -> None:
     kube.kubectl("wait", "--for=condition=Established", f"crd/{crd.NAME}", "--timeout=30s")
 
 
-def grant_operator_rules(kube: KubeCluster, namespace: str) -> None:
+def grant_operator_rules(kube: KubeCluster, namespace: str, extra: list[dict[str, Any]] | None = None) -> None:
     """What the chart installs for `watchNamespaces: [namespace]`: a ClusterRole with the cluster rules and a
-    Role with the namespaced ones, both bound to the operator's ServiceAccount."""
+    Role with the namespaced ones (plus `extra`, e.g. the inferencePool rules), bound to the operator's account."""
     rules = rbac.rules()
+    rules["namespaced"] = [*rules["namespaced"], *(extra or [])]
     with kube.api_client() as client:
         core = kubernetes.client.CoreV1Api(client)
         api = kubernetes.client.RbacAuthorizationV1Api(client)

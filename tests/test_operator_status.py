@@ -134,7 +134,7 @@ def test_progress() -> None:
 
 def test_rbac_rules_cover_what_the_operator_does() -> None:
     rules = yaml.safe_load(rbac.render())
-    assert set(rules) == {"cluster", "namespaced"}
+    assert set(rules) == {"cluster", "namespaced", "inferencePool"}
 
     def verbs(scope: str, group: str, resource: str) -> set[str]:
         return {v for r in rules[scope] if group in r["apiGroups"] and resource in r["resources"] for v in r["verbs"]}
