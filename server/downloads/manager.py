@@ -3,12 +3,14 @@
 Each file is fetched into `<repo folder>/.downloads/<name>.part` (a hidden folder the store never scans),
 resumed with an HTTP Range request from the bytes already there, checked against the hub's sha256 and
 only then renamed to its final name. A server killed mid-download leaves the `.part` file; the next
-request for the same files resumes it under the same job.
+request for the same files resumes it under the same job. Servers sharing the volume take turns per repo
+folder (an flock on `<repo folder>/.download.lock`, which NFS and CephFS honour across nodes).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -29,6 +31,9 @@ from .resolver import DownloadError, DownloadPlan, Spec, parse_spec, resolve
 log = logging.getLogger(__name__)
 
 PARTIAL_DIR = ".downloads"
+# Held (flock) by the server downloading into a repo folder; kept, empty, so every server locks the same inode.
+LOCK_FILE = ".download.lock"
+_LOCK_POLL_S = 0.2
 _DISK_MARGIN = 16 * 1024 * 1024  # keep some room beyond the download itself
 _SAVE_EVERY_S = 2.0
 _CHUNK = 64 * 1024
@@ -232,6 +237,27 @@ class DownloadManager:
             self.table.save()
 
     def _download(self, job: DownloadJob) -> None:
+        """Downloads the job's files holding the repo folder's lock: servers sharing a models volume (replicas on
+        one ReadWriteMany claim) never write the same `.part` file at once. One that finds the lock taken waits,
+        showing the bytes the other one has on disk, then skips the files it finished."""
+        model_dir = self.store.model_dir(*job.repo_id.split("/"))
+        model_dir.mkdir(parents=True, exist_ok=True)
+        with (model_dir / LOCK_FILE).open("a") as lock:
+            while True:
+                try:
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if self._cancel.is_set():
+                        raise _Cancelled() from None
+                    job.progress(self._bytes_on_disk(job))
+                    time.sleep(_LOCK_POLL_S)
+            try:
+                self._download_files(job)
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _download_files(self, job: DownloadJob) -> None:
         from huggingface_hub import hf_hub_url
 
         paths = self._paths(job)
