@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `lmkube serve` never pays for kopf.
     import kopf
+    from lmkube.operator import autoscaler
     from lmkube.operator.handlers import build_runtime, register
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -34,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("kubernetes").setLevel(logging.WARNING)
         logging.getLogger("httpx").setLevel(logging.WARNING)
     registry = kopf.OperatorRegistry()
-    register(registry, build_runtime())
+    runtime = build_runtime()
+    register(registry, runtime)
+    autoscaler.register(registry, autoscaler.build_autoscaler(runtime.kube, runtime.options.settings))
     namespaces = list(dict.fromkeys(args.namespace))
     priority = args.priority
     if args.peering and priority is None:

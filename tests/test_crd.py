@@ -37,7 +37,9 @@ def test_crd_shape() -> None:
     assert spec["names"]["shortNames"] == ["lm"]
     (version,) = spec["versions"]
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
-    assert version["subresources"] == {"status": {}}
+    assert version["subresources"] == {"status": {}, "scale": {
+        "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector"}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
         "Model", "Variant", "Phase", "Progress", "Ready", "Endpoint", "Age",
     ]
