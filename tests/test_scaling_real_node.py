@@ -49,6 +49,11 @@ GATEWAY_RULES = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def image_before_node(built_image: object) -> None:
+    """The image (re)built before the node's lock is taken: no other worktree waits on the node for a build."""
+
+
 @pytest.fixture(scope="module")
 def hub(real_node: RealNode, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
     d = tmp_path_factory.mktemp("scale-hub")
