@@ -132,6 +132,7 @@ def test_full_spec_is_accepted_and_kept(api: kubernetes.client.CustomObjectsApi)
         "priorityClassName": "high",
         "env": [{"name": "A", "value": "1"}, {"name": "B", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
         "imagePullSecrets": [{"name": "registry"}],
+        "scaling": {"minReplicas": 0, "maxReplicas": 4, "targetRequests": 8, "scaleDownDelay": "5m", "window": 30},
     }
     created = create(api, {**local_model("full"), "spec": spec}, field_validation="Strict")
     assert created["spec"] == spec
@@ -161,6 +162,12 @@ def test_ttl_and_offload_forms(api: kubernetes.client.CustomObjectsApi, ttl: obj
     ({"nodeSelector": {"gpu": 1}}, "spec.nodeSelector.gpu"),
     ({"imagePullSecrets": [{}]}, "spec.imagePullSecrets[0].name"),
     ({"model": ""}, "spec.model"),
+    ({"scaling": {"minReplicas": -1}}, "spec.scaling.minReplicas"),
+    ({"scaling": {"maxReplicas": 0}}, "spec.scaling.maxReplicas"),
+    ({"scaling": {"targetRequests": 0}}, "spec.scaling.targetRequests"),
+    ({"scaling": {"scaleDownDelay": "soon"}}, "spec.scaling.scaleDownDelay"),
+    ({"scaling": {"window": "1m1h"}}, "spec.scaling.window"),
+    ({"scaling": {"minReplicas": 3, "maxReplicas": 2}}, "minReplicas must not exceed maxReplicas"),
 ])
 def test_invalid_spec_is_rejected_naming_the_field(
     api: kubernetes.client.CustomObjectsApi, spec: dict[str, Any], field: str,
