@@ -176,17 +176,30 @@ def _port(pod: dict[str, Any]) -> int:
     return DEFAULT_PORT
 
 
+def _serving_pods(status: dict[str, Any]) -> set[str] | None:
+    """The pods the operator reports the model loaded on (status.pods[], phase Ready or Idle), or None when it
+    reports no pod at all yet. A pod that is Ready (its server listens) but not in this set has not had the
+    model loaded yet, e.g. a replica the autoscaler just added: a request sent there would load the model on
+    its own, and the operator's load (which replaces what else is loaded) would cut it off."""
+    records = status.get("pods") or []
+    if not records:
+        return None
+    return {r.get("name") for r in records if r.get("phase") in ("Ready", "Idle")}
+
+
 def served_models(local_models: list[dict[str, Any]], pods: list[dict[str, Any]]) -> list[ServedModel]:
     """Each LocalModel with its ready pods (matched by the operator's selector labels)."""
     models = []
     for body in local_models:
         meta, spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
         selector = selector_labels(meta["name"]).items()
+        serving = _serving_pods(status)
         replicas = tuple(
             Replica(url=f"http://{pod['status']['podIP']}:{_port(pod)}", name=pod["metadata"]["name"])
             for pod in pods
             if pod["metadata"].get("namespace") == meta["namespace"] and _ready(pod)
-            and selector <= (pod["metadata"].get("labels") or {}).items())
+            and selector <= (pod["metadata"].get("labels") or {}).items()
+            and (serving is None or pod["metadata"]["name"] in serving))
         models.append(ServedModel(namespace=meta["namespace"], name=meta["name"], model_key=status.get("modelKey"),
                                   aliases=tuple(spec.get("aliases") or ()), replicas=replicas,
                                   scales_from_zero=(spec.get("scaling") or {}).get("minReplicas") == 0,

@@ -122,3 +122,28 @@ def test_a_held_stream_continues_with_the_replicas_answer_or_its_error() -> None
     assert len(refused) == 3 and refused[-1]["more_body"] is False
     assert refused[-1]["body"].startswith(b"event: error\n")  # type: ignore[union-attr]
     assert b"context too long" in refused[-1]["body"]  # type: ignore[operator]
+
+
+def test_pods_the_operator_has_not_loaded_the_model_on_get_no_requests() -> None:
+    from lmkube.gateway.kube import served_models
+    from lmkube.operator.resources import labels
+
+    def pod(name: str) -> dict[str, object]:
+        return {"metadata": {"name": name, "namespace": "ns", "labels": labels("chat")},
+                "spec": {"containers": [{"ports": [{"name": "http", "containerPort": 1234}]}]},
+                "status": {"podIP": f"10.0.0.{len(name)}", "conditions": [{"type": "Ready", "status": "True"}]}}
+
+    def model(records: list[dict[str, str]]) -> dict[str, object]:
+        return {"metadata": {"namespace": "ns", "name": "chat"}, "spec": {"scaling": {"minReplicas": 0}},
+                "status": {"modelKey": "acme/chat", "readyReplicas": 1, "pods": records}}
+
+    pods = [pod("a"), pod("bb"), pod("ccc")]
+    # A replica just added by the autoscaler: Ready (its server listens), loading or not yet examined.
+    (served,) = served_models([model([{"name": "a", "phase": "Ready"}, {"name": "bb", "phase": "Loading"}])], pods)
+    assert [r.name for r in served.replicas] == ["a"]
+    assert served.scales_from_zero and served.serving == 1
+    (idle,) = served_models([model([{"name": "a", "phase": "Idle"}, {"name": "ccc", "phase": "Ready"}])], pods)
+    assert [r.name for r in idle.replicas] == ["a", "ccc"]
+    # No pod reported at all (an operator that has not looked yet): every Ready pod, as before.
+    (unknown,) = served_models([model([])], pods)
+    assert len(unknown.replicas) == 3
