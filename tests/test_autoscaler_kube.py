@@ -98,18 +98,20 @@ def test_the_autoscaler_follows_the_load_up_and_back_down(kube: KubeCluster, kub
         loads.values["busy"] = 1
         wait_until(lambda: api.status("busy").get("desiredReplicas") == 1, timeout=60,
                    message=f"no decision: {api.status('busy')}")
-        assert replicas(api, "busy") == (1, 1)
+        # The first pass creates the Deployment; the autoscaler may have decided before it.
+        wait_until(lambda: replicas(api, "busy") == (1, 1), timeout=60, message=f"{replicas(api, 'busy')}")
         loads.values["busy"] = 10  # ceil(10 / 4) = 3
         wait_until(lambda: replicas(api, "busy") == (3, 3), timeout=60, message=f"{replicas(api, 'busy')}")
-        status = api.status("busy")
-        assert status["scaling"]["lastScaleReason"] == "ScaleUp" and status["desiredReplicas"] == 3, status
+        status = wait_until(lambda: (s := api.status("busy")).get("desiredReplicas") == 3 and s, timeout=30)
+        assert status["scaling"]["lastScaleReason"] == "ScaleUp", status
         assert "10 requests" in status["scaling"]["lastScaleMessage"]
         # Below what 3 replicas carry, but not for scaleDownDelay yet.
         loads.values["busy"] = 2
         began = time.monotonic()
         wait_until(lambda: replicas(api, "busy") == (1, 1), timeout=60, message=f"{api.status('busy')}")
         assert time.monotonic() - began >= 3 - INTERVAL
-        assert api.status("busy")["scaling"]["lastScaleReason"] == "ScaleDown"
+        # spec.replicas is written first, then the status: wait for it rather than race it.
+        wait_until(lambda: api.status("busy")["scaling"]["lastScaleReason"] == "ScaleDown", timeout=30)
         wait_until(lambda: reasons(api, "busy")[-2:] == ["ScaleUp", "ScaleDown"], timeout=30,
                    message=f"events: {reasons(api, 'busy')}")
 
@@ -195,7 +197,7 @@ def test_a_restarted_operator_keeps_the_count_it_reached(kube: KubeCluster, kube
         assert count == 2 and len(seen) > 10, seen
         wait_until(lambda: replicas(api, "steady") == (2, 2), timeout=30)
         assert autoscaler.models() == {(kube_namespace, "steady")}
-    assert api.status("steady")["scaling"]["lastScaleReason"] == "ScaleDown"
+        wait_until(lambda: api.status("steady")["scaling"]["lastScaleReason"] == "ScaleDown", timeout=30)
 
 
 def test_the_scale_subresource_validates_spec_scaling(kube: KubeCluster, kube_namespace: str, api: Api) -> None:
