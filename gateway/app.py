@@ -28,6 +28,7 @@ from .limits import ConcurrencyLimiter
 from .metrics import GatewayMetrics
 from .proxy import Proxy, Receive, Scope, Send, UpstreamDied, client_gone
 from .resolve import resolve, upstream_model
+from .wake import Waker
 
 log = logging.getLogger("lmkube.gateway")
 
@@ -66,6 +67,7 @@ class Gateway:
         self.owners: OrderedDict[str, str] = OrderedDict()
         self.client: httpx.AsyncClient | None = None
         self.proxy: Proxy | None = None
+        self.waker: Waker | None = None  # scale from zero (Kubernetes discovery only)
 
     # -- lifespan ------------------------------------------------------------------------------------
 
@@ -110,7 +112,7 @@ class Gateway:
             ready = self.catalog.synced
             return await _json(200 if ready else 503, {"status": "ok" if ready else "starting"})(scope, receive, send)
         if path == "/metrics":
-            text = self.metrics.render(self.catalog.models.values())
+            text = self.metrics.render(self.catalog.models.values()) + (self.waker.render() if self.waker else "")
             return await Response(text, media_type="text/plain; version=0.0.4")(scope, receive, send)
         try:
             grant = self._authorize(scope)
@@ -302,6 +304,12 @@ class Gateway:
         while True:
             pinned = self._pinned(model, body) if not tried else None
             replica = pinned or self.balancer.pick(model.replicas, affinity, frozenset(tried))
+            if replica is None and not tried and self.waker is not None and self.waker.applies(model):
+                held = await self.waker.hold(model, path, body.get("stream") is True, gone, send)
+                if held.model is None:
+                    return held.status
+                model, send = held.model, held.send
+                continue
             if replica is None:
                 if tried:
                     raise GatewayError(502, f"No replica of the model '{model.id}' could be reached.",

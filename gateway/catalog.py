@@ -28,6 +28,9 @@ class ServedModel:
     model_key: str | None
     aliases: tuple[str, ...] = ()
     replicas: tuple[Replica, ...] = ()
+    # spec.scaling.minReplicas is 0: a request while no replica serves asks for one and waits (wake.py).
+    scales_from_zero: bool = False
+    serving: int = 0  # status.readyReplicas: replicas the operator has loaded the model on
 
     @property
     def id(self) -> str:

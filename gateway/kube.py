@@ -202,7 +202,9 @@ def served_models(local_models: list[dict[str, Any]], pods: list[dict[str, Any]]
             and selector <= (pod["metadata"].get("labels") or {}).items()
             and (serving is None or pod["metadata"]["name"] in serving))
         models.append(ServedModel(namespace=meta["namespace"], name=meta["name"], model_key=status.get("modelKey"),
-                                  aliases=tuple(spec.get("aliases") or ()), replicas=replicas))
+                                  aliases=tuple(spec.get("aliases") or ()), replicas=replicas,
+                                  scales_from_zero=(spec.get("scaling") or {}).get("minReplicas") == 0,
+                                  serving=int(status.get("readyReplicas") or 0)))
     return models
 
 

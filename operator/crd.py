@@ -37,13 +37,15 @@ DEFAULT_REPLICAS = 1
 DEFAULT_MCP_KEY = "mcp.json"
 MCP_DIR = "/etc/lmkube/mcp"  # where spec.mcp's ConfigMap or Secret is mounted (operator/resources.py)
 
-PHASES = ["Pending", "Scheduling", "Downloading", "Loading", "Ready", "Idle", "Failed"]
+PHASES = ["Pending", "Scheduling", "Downloading", "Loading", "Ready", "Idle", "ScaledToZero", "Failed"]
 CONDITION_STATUSES = ["True", "False", "Unknown"]
 
 # `30m`, `1h30m`, `45s`, `2h`, or plain seconds as a string ("90"); integers are plain seconds.
 TTL_PATTERN = r"^([0-9]+|[0-9]+h([0-9]+m)?([0-9]+s)?|[0-9]+m([0-9]+s)?|[0-9]+s)$"
 # "max" (every layer on the GPU), "off" (none), or the fraction of layers 0-1 as a string ("0.5").
 OFFLOAD_PATTERN = r"^(max|off|0([.][0-9]*)?|[.][0-9]+|1([.]0*)?)$"
+# A duration for spec.scaling: `30s`, `5m`, `1h30m`, or plain seconds (a string or an integer).
+DURATION_PATTERN = TTL_PATTERN
 # Kubernetes resource.Quantity, as controller-gen writes it.
 QUANTITY_PATTERN = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
@@ -135,6 +137,7 @@ def spec_schema() -> dict[str, Any]:
                 minimum=1, maximum=MAX_PARALLEL, default=DEFAULT_PARALLEL,
             ),
             "replicas": _integer("Number of server replicas; 0 scales to zero.", minimum=0, default=DEFAULT_REPLICAS),
+            "scaling": scaling_schema(),
             "storage": {
                 "type": "object",
                 "description": "Where the model files are stored (a PersistentVolumeClaim).",
@@ -215,6 +218,34 @@ def spec_schema() -> dict[str, Any]:
     }
 
 
+def _duration(description: str) -> dict[str, Any]:
+    return {"description": description, "x-kubernetes-int-or-string": True, "pattern": DURATION_PATTERN,
+            "minimum": 0}
+
+
+def scaling_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": (
+            "Replicas that follow demand: the operator's autoscaler sets spec.replicas between minReplicas and "
+            "maxReplicas from the requests running and queued on the replicas. Leave it unset to drive "
+            "spec.replicas yourself (`kubectl scale`, an HorizontalPodAutoscaler or KEDA)."
+        ),
+        "properties": {
+            "minReplicas": _integer("Fewest replicas; 0 lets an idle model scale to zero (a request through "
+                                    "`lmkube gateway` brings it back).", minimum=0, default=1),
+            "maxReplicas": _integer("Most replicas.", minimum=1),
+            "targetRequests": _integer("Running + queued requests one replica should carry, averaged over "
+                                       "`window`; spec.parallel when unset.", minimum=1),
+            "scaleDownDelay": _duration("How long demand must stay lower before replicas are removed, and the "
+                                        "least time between a scale change and a scale-down (`5m` when unset)."),
+            "window": _duration("The time the load is averaged over (`60s` when unset)."),
+        },
+        "x-kubernetes-validations": [{"rule": "!has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+                                      "message": "minReplicas must not exceed maxReplicas"}],
+    }
+
+
 def status_schema() -> dict[str, Any]:
     return {
         "type": "object",
@@ -242,6 +273,23 @@ def status_schema() -> dict[str, Any]:
             "variant": _string("The variant being served."),
             "contextLength": _integer("The context length loaded.", minimum=1),
             "readyReplicas": _integer("Replicas ready to serve.", minimum=0),
+            "replicas": _integer("Model-server pods of the current spec (the scale subresource's status).", minimum=0),
+            "selector": _string("Label selector of the model-server pods (for the scale subresource: HPA, KEDA)."),
+            "desiredReplicas": _integer("The replica count the autoscaler last decided on.", minimum=0),
+            "scaling": {
+                "type": "object",
+                "description": "The autoscaler's last decision and what it saw (spec.scaling only).",
+                "properties": {
+                    "load": {"type": "number", "minimum": 0,
+                             "description": "Running + queued requests over all replicas, averaged over the window."},
+                    "lastScaleTime": _string("When the replica count last changed.", format="date-time"),
+                    "lastScaleReason": _string("Why: ScaleUp, ScaleDown, ScaleToZero, ScaleFromZero, OutOfRange, "
+                                               "External."),
+                    "lastScaleMessage": _string("The decision in words."),
+                    "lowDemandSince": _string("Since when demand has been below the replica count (a scale-down "
+                                              "waits scaleDownDelay from here).", format="date-time"),
+                },
+            },
             "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0},
             "message": _string("Human-readable detail about the phase."),
             "pods": {
@@ -328,7 +376,9 @@ def crd() -> dict[str, Any]:
                 "name": VERSION,
                 "served": True,
                 "storage": True,
-                "subresources": {"status": {}},
+                "subresources": {"status": {}, "scale": {
+                    "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+                    "labelSelectorPath": ".status.selector"}},
                 "additionalPrinterColumns": PRINTER_COLUMNS,
                 "schema": {"openAPIV3Schema": {
                     "type": "object",

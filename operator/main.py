@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     exec_with_glibc_malloc()
     # Imported here so that `lmkube serve` never pays for kopf.
     import kopf
-    from lmkube.operator import memreport
+    from lmkube.operator import autoscaler, memreport
     from lmkube.operator.handlers import build_runtime, register
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -55,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
     # A diagnostic, only with LMKUBE_OPERATOR_MEMORY_REPORT set; after the imports, which tracemalloc would slow.
     memreport.install_from_env()
     registry = kopf.OperatorRegistry()
-    register(registry, build_runtime())
+    runtime = build_runtime()
+    register(registry, runtime)
+    autoscaler.register(registry, autoscaler.build_autoscaler(runtime.kube, runtime.options.settings))
     namespaces = list(dict.fromkeys(args.namespace))
     priority = args.priority
     if args.peering and priority is None:

@@ -328,6 +328,9 @@ def build_status(body: Mapping[str, Any], spec: LocalModelSpec | None, summary: 
         "phase": summary.phase,
         "message": summary.message,
         "readyReplicas": summary.ready_replicas,
+        # The scale subresource's view (kubectl scale, an HPA, KEDA): the pods running the current spec.
+        "replicas": summary.pods,
+        "selector": resources.selector_string(meta["name"]),
         "observedGeneration": generation,
         "conditions": st.conditions(previous.get("conditions") or [], summary, generation, now),
         "pods": records,

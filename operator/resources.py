@@ -95,6 +95,11 @@ def selector_labels(name: str) -> dict[str, str]:
     }
 
 
+def selector_string(name: str) -> str:
+    """The pods' selector as a label-selector string (status.selector, which the scale subresource reports)."""
+    return ",".join(f"{key}={value}" for key, value in sorted(selector_labels(name).items()))
+
+
 def labels(name: str) -> dict[str, str]:
     return {**selector_labels(name), "app.kubernetes.io/managed-by": "lmkube-operator"}
 

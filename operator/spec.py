@@ -24,6 +24,8 @@ DEFAULT_SECRET_KEY = "token"
 DEFAULT_MCP_KEY = "mcp.json"
 MCP_DIR = "/etc/lmkube/mcp"  # where spec.mcp's ConfigMap or Secret is mounted
 MAX_PARALLEL = 256  # the server's /api/v1/models/load limit
+DEFAULT_SCALE_DOWN_DELAY = 300  # seconds; KubeAI's default is 30 s, too eager for a model that takes minutes to load
+DEFAULT_SCALING_WINDOW = 60  # seconds the autoscaler averages the load over
 
 _TTL_RE = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 _TTL_UNITS = (86400, 3600, 60, 1)
@@ -60,6 +62,22 @@ class McpConfigRef:
 
 
 @dataclass(frozen=True)
+class ScalingSpec:
+    """spec.scaling: the operator's autoscaler owns the replica count between `min_replicas` and `max_replicas`.
+
+    `target_requests`: running + queued requests one replica should carry (None: spec.parallel, its slots).
+    `scale_down_delay`: seconds of lower demand before replicas are removed (and after any scale change).
+    `window`: seconds the load is averaged over.
+    """
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_requests: int | None = None
+    scale_down_delay: int = DEFAULT_SCALE_DOWN_DELAY
+    window: int = DEFAULT_SCALING_WINDOW
+
+
+@dataclass(frozen=True)
 class LocalModelSpec:
     """A parsed LocalModel spec. Pod knobs are kept as the plain Kubernetes JSON the user wrote."""
 
@@ -82,6 +100,13 @@ class LocalModelSpec:
     env: tuple[Mapping[str, Any], ...] = ()
     image_pull_secrets: tuple[str, ...] = ()
     mcp: McpConfigRef | None = None
+    scaling: ScalingSpec | None = None  # None: spec.replicas is set by hand, `kubectl scale`, an HPA or KEDA
+
+    @property
+    def target_requests(self) -> int:
+        """Running + queued requests per replica the autoscaler aims at."""
+        scaling = self.scaling
+        return scaling.target_requests if scaling and scaling.target_requests else self.parallel
 
     @property
     def model_key(self) -> str:
@@ -261,10 +286,14 @@ def parse_spec(spec: Mapping[str, Any]) -> LocalModelSpec:
         auth = SecretRef(name=name, key=_opt_str(secret_ref, "key", "auth.secretRef.key") or DEFAULT_SECRET_KEY)
 
     replicas = _int(spec, "replicas", 1, minimum=0)
+    scaling = parse_scaling(spec.get("scaling"))
     if replicas > 1 and storage.existing_claim is None:
         # The operator's cache PVC is ReadWriteOnce: replicas on other nodes could never mount it.
         raise ValueError("replicas > 1 needs storage.existingClaim (a ReadWriteMany claim shared by the replicas); "
                          "the operator-created cache volume is ReadWriteOnce")
+    if scaling is not None and scaling.max_replicas > 1 and storage.existing_claim is None:
+        raise ValueError("scaling.maxReplicas > 1 needs storage.existingClaim (a ReadWriteMany claim shared by the "
+                         "replicas); the operator-created cache volume is ReadWriteOnce")
 
     return LocalModelSpec(
         model=model,
@@ -286,7 +315,42 @@ def parse_spec(spec: Mapping[str, Any]) -> LocalModelSpec:
         env=tuple(_list(spec, "env")),
         image_pull_secrets=tuple(_pull_secret(s) for s in _list(spec, "imagePullSecrets")),
         mcp=parse_mcp(_mapping(spec, "mcp")),
+        scaling=scaling,
     )
+
+
+def parse_scaling(value: Any) -> ScalingSpec | None:
+    """spec.scaling, or None when unset; ValueError when invalid."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError("spec.scaling must be an object")
+    minimum = _int(value, "minReplicas", 1, minimum=0, where="scaling.minReplicas")
+    maximum = _int(value, "maxReplicas", max(minimum, 1), minimum=1, where="scaling.maxReplicas")
+    if minimum > maximum:
+        raise ValueError(f"spec.scaling.minReplicas ({minimum}) must not exceed scaling.maxReplicas ({maximum})")
+    return ScalingSpec(
+        min_replicas=minimum,
+        max_replicas=maximum,
+        target_requests=_opt_int(value, "targetRequests", minimum=1, where="scaling.targetRequests"),
+        scale_down_delay=_duration(value, "scaleDownDelay", DEFAULT_SCALE_DOWN_DELAY, zero_ok=True),
+        window=_duration(value, "window", DEFAULT_SCALING_WINDOW, zero_ok=False),
+    )
+
+
+def _duration(obj: Mapping[str, Any], key: str, default: int, *, zero_ok: bool) -> int:
+    """A duration field of spec.scaling (`30s`, `5m`, or seconds), in seconds."""
+    value = obj.get(key)
+    if value is None:
+        return default
+    if zero_ok and value in (0, "0", "0s"):
+        return 0
+    try:
+        seconds = parse_ttl(value)
+    except ValueError:
+        raise ValueError(f"spec.scaling.{key} must be a duration like 30s or 5m, or seconds, got {value!r}") from None
+    assert seconds is not None
+    return seconds
 
 
 def parse_mcp(mcp: Mapping[str, Any]) -> McpConfigRef | None:

@@ -24,6 +24,7 @@ class _StatusWriter(Protocol):
 
 # Stages of one pod, in the order a pod goes through them.
 WAITING, DOWNLOADING, LOADING, READY, IDLE, FAILED = "Waiting", "Downloading", "Loading", "Ready", "Idle", "Failed"
+SCALED_TO_ZERO = "ScaledToZero"  # a phase of the LocalModel: no pods asked for; its files stay on the volume
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Summary:
     pods_ready: tuple[str, str, str]  # (status, reason, message) of the PodsReady condition
     downloaded: tuple[str, str, str]
     loaded: tuple[str, str, str]
+    pods: int = 0  # pods of the current spec, ready or not (the scale subresource's status.replicas)
 
 
 def load_status(phase: str) -> dict[str, Any] | None:
@@ -132,7 +134,8 @@ def summarize(replicas: int, pods: Sequence[PodView], states: Sequence[PodState]
         loaded = _condition(states, (READY,), "Loaded", "the model is loaded on every ready pod")
 
     if replicas == 0:
-        phase, reason, message = "Pending", "ScaledToZero", "spec.replicas is 0"
+        phase, reason = SCALED_TO_ZERO, SCALED_TO_ZERO
+        message = "spec.replicas is 0: no pod runs; the model files stay on the volume for the next start"
     elif len(serving) >= replicas:
         phase = READY if any(s.stage == READY for s in serving) else IDLE
         reason = phase
@@ -161,7 +164,7 @@ def summarize(replicas: int, pods: Sequence[PodView], states: Sequence[PodState]
             message = "waiting for the pods to be checked"
     else:
         phase, reason, message = "Pending", "NoPods", "waiting for the Deployment to create pods"
-    return Summary(phase, reason, message, len(serving), progress, pods_ready, downloaded, loaded)
+    return Summary(phase, reason, message, len(serving), progress, pods_ready, downloaded, loaded, len(pods))
 
 
 def _condition(states: Sequence[PodState], good: tuple[str, ...], reason: str, message: str) -> tuple[str, str, str]:

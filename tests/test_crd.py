@@ -37,7 +37,9 @@ def test_crd_shape() -> None:
     assert spec["names"]["shortNames"] == ["lm"]
     (version,) = spec["versions"]
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
-    assert version["subresources"] == {"status": {}}
+    assert version["subresources"] == {"status": {}, "scale": {
+        "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector"}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
         "Model", "Variant", "Phase", "Progress", "Load", "Ready", "Endpoint", "Age",
     ]
@@ -131,6 +133,7 @@ def test_full_spec_is_accepted_and_kept(api: kubernetes.client.CustomObjectsApi)
         "env": [{"name": "A", "value": "1"}, {"name": "B", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
         "imagePullSecrets": [{"name": "registry"}],
         "mcp": {"configMapRef": {"name": "mcp-servers", "key": "mcp.json"}},
+        "scaling": {"minReplicas": 0, "maxReplicas": 4, "targetRequests": 8, "scaleDownDelay": "5m", "window": 30},
     }
     created = create(api, {**local_model("full"), "spec": spec}, field_validation="Strict")
     assert created["spec"] == spec
@@ -162,6 +165,12 @@ def test_ttl_and_offload_forms(api: kubernetes.client.CustomObjectsApi, ttl: obj
     ({"mcp": {"secretRef": {}}}, "spec.mcp.secretRef.name"),
     ({"mcp": {"configMapRef": {"name": "a"}, "secretRef": {"name": "b"}}}, "spec.mcp"),
     ({"model": ""}, "spec.model"),
+    ({"scaling": {"minReplicas": -1}}, "spec.scaling.minReplicas"),
+    ({"scaling": {"maxReplicas": 0}}, "spec.scaling.maxReplicas"),
+    ({"scaling": {"targetRequests": 0}}, "spec.scaling.targetRequests"),
+    ({"scaling": {"scaleDownDelay": "soon"}}, "spec.scaling.scaleDownDelay"),
+    ({"scaling": {"window": "1m1h"}}, "spec.scaling.window"),
+    ({"scaling": {"minReplicas": 3, "maxReplicas": 2}}, "minReplicas must not exceed maxReplicas"),
 ])
 def test_invalid_spec_is_rejected_naming_the_field(
     api: kubernetes.client.CustomObjectsApi, spec: dict[str, Any], field: str,

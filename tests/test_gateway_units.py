@@ -117,3 +117,61 @@ def test_pods_accept_the_gateway_credential_only_when_the_operator_has_one() -> 
     assert gateway_secret_name("chat", "rotated") != secret["metadata"]["name"]  # a new token, a new Secret
     assert reconcile.secret_version("t", settings) != reconcile.secret_version("t", OperatorSettings())
     assert token_secret("chat", "ns", "t")["metadata"]["name"] != secret["metadata"]["name"]
+
+
+# -- scale from zero (gateway/wake.py) -------------------------------------------------------------
+
+
+def test_a_held_stream_continues_with_the_replicas_answer_or_its_error() -> None:
+    import asyncio
+
+    from lmkube.gateway.wake import WAITING_COMMENT, HeldStream
+
+    async def scenario(status: int, chunks: list[bytes], path: str) -> list[dict[str, object]]:
+        sent: list[dict[str, object]] = []
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        stream = HeldStream(path, send)  # type: ignore[arg-type]
+        await stream.start()
+        await stream.send({"type": "http.response.start", "status": status, "headers": []})
+        for index, chunk in enumerate(chunks):
+            await stream.send({"type": "http.response.body", "body": chunk, "more_body": index < len(chunks) - 1})
+        return sent
+
+    ok = asyncio.run(scenario(200, [b"data: {}\n\n", b"data: [DONE]\n\n"], "/v1/chat/completions"))
+    assert [m["type"] for m in ok] == ["http.response.start", "http.response.body", "http.response.body",
+                                       "http.response.body"]
+    assert ok[0]["status"] == 200 and ok[1]["body"] == WAITING_COMMENT and ok[-1]["body"] == b"data: [DONE]\n\n"
+    # The replica refused the request after the stream had begun: the family's error event, with its message.
+    refused = asyncio.run(scenario(400, [b'{"error": {"message": "context too ', b'long", "type": "x"}}'],
+                                   "/v1/messages"))
+    assert len(refused) == 3 and refused[-1]["more_body"] is False
+    assert refused[-1]["body"].startswith(b"event: error\n")  # type: ignore[union-attr]
+    assert b"context too long" in refused[-1]["body"]  # type: ignore[operator]
+
+
+def test_pods_the_operator_has_not_loaded_the_model_on_get_no_requests() -> None:
+    from lmkube.gateway.kube import served_models
+    from lmkube.operator.resources import labels
+
+    def pod(name: str) -> dict[str, object]:
+        return {"metadata": {"name": name, "namespace": "ns", "labels": labels("chat")},
+                "spec": {"containers": [{"ports": [{"name": "http", "containerPort": 1234}]}]},
+                "status": {"podIP": f"10.0.0.{len(name)}", "conditions": [{"type": "Ready", "status": "True"}]}}
+
+    def model(records: list[dict[str, str]]) -> dict[str, object]:
+        return {"metadata": {"namespace": "ns", "name": "chat"}, "spec": {"scaling": {"minReplicas": 0}},
+                "status": {"modelKey": "acme/chat", "readyReplicas": 1, "pods": records}}
+
+    pods = [pod("a"), pod("bb"), pod("ccc")]
+    # A replica just added by the autoscaler: Ready (its server listens), loading or not yet examined.
+    (served,) = served_models([model([{"name": "a", "phase": "Ready"}, {"name": "bb", "phase": "Loading"}])], pods)
+    assert [r.name for r in served.replicas] == ["a"]
+    assert served.scales_from_zero and served.serving == 1
+    (idle,) = served_models([model([{"name": "a", "phase": "Idle"}, {"name": "ccc", "phase": "Ready"}])], pods)
+    assert [r.name for r in idle.replicas] == ["a", "ccc"]
+    # No pod reported at all (an operator that has not looked yet): every Ready pod, as before.
+    (unknown,) = served_models([model([])], pods)
+    assert len(unknown.replicas) == 3

@@ -62,6 +62,9 @@ def test_gateway_rbac_reads_no_secret_outside_its_namespace(helm: Any) -> None:
     docs = render(helm, *ON)
     (cluster_role,) = gateway_objects(docs, "ClusterRole")  # all namespaces: LocalModels and pods only
     assert cluster_role["rules"] == [{"apiGroups": ["lmkube.dev"], "resources": ["localmodels"], "verbs": READ},
+                                     # Scale from zero: spec.replicas through the scale subresource, nothing else.
+                                     {"apiGroups": ["lmkube.dev"], "resources": ["localmodels/scale"],
+                                      "verbs": ["get", "patch"]},
                                      {"apiGroups": [""], "resources": ["pods"], "verbs": READ}]
     (keys,) = gateway_objects(docs, "Role")
     assert keys["metadata"]["namespace"] == "lmkube-system"

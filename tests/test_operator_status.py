@@ -94,7 +94,7 @@ def test_phases() -> None:
     assert (s.phase, s.ready_replicas, s.downloaded[0], s.loaded[0]) == ("Ready", 1, "True", "True")
     s = st.summarize(1, [pv("a")], [st.PodState("a", st.IDLE)])
     assert (s.phase, s.loaded[:2]) == ("Idle", ("False", "IdleUnloaded"))
-    assert st.summarize(0, [], []).phase == "Pending"
+    assert st.summarize(0, [], []).phase == "ScaledToZero"
 
 
 def test_ready_needs_every_replica() -> None:

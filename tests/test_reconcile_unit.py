@@ -440,11 +440,15 @@ def test_a_model_the_ttl_unloaded_is_idle_and_not_reloaded(cluster: FakeCluster)
     assert server.requests.count("POST load") == 1
 
 
-def test_scaled_to_zero_is_pending(cluster: FakeCluster) -> None:
+def test_scaled_to_zero_is_its_own_phase(cluster: FakeCluster) -> None:
     cluster.apply("tiny", {"model": MODEL, "replicas": 0})
     status = cluster.reconcile("tiny")
-    assert (status["phase"], conditions(status)["Ready"]) == ("Pending", ("False", "ScaledToZero"))
+    assert (status["phase"], conditions(status)["Ready"]) == ("ScaledToZero", ("False", "ScaledToZero"))
     assert cluster.deployment("tiny")["spec"]["replicas"] == 0
+    # What the scale subresource reports: no pods, and the selector an HPA or KEDA counts pods with.
+    assert status["replicas"] == 0
+    assert status["selector"] == ("app.kubernetes.io/component=model-server,app.kubernetes.io/instance=tiny,"
+                                  "app.kubernetes.io/name=lmkube")
 
 
 # -- replicas on a shared claim ----------------------------------------------------------------------

@@ -37,6 +37,11 @@ def register(commands: Any) -> None:
                               "LMKUBE_GATEWAY_UPSTREAM_TOKEN)")
     gateway.add_argument("--drain-seconds", type=float, default=30.0,
                          help="on SIGTERM, how long in-flight requests may run on (default 30)")
+    gateway.add_argument("--scale-from-zero-seconds", type=float, metavar="S",
+                         default=float(os.environ.get("LMKUBE_GATEWAY_SCALE_FROM_ZERO_SECONDS") or 300),
+                         help="hold a request for a LocalModel scaled to zero (spec.scaling.minReplicas: 0) this long "
+                              "while a replica starts; 0 answers 503 at once (default 300, or "
+                              "$LMKUBE_GATEWAY_SCALE_FROM_ZERO_SECONDS)")
     gateway.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     gateway.set_defaults(func=run_gateway)
 
@@ -67,13 +72,20 @@ def run_gateway(args: argparse.Namespace) -> int:
         from lmkube.gateway.kube import KubeDiscovery
 
         key_namespace = args.keys_namespace
-        discoveries.append(KubeDiscovery(catalog, keys, args.namespace, key_namespace))
+        kube_discovery = KubeDiscovery(catalog, keys, args.namespace, key_namespace)
+        discoveries.append(kube_discovery)
     if not args.no_auth and not args.keys_file and key_namespace is None:
         print("lmkube gateway: no keys: give --keys-file, --keys-namespace (or $POD_NAMESPACE), or --no-auth",
               file=sys.stderr)
         return 2
     settings = GatewaySettings(upstream_token=_upstream_token(args), open_access=args.no_auth)
     app = create_app(catalog, keys, settings, discoveries)
+    if args.backends is None:
+        from lmkube.gateway.wake import ScaleSubresource, Waker
+
+        config = kube_discovery.config
+        app.waker = Waker(catalog, ScaleSubresource(kube_discovery.client, config.server, config.token),
+                          args.scale_from_zero_seconds)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                 lifespan="on", timeout_graceful_shutdown=int(args.drain_seconds))
     return 0
