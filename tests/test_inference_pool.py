@@ -173,11 +173,13 @@ def test_chart_value_turns_pools_on_with_their_rbac(tmp_path: Path) -> None:
     rules = rbac.rules()
 
     def operator_env(docs: list[dict[str, Any]]) -> dict[str, str]:
-        (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+        (deployment,) = of_kind(docs, "Deployment")
         return {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
 
     def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-        return [d for d in docs if d["kind"] == kind]
+        """The operator's objects of `kind` (the gateway, on by default, has its own: test_helm_gateway.py)."""
+        return [d for d in docs if d["kind"] == kind
+                and (d["metadata"].get("labels") or {}).get("app.kubernetes.io/component") != "gateway"]
 
     off = render_chart(tmp_path)
     assert "LMKUBE_OPERATOR_INFERENCE_POOL" not in operator_env(off)
