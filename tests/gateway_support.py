@@ -51,12 +51,13 @@ def write_yaml(path: Path, document: dict[str, Any]) -> Path:
     return path
 
 
-def gateway_account(kube: KubeCluster, namespace: str, kubeconfig: Path, name: str = "gateway") -> Path:
-    """A ServiceAccount with only WATCH in `namespace`; returns a kubeconfig logged in as it."""
+def gateway_account(kube: KubeCluster, namespace: str, kubeconfig: Path, name: str = "gateway",
+                    rules: list[dict[str, Any]] | None = None) -> Path:
+    """A ServiceAccount with only `rules` (default WATCH) in `namespace`; returns a kubeconfig logged in as it."""
     kube.kubectl("create", "serviceaccount", name, "-n", namespace)
     with kube.api_client() as client:
         rbac = kubernetes.client.RbacAuthorizationV1Api(client)
-        rbac.create_namespaced_role(namespace, {"metadata": {"name": name}, "rules": WATCH})
+        rbac.create_namespaced_role(namespace, {"metadata": {"name": name}, "rules": rules or WATCH})
         rbac.create_namespaced_role_binding(namespace, {
             "metadata": {"name": name},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},

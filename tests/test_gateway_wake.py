@@ -23,7 +23,7 @@ import httpx
 import kubernetes.client
 import pytest
 import yaml
-from gateway_support import GatewayProcess, start_gateway
+from gateway_support import GatewayProcess, gateway_account, gateway_key, start_gateway
 from kube_cluster import ROOT, KubeCluster
 from lmkube.operator import crd
 from lmkube.operator.resources import labels
@@ -60,17 +60,8 @@ def gateway(kube: KubeCluster, api: Any, ns: str, tmp_path: Path, *args: str) ->
                          "--set", "gateway.enabled=true").stdout
     rules = [*chart_rules(rendered), {"apiGroups": [""], "resources": ["secrets"], "verbs": ["list", "watch"]}]
     assert {"apiGroups": ["lmkube.dev"], "resources": ["localmodels/scale"], "verbs": ["get", "patch"]} in rules
-    kube.kubectl("create", "serviceaccount", "gateway", "-n", ns)
-    rbac = kubernetes.client.RbacAuthorizationV1Api(api)
-    rbac.create_namespaced_role(ns, {"metadata": {"name": "gateway"}, "rules": rules})
-    rbac.create_namespaced_role_binding(ns, {
-        "metadata": {"name": "gateway"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "gateway"},
-        "subjects": [{"kind": "ServiceAccount", "name": "gateway", "namespace": ns}]})
-    data = {"key": KEY, "namespaces": ns}
-    kubernetes.client.CoreV1Api(api).create_namespaced_secret(ns, {
-        "metadata": {"name": "team", "labels": {"lmkube.dev/gateway-key": "true"}}, "stringData": data})
-    kubeconfig = kube.service_account_kubeconfig(ns, "gateway", tmp_path / "kubeconfig")
+    kubeconfig = gateway_account(kube, ns, tmp_path / "kubeconfig", rules=rules)
+    gateway_key(api, ns, "team", KEY, namespaces=ns)
     (tmp_path / "upstream").write_text(UPSTREAM)
     return start_gateway(tmp_path, "--namespace", ns, "--keys-namespace", ns, "--upstream-token-file",
                          str(tmp_path / "upstream"), *args, env={"KUBECONFIG": str(kubeconfig)})

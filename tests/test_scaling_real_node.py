@@ -18,22 +18,22 @@ import time
 from collections.abc import Iterator
 
 import httpx
-import kubernetes.client
 import openai
 import pytest
-from gateway_support import GatewayProcess, start_gateway
+from gateway_support import WATCH, GatewayProcess, gateway_account, gateway_key, start_gateway
 from hf_hub_server import FakeHub
 from kube_cluster import KubeCluster
 from lmkube.operator import resources
-from node_support import POD_TIMEOUT, delete_volumes, provide_volume
-from operator_support import OPERATOR_ACCOUNT, Api, OperatorProcess, grant_operator_rules, install_crd
+from node_support import POD_TIMEOUT, kube, node_namespace, provide_volume
+from operator_support import OPERATOR_ACCOUNT, Api, OperatorProcess
 from project_image import BUILD_TIMEOUT
 from real_node import RealNode
 from real_node_config import NODE_IP
 from support import wait_until
-from test_gateway_kube import gateway_key
 
 from lmkube.synthetic_gguf import write_llama_model
+
+__all__ = ["kube", "node_namespace"]  # fixtures
 
 pytestmark = [pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning"), pytest.mark.image,
               pytest.mark.timeout(BUILD_TIMEOUT + 1200)]
@@ -41,12 +41,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureReq
 UPSTREAM = f"gw-upstream-{secrets.token_hex(16)}"
 KEY = f"gw-{secrets.token_hex(12)}"
 REPO = "hub-org/Scale-GGUF"
-GATEWAY_RULES = [
-    {"apiGroups": ["lmkube.dev"], "resources": ["localmodels"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": ["lmkube.dev"], "resources": ["localmodels/scale"], "verbs": ["get", "patch"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["list", "watch"]},
-]
+GATEWAY_RULES = [*WATCH, {"apiGroups": ["lmkube.dev"], "resources": ["localmodels/scale"], "verbs": ["get", "patch"]}]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,19 +59,8 @@ def hub(real_node: RealNode, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="module")
-def kube(real_node: RealNode) -> KubeCluster:
-    return real_node.cluster
-
-
-@pytest.fixture(scope="module")
-def ns(real_node: RealNode, kube: KubeCluster) -> Iterator[str]:
-    name = f"scale-{secrets.token_hex(3)}"
-    install_crd(kube)
-    kube.create_namespace(name)
-    grant_operator_rules(kube, name)
-    yield name
-    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
-    delete_volumes(real_node, name)
+def ns(node_namespace: str) -> str:
+    return node_namespace
 
 
 @pytest.fixture(scope="module")
@@ -103,20 +87,13 @@ def api(kube: KubeCluster, ns: str) -> Iterator[Api]:
 def gateway(kube: KubeCluster, ns: str, operator: OperatorProcess,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     path = tmp_path_factory.mktemp("scale-gateway")
+    kubeconfig = gateway_account(kube, ns, path / "kubeconfig", rules=GATEWAY_RULES)
     with kube.api_client() as client:
-        kube.kubectl("create", "serviceaccount", "gateway", "-n", ns)
-        rbac = kubernetes.client.RbacAuthorizationV1Api(client)
-        rbac.create_namespaced_role(ns, {"metadata": {"name": "gateway"}, "rules": GATEWAY_RULES})
-        rbac.create_namespaced_role_binding(ns, {
-            "metadata": {"name": "gateway"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "gateway"},
-            "subjects": [{"kind": "ServiceAccount", "name": "gateway", "namespace": ns}]})
         gateway_key(client, ns, "client", KEY, namespaces=ns)
     (path / "upstream").write_text(UPSTREAM)
     process = start_gateway(path, "--namespace", ns, "--keys-namespace", ns, "--upstream-token-file",
                             str(path / "upstream"), "--scale-from-zero-seconds", str(POD_TIMEOUT),
-                            env={"KUBECONFIG": str(kube.service_account_kubeconfig(ns, "gateway",
-                                                                                   path / "kubeconfig"))})
+                            env={"KUBECONFIG": str(kubeconfig)})
     yield process
     process.stop()
 
