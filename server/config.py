@@ -18,6 +18,20 @@ DEFAULT_MAX_BODY_BYTES = 32 << 20  # Anthropic's own limit for a Messages reques
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """Sampling for the requests that leave a parameter out; a request's own value (or its preset's) wins.
+
+    These are LM Studio's defaults; `lmkube serve --temp ...` changes them the way llama-server's flags of the
+    same names do, for clients that send none (Claude Code sends no temperature, for one)."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0  # 1: no penalty
+
+
+@dataclass(frozen=True)
 class RuntimeSettings:
     """How the model manager loads, shares and unloads model instances (runtime/manager.py)."""
 
@@ -32,6 +46,7 @@ class RuntimeSettings:
     max_queue: int | None = None  # requests waiting per instance beyond its running ones; None: unbounded
     cache_ram_mib: int = 1024  # host memory per instance for idle prompt caches (engine/host_cache.py); 0: off
     fetch_image_urls: bool = False  # http(s) image URLs in chat requests are fetched (--allow-image-urls)
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 @dataclass(frozen=True)

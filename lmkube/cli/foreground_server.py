@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from lmkube import __version__
-from lmkube.server.config import DEFAULT_MAX_BODY_BYTES, RuntimeSettings, ServerConfig
+from lmkube.server.config import DEFAULT_MAX_BODY_BYTES, RuntimeSettings, SamplingDefaults, ServerConfig
 
-from .arg_types import non_negative_int, positive_int
+from .arg_types import non_negative_float, non_negative_int, positive_float, positive_int, unit_interval
 
 SERVE_EXAMPLES = """examples:
   lmkube serve --demo                      offline demo models (SmolLM2-135M-Instruct), http://127.0.0.1:1234
@@ -54,6 +54,18 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-body-size", type=positive_int, default=DEFAULT_MAX_BODY_BYTES >> 20, metavar="MIB",
                        help="largest request body in MiB; a larger one gets 413 before it is read "
                             "(default %(default)s)")
+    sampling = serve.add_argument_group(
+        "sampling defaults", "for requests that leave the parameter out (a request's own value or preset wins)")
+    sampling.add_argument("--temp", type=non_negative_float, default=SamplingDefaults.temperature,
+                          help="temperature; 0: greedy, the same answer every time (default %(default)g)")
+    sampling.add_argument("--top-k", type=non_negative_int, default=SamplingDefaults.top_k,
+                          help="top-k; 0: off (default %(default)s)")
+    sampling.add_argument("--top-p", type=unit_interval, default=SamplingDefaults.top_p,
+                          help="top-p; 1: off (default %(default)g)")
+    sampling.add_argument("--min-p", type=unit_interval, default=SamplingDefaults.min_p,
+                          help="min-p; 0: off (default %(default)g)")
+    sampling.add_argument("--repeat-penalty", type=positive_float, default=SamplingDefaults.repeat_penalty,
+                          help="penalty on the last 64 tokens' repeats; 1: off (default %(default)g)")
     serve.add_argument("--no-jit", action="store_true", help="do not load models on first request")
     serve.add_argument("--no-auto-evict", action="store_true",
                        help="keep earlier JIT-loaded models when JIT-loading another")
@@ -110,6 +122,8 @@ def server_config(args: argparse.Namespace, models_dir: Path, tokens: tuple[str,
             max_queue=args.max_queue,
             cache_ram_mib=args.cache_ram,
             fetch_image_urls=args.allow_image_urls,
+            sampling=SamplingDefaults(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                      repeat_penalty=args.repeat_penalty),
         ),
         api_tokens=tokens,
         cors=args.cors,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import string
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 from lmkube.random_ids import random_string
 
+from ..config import SamplingDefaults
 from ..engine.events import Finish, TextDelta
 from ..engine.generation import GenerationEngine
 from ..engine.llama_lib import ModelLoadError
@@ -136,10 +138,11 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
                    "repeat_penalty", "seed", "draft_model", "draft_max", "draft_min", "draft_p_min")
 
 
-def sampling_params(request: Any, *, max_tokens: int | None) -> SamplingParams:
-    """SamplingParams from a request model's sampling fields (those it lacks or leaves None keep their
-    defaults); a negative or absent `max_tokens` means no limit."""
-    params = SamplingParams(max_tokens=None if max_tokens is None or max_tokens < 0 else max_tokens)
+def sampling_params(request: Any, defaults: SamplingDefaults, *, max_tokens: int | None) -> SamplingParams:
+    """SamplingParams from a request model's sampling fields (those it lacks or leaves None take the
+    server's `defaults`); a negative or absent `max_tokens` means no limit."""
+    params = SamplingParams(max_tokens=None if max_tokens is None or max_tokens < 0 else max_tokens,
+                            **asdict(defaults))
     for name in SAMPLING_FIELDS:
         if (value := getattr(request, name, None)) is not None:
             setattr(params, name, value)

@@ -6,7 +6,10 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..config import SamplingDefaults
 from . import llama_lib as lib
+
+_DEFAULTS = SamplingDefaults()
 
 # A large negative bias rather than -inf: llama.cpp's logit-bias sampler adds it to the logit.
 BANNED = -1e30
@@ -15,11 +18,11 @@ BANNED = -1e30
 @dataclass(slots=True)
 class SamplingParams:
     max_tokens: int | None = None  # None: until the context is full
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
+    temperature: float = _DEFAULTS.temperature
+    top_k: int = _DEFAULTS.top_k
+    top_p: float = _DEFAULTS.top_p
+    min_p: float = _DEFAULTS.min_p
+    repeat_penalty: float = _DEFAULTS.repeat_penalty
     repeat_last_n: int = 64
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

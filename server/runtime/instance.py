@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..config import RuntimeSettings
+from ..config import RuntimeSettings, SamplingDefaults
 from ..engine import llama_lib as lib
 from ..engine.embedding import EmbeddingEngine
 from ..engine.generation import GenerationEngine
@@ -84,6 +84,7 @@ class ModelInstance:
         stats: EngineStats | None = None,
         resolve: Callable[[str], ModelVariant] | None = None,
         progress: lib.LoadProgress | None = None,
+        sampling_defaults: SamplingDefaults | None = None,
     ) -> None:
         """`progress`: told the fraction of the weights loaded, from the loading thread (llama.cpp's callback)."""
         self.id = instance_id
@@ -92,6 +93,8 @@ class ModelInstance:
         self.default_draft: Drafter | None = None
         self.variant = variant
         self.jit = jit
+        # What its requests sample with where they set nothing.
+        self.sampling_defaults = sampling_defaults or SamplingDefaults()
         self.ttl = config.ttl
         started = time.perf_counter()
         n_gpu_layers = gpu_layers(config.gpu, variant.block_count or 0)

@@ -192,6 +192,7 @@ class ModelManager:
             stats=self.stats.setdefault(instance_id, EngineStats()),
             resolve=self.store.resolve,
             progress=progress.report if progress is not None else None,
+            sampling_defaults=self.settings.sampling,
         )
         self.instances[instance_id] = instance
         log.info("loaded %s in %.2fs (context %d)", instance_id, instance.load_seconds, instance.context_length)

@@ -15,6 +15,7 @@ from fastapi import Depends, Request
 from ...chat.session import TOOL_CHOICE_HEADER, prepare_chat
 from ...engine.sampling import SamplingParams
 from ...errors import APIError, api_error_body
+from ...runtime.instance import ModelInstance
 from ...runtime.manager import ModelManager
 from ...streaming import EventStreamResponse, SseEvent, sse_event, unless_disconnected
 from .. import inference
@@ -30,14 +31,14 @@ PATH = "/v1/messages"
 async def start_message(body: MessagesRequest, manager: ModelManager, tool_choice: str | None = None) -> Round:
     """Finds (or JIT-loads) the model, renders the prompt and submits it; errors here are plain HTTP errors.
     `tool_choice`: the lmkube-tool-choice header. Start reading the round before the next await."""
-    run = await ChatRun.open(manager, body.model, ttl=body.ttl, sampling=lambda _instance: _sampling(body),
+    run = await ChatRun.open(manager, body.model, ttl=body.ttl, sampling=lambda instance: _sampling(body, instance),
                              header_tool_choice=tool_choice)
     with run.instance.in_use():
         return await run.submit(chat_spec(body))
 
 
-def _sampling(body: MessagesRequest) -> SamplingParams:
-    params = inference.sampling_params(body, max_tokens=body.max_tokens)
+def _sampling(body: MessagesRequest, instance: ModelInstance) -> SamplingParams:
+    params = inference.sampling_params(body, instance.sampling_defaults, max_tokens=body.max_tokens)
     params.stop = list(body.stop_sequences or ())
     return params
 

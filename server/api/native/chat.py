@@ -72,8 +72,8 @@ class NativeChatRequest(DraftFields):
     # lmkube extension: tool_choice for the first round of the MCP tool loop (later rounds: "auto").
     tool_choice: str | dict[str, Any] | None = None
 
-    def sampling(self) -> SamplingParams:
-        return inference.sampling_params(self, max_tokens=self.max_output_tokens)
+    def sampling(self, instance: ModelInstance) -> SamplingParams:
+        return inference.sampling_params(self, instance.sampling_defaults, max_tokens=self.max_output_tokens)
 
 
 def _invalid_input(message: str) -> APIError:
@@ -221,7 +221,7 @@ class NativeChatEvents:
     async def _open_run(self, on_load_progress: Callable[[float], None] | None = None) -> ChatRun:
         body = self.body
         return await ChatRun.open(self.manager, body.model, ttl=body.ttl, context_length=body.context_length,
-                                  sampling=lambda _instance: body.sampling(), param="input",
+                                  sampling=body.sampling, param="input",
                                   on_load_progress=on_load_progress)
 
     async def _load(self) -> AsyncIterator[list[SseEvent]]:

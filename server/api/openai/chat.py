@@ -54,7 +54,7 @@ async def start_chat(body: ChatCompletionRequest, manager: ModelManager) -> tupl
     body = with_preset(body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     run = await ChatRun.open(manager, body.model, ttl=body.ttl,
-                             sampling=lambda instance: body.sampling(instance.model.n_vocab, max_tokens=max_tokens))
+                             sampling=lambda instance: body.sampling(instance, max_tokens=max_tokens))
     with run.instance.in_use():
         return body, await run.submit(chat_spec(body))
 

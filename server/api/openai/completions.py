@@ -47,7 +47,7 @@ async def start_completion(body: CompletionRequest, manager: ModelManager) -> Ro
 
     The caller must start `complete_completion` or `stream_completion` before its next await."""
     run = await ChatRun.open(manager, body.model, ttl=body.ttl, param="prompt",
-                             sampling=lambda instance: body.sampling(instance.model.n_vocab))
+                             sampling=lambda instance: body.sampling(instance))
     with run.instance.in_use():
         tokens = await asyncio.to_thread(_prompt_tokens, run.instance, body.prompt)
         return await run.submit_tokens(tokens)

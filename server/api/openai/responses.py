@@ -156,10 +156,10 @@ def _usage_zero() -> dict[str, Any]:
 
 def _sampling(body: ResponsesRequest, usage: dict[str, Any]) -> Sampling:
     """Each round's parameters: `max_output_tokens` bounds the output of all the rounds together."""
-    def sampling(_instance: ModelInstance) -> SamplingParams:
+    def sampling(instance: ModelInstance) -> SamplingParams:
         limit = body.max_output_tokens
-        return inference.sampling_params(
-            body, max_tokens=None if limit is None else max(limit - usage["output_tokens"], 1))
+        left = None if limit is None else max(limit - usage["output_tokens"], 1)
+        return inference.sampling_params(body, instance.sampling_defaults, max_tokens=left)
     return sampling
 
 

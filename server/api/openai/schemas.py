@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ...engine.sampling import SamplingParams
 from ...errors import bad_request
+from ...runtime.instance import ModelInstance
 from ..draft_fields import DraftFields
 from ..inference import sampling_params
 
@@ -52,10 +53,11 @@ class SamplingFields(DraftFields):
             raise ValueError("only n=1 is supported")
         return value
 
-    def sampling(self, n_vocab: int, *, max_tokens: int | None = None) -> SamplingParams:
-        params = sampling_params(self, max_tokens=max_tokens if max_tokens is not None else self.max_tokens)
+    def sampling(self, instance: ModelInstance, *, max_tokens: int | None = None) -> SamplingParams:
+        params = sampling_params(self, instance.sampling_defaults,
+                                 max_tokens=max_tokens if max_tokens is not None else self.max_tokens)
         if self.logit_bias:
-            params.logit_bias = _token_bias(self.logit_bias, n_vocab)
+            params.logit_bias = _token_bias(self.logit_bias, instance.model.n_vocab)
         if self.stop:
             params.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return params
