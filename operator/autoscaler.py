@@ -46,11 +46,18 @@ def iso(moment: float) -> str:
     return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def micro_iso(moment: float) -> str:
+    """Kubernetes' MicroTime: the times the scale-down delay runs from, which whole seconds would cut short
+    by up to a second."""
+    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def epoch(text: Any) -> float | None:
-    if not isinstance(text, str) or not text:
+    """The moment of an RFC 3339 UTC time, with or without fractional seconds."""
+    if not isinstance(text, str) or not text.endswith("Z"):
         return None
     try:
-        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+        return datetime.fromisoformat(text[:-1]).replace(tzinfo=UTC).timestamp()
     except ValueError:
         return None
 
@@ -68,9 +75,9 @@ def status_of(decision: Decision, previous: Mapping[str, Any]) -> dict[str, Any]
     memory = decision.memory
     scaling: dict[str, Any] = {
         "load": round(decision.load, 1) if decision.load is not None else None,
-        "lastScaleTime": iso(memory.last_scale_time) if memory.last_scale_time is not None else None,
+        "lastScaleTime": micro_iso(memory.last_scale_time) if memory.last_scale_time is not None else None,
         "lastScaleReason": memory.last_reason,
-        "lowDemandSince": iso(memory.low_demand_since) if memory.low_demand_since is not None else None,
+        "lowDemandSince": micro_iso(memory.low_demand_since) if memory.low_demand_since is not None else None,
         "lastScaleMessage": decision.message if decision.reason else (previous.get("scaling") or {}).get(
             "lastScaleMessage"),
     }

@@ -170,9 +170,13 @@ def test_a_restart_keeps_the_low_demand_clock_from_status() -> None:
 def test_status_fields_round_trip_and_keep_the_last_message() -> None:
     hold = a.Decision(1, 1, 0.5, None, "fits", a.Memory(1, 1000, a.SCALE_UP, None))
     fields = status_of(hold, {"scaling": {"lastScaleMessage": "1 -> 2"}})
-    assert fields == {"desiredReplicas": 1, "scaling": {"load": 0.5, "lastScaleTime": "1970-01-01T00:16:40Z",
+    assert fields == {"desiredReplicas": 1, "scaling": {"load": 0.5, "lastScaleTime": "1970-01-01T00:16:40.000000Z",
                                                         "lastScaleReason": "ScaleUp", "lowDemandSince": None,
                                                         "lastScaleMessage": "1 -> 2"}}
+    # The times the scale-down delay runs from keep their fraction: whole seconds would cut the delay short.
+    waiting = a.Decision(2, 1, 0.5, None, "waits", a.Memory(2, 1000.25, a.SCALE_UP, 1001.75))
+    assert memory_of(status_of(waiting, {})) == waiting.memory
+    assert memory_of({"scaling": {"lastScaleTime": "2026-12-02T17:10:04Z"}}).last_scale_time == 1796231404.0
 
 
 def test_load_from_the_servers_metrics_page() -> None:

@@ -106,8 +106,8 @@ def test_the_autoscaler_follows_the_load_up_and_back_down(kube: KubeCluster, kub
         assert status["scaling"]["lastScaleReason"] == "ScaleUp", status
         assert "10 requests" in status["scaling"]["lastScaleMessage"]
         # Below what 3 replicas carry, but not for scaleDownDelay yet.
-        loads.values["busy"] = 2
         began = time.monotonic()
+        loads.values["busy"] = 2
         wait_until(lambda: replicas(api, "busy") == (1, 1), timeout=60, message=f"{api.status('busy')}")
         assert time.monotonic() - began >= 3 - INTERVAL
         # spec.replicas is written first, then the status: wait for it rather than race it.
