@@ -138,6 +138,7 @@ def spec_schema() -> dict[str, Any]:
             ),
             "replicas": _integer("Number of server replicas; 0 scales to zero.", minimum=0, default=DEFAULT_REPLICAS),
             "scaling": scaling_schema(),
+            "sampling": sampling_schema(),
             "storage": {
                 "type": "object",
                 "description": "Where the model files are stored (a PersistentVolumeClaim).",
@@ -243,6 +244,26 @@ def scaling_schema() -> dict[str, Any]:
         },
         "x-kubernetes-validations": [{"rule": "!has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
                                       "message": "minReplicas must not exceed maxReplicas"}],
+    }
+
+
+def sampling_schema() -> dict[str, Any]:
+    def number(description: str, **bounds: Any) -> dict[str, Any]:
+        return {"type": "number", "description": description, **bounds}
+    return {
+        "type": "object",
+        "description": (
+            "Sampling for requests that leave a parameter out (the server's --temp, --top-k, --top-p, --min-p and "
+            "--repeat-penalty); a request's own value wins. Agent clients such as Claude Code send no "
+            "temperature: `temperature: 0` makes a small model's tool calls the same every time."
+        ),
+        "properties": {
+            "temperature": number("0: greedy (the server's default is 0.8).", minimum=0),
+            "topK": _integer("0: off (default 40).", minimum=0),
+            "topP": number("1: off (default 0.95).", minimum=0, maximum=1),
+            "minP": number("0: off (default 0.05).", minimum=0, maximum=1),
+            "repeatPenalty": number("1: off (the default).", minimum=0, exclusiveMinimum=True),
+        },
     }
 
 

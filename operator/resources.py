@@ -236,6 +236,7 @@ def serve_args(spec: LocalModelSpec, settings: OperatorSettings | None = None) -
     settings = settings or _DEFAULT_SETTINGS
     args = ["serve", "--host", "0.0.0.0", "--port", str(settings.port), "--models-dir", settings.models_dir,
             "--parallel", str(spec.parallel), "--ttl", str(spec.ttl or 0)]
+    args += spec.sampling.serve_flags()
     if spec.mcp is not None:
         args += ["--mcp-json", f"{MCP_DIR}/{spec.mcp.key}"]
     if settings.inference_pool is not None:

@@ -78,6 +78,23 @@ class ScalingSpec:
 
 
 @dataclass(frozen=True)
+class SamplingSpec:
+    """spec.sampling: the server's sampling for requests that leave a parameter out (`lmkube serve --temp ...`);
+    None leaves the server's default."""
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+
+    def serve_flags(self) -> list[str]:
+        values = (("--temp", self.temperature), ("--top-k", self.top_k), ("--top-p", self.top_p),
+                  ("--min-p", self.min_p), ("--repeat-penalty", self.repeat_penalty))
+        return [part for flag, value in values if value is not None for part in (flag, str(value))]
+
+
+@dataclass(frozen=True)
 class LocalModelSpec:
     """A parsed LocalModel spec. Pod knobs are kept as the plain Kubernetes JSON the user wrote."""
 
@@ -101,6 +118,7 @@ class LocalModelSpec:
     image_pull_secrets: tuple[str, ...] = ()
     mcp: McpConfigRef | None = None
     scaling: ScalingSpec | None = None  # None: spec.replicas is set by hand, `kubectl scale`, an HPA or KEDA
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
 
     @property
     def target_requests(self) -> int:
@@ -316,7 +334,34 @@ def parse_spec(spec: Mapping[str, Any]) -> LocalModelSpec:
         image_pull_secrets=tuple(_pull_secret(s) for s in _list(spec, "imagePullSecrets")),
         mcp=parse_mcp(_mapping(spec, "mcp")),
         scaling=scaling,
+        sampling=parse_sampling(_mapping(spec, "sampling")),
     )
+
+
+def parse_sampling(value: Mapping[str, Any]) -> SamplingSpec:
+    """spec.sampling; ValueError when a value is out of range (the CRD's schema refuses those too)."""
+    return SamplingSpec(
+        temperature=_opt_number(value, "temperature", minimum=0),
+        top_k=_opt_int(value, "topK", minimum=0, where="sampling.topK"),
+        top_p=_opt_number(value, "topP", minimum=0, maximum=1),
+        min_p=_opt_number(value, "minP", minimum=0, maximum=1),
+        repeat_penalty=_opt_number(value, "repeatPenalty", minimum=0, exclusive=True),
+    )
+
+
+def _opt_number(obj: Mapping[str, Any], key: str, *, minimum: float, maximum: float | None = None,
+                exclusive: bool = False) -> float | None:
+    """A number field of spec.sampling; `exclusive`: it must be above `minimum`."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not is_number or (value <= minimum if exclusive else value < minimum) or (
+            maximum is not None and value > maximum):
+        bounds = (f"more than {minimum:g}" if exclusive else f"between {minimum:g} and {maximum:g}"
+                  if maximum is not None else f"at least {minimum:g}")
+        raise ValueError(f"spec.sampling.{key} must be a number {bounds}, got {value!r}")
+    return float(value)
 
 
 def parse_scaling(value: Any) -> ScalingSpec | None:

@@ -134,6 +134,7 @@ def test_full_spec_is_accepted_and_kept(api: kubernetes.client.CustomObjectsApi)
         "imagePullSecrets": [{"name": "registry"}],
         "mcp": {"configMapRef": {"name": "mcp-servers", "key": "mcp.json"}},
         "scaling": {"minReplicas": 0, "maxReplicas": 4, "targetRequests": 8, "scaleDownDelay": "5m", "window": 30},
+        "sampling": {"temperature": 0, "topK": 20, "topP": 0.9, "minP": 0.1, "repeatPenalty": 1.1},
     }
     created = create(api, {**local_model("full"), "spec": spec}, field_validation="Strict")
     assert created["spec"] == spec
@@ -171,6 +172,11 @@ def test_ttl_and_offload_forms(api: kubernetes.client.CustomObjectsApi, ttl: obj
     ({"scaling": {"scaleDownDelay": "soon"}}, "spec.scaling.scaleDownDelay"),
     ({"scaling": {"window": "1m1h"}}, "spec.scaling.window"),
     ({"scaling": {"minReplicas": 3, "maxReplicas": 2}}, "minReplicas must not exceed maxReplicas"),
+    ({"sampling": {"temperature": -0.1}}, "spec.sampling.temperature"),
+    ({"sampling": {"topP": 1.5}}, "spec.sampling.topP"),
+    ({"sampling": {"minP": -1}}, "spec.sampling.minP"),
+    ({"sampling": {"repeatPenalty": 0}}, "spec.sampling.repeatPenalty"),
+    ({"sampling": {"topK": 1.5}}, "spec.sampling.topK"),
 ])
 def test_invalid_spec_is_rejected_naming_the_field(
     api: kubernetes.client.CustomObjectsApi, spec: dict[str, Any], field: str,
