@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..store.gguf_header import GGUFHeader, TensorInfo, read_gguf_header
+from .host_memory import available_host_memory
 
 GpuOffload = Literal["max", "off"] | float
 MIB = 1 << 20
@@ -289,15 +290,9 @@ def _estimate(headers: list[GGUFHeader], shape: _Shape, settings: _Settings, gpu
 
 
 def available_memory() -> dict[str, int | None]:
-    """Host RAM available now (/proc/meminfo MemAvailable) and free GPU memory where nvidia-smi reports it."""
-    ram: int | None = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                ram = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return {"ram_bytes": ram, "gpu_bytes": _gpu_free_bytes()}
+    """Host RAM available now (MemAvailable, or less under a memory-limited cgroup: runtime/host_memory.py) and
+    free GPU memory where nvidia-smi reports it."""
+    return {"ram_bytes": available_host_memory(), "gpu_bytes": _gpu_free_bytes()}
 
 
 def _gpu_free_bytes() -> int | None:
