@@ -274,12 +274,25 @@ def _dl_work(record: dict[str, Any], stage: str, reason: str, message: str,
 
 
 def oom_message(pod: PodView, spec: LocalModelSpec, estimate_bytes: int | None) -> str:
+    return (f"pod {pod.name}: the kernel killed the server (OOMKilled) while it loaded {resources.load_model_id(spec)}"
+            f": its memory limit is {pod.memory_limit or 'not set (the node ran out)'}, and "
+            f"{_needs(spec, estimate_bytes)}; raise spec.resources.limits.memory or lower spec.contextLength")
+
+
+def insufficient_memory_message(pod: PodView, spec: LocalModelSpec, estimate_bytes: int | None,
+                                server_message: str) -> str:
+    """The server's 409 for a load its memory (its cgroup limit, or the node's) cannot hold, in spec terms."""
+    # The server's own advice (a smaller context_length, evict, force) is for API clients, not for the spec.
+    refusal = server_message.partition(" Load it with")[0].rstrip(".")
+    return (f"pod {pod.name}: not enough memory to load {resources.load_model_id(spec)}: its memory limit is "
+            f"{pod.memory_limit or 'not set (the node has too little free)'}, and {_needs(spec, estimate_bytes)}; "
+            f"raise spec.resources.limits.memory or lower spec.contextLength (the server: {refusal})")
+
+
+def _needs(spec: LocalModelSpec, estimate_bytes: int | None) -> str:
     needs = (f"the model needs an estimated {estimate_bytes / (1 << 20):.0f} MiB on top of the server itself"
              if estimate_bytes else "the server could not estimate what the model needs")
-    context = f" at context length {spec.context_length}" if spec.context_length else ""
-    return (f"pod {pod.name}: the kernel killed the server (OOMKilled) while it loaded {resources.load_model_id(spec)}"
-            f": its memory limit is {pod.memory_limit or 'not set (the node ran out)'}, and {needs}{context}; "
-            "raise spec.resources.limits.memory or lower spec.contextLength")
+    return needs + (f" at context length {spec.context_length}" if spec.context_length else "")
 
 
 def _clear_failure(record: dict[str, Any]) -> None:
@@ -307,6 +320,9 @@ def load_on_pod(client: PodClient, pod: PodView, spec: LocalModelSpec, work: Pod
         reason = exc.reason if exc.reason != "ServerError" else "LoadFailed"
         if exc.status == 404 and reason == "LoadFailed":
             record.pop("downloaded", None)  # the files are gone from the volume: download them again next time
+        if exc.status == 409 and reason == "LoadFailed":  # the only 409 of a load without an identifier
+            reason = "InsufficientMemory"
+            message = insufficient_memory_message(pod, spec, record.get("estimateBytes"), exc.message)
         return _failure(record, pod.name, reason, message, want_load, now, retry_seconds)
     _clear_failure(record)
     record.update(loaded=want_load, instanceId=instance_id, phase=st.READY, message="")

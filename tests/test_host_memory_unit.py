@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmkube.server.runtime.host_memory import available_host_memory
+from lmkube.server.runtime.host_memory import HostMemory, available_host_memory, host_memory
 
 GIB = 1 << 30
 MACHINE_FREE = 60 * GIB  # what /proc/meminfo says: the node's memory, not the container's
@@ -67,6 +67,57 @@ def test_without_a_limit_the_machines_free_memory_counts(tmp_path: Path) -> None
     # And with no cgroup information at all, MemAvailable alone.
     (proc / "self" / "cgroup").unlink()
     assert available_host_memory(proc, cgroups) == MACHINE_FREE
+
+
+def test_the_limit_reported_is_the_one_that_binds(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, "0::/kubepods/pod1/ctr\n")
+    cgroups = tmp_path / "cgroup"
+    write_group(cgroups / "kubepods", {"memory.max": f"{8 * GIB}\n", "memory.current": f"{2 * GIB}\n"})
+    write_group(cgroups / "kubepods" / "pod1" / "ctr", {"memory.max": f"{4 * GIB}\n", "memory.current": f"{GIB}\n"})
+    # The container's 3 GiB left is tighter than the 6 GiB its ancestor leaves: its 4 GiB limit is named.
+    assert host_memory(proc, cgroups) == HostMemory(3 * GIB, 4 * GIB)
+    # A limit with more room left than the machine has free caps nothing, and names no limit.
+    write_group(cgroups / "kubepods" / "pod1" / "ctr", {"memory.max": f"{100 * GIB}\n"})
+    write_group(cgroups / "kubepods", {"memory.max": f"{100 * GIB}\n"})
+    assert host_memory(proc, cgroups) == HostMemory(MACHINE_FREE)
+
+
+def test_a_namespaced_child_cgroup_counts_up_to_the_namespace_root(tmp_path: Path) -> None:
+    # In a cgroup namespace the mount's root is the container; the process may sit in a child of it.
+    proc = fake_proc(tmp_path, "0::/init\n")
+    cgroups = tmp_path / "cgroup"
+    write_group(cgroups, {"memory.max": f"{GIB}\n", "memory.current": f"{GIB // 4}\n"})
+    write_group(cgroups / "init", {"memory.max": "max\n", "memory.current": f"{GIB // 4}\n"})
+    assert host_memory(proc, cgroups) == HostMemory(GIB - GIB // 4, GIB)
+
+
+def test_a_v1_v2_hybrid_reads_the_v1_memory_controller(tmp_path: Path) -> None:
+    # Hybrid hosts (this project's test machines): cgroup2 at /sys/fs/cgroup/unified without the memory
+    # controller, so /sys/fs/cgroup itself holds no memory.max; the v1 memory hierarchy has the limit.
+    proc = fake_proc(tmp_path, "9:name=systemd:/\n4:memory:/process_api/abc\n1:cpu:/\n0::/\n")
+    cgroups = tmp_path / "cgroup"
+    write_group(cgroups / "unified", {"cgroup.controllers": "\n"})
+    write_group(cgroups / "memory" / "process_api" / "abc", {
+        "memory.limit_in_bytes": f"{2 * GIB}\n", "memory.usage_in_bytes": f"{GIB}\n",
+        "memory.stat": "total_inactive_file 0\n"})
+    assert host_memory(proc, cgroups) == HostMemory(GIB, 2 * GIB)
+
+
+def test_odd_figures_stay_within_zero_and_the_limit(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, "0::/\n")
+    cgroups = tmp_path / "cgroup"
+    # Usage over the limit (the kernel is reclaiming right now): nothing is left, not a negative figure.
+    write_group(cgroups, {"memory.max": f"{GIB}\n", "memory.current": f"{GIB + 4096}\n"})
+    assert available_host_memory(proc, cgroups) == 0
+    # More inactive file cache than usage (the figures are read at different moments): the whole limit.
+    write_group(cgroups, {"memory.current": f"{GIB // 2}\n", "memory.stat": f"inactive_file {GIB}\n"})
+    assert available_host_memory(proc, cgroups) == GIB
+    # A limit without a readable usage still bounds what is left.
+    (cgroups / "memory.current").unlink()
+    assert host_memory(proc, cgroups) == HostMemory(GIB, GIB)
+    # Garbage where a number belongs is no limit, not a crash.
+    write_group(cgroups, {"memory.max": "lots\n"})
+    assert host_memory(proc, cgroups) == HostMemory(MACHINE_FREE)
 
 
 def test_this_machine_reports_a_positive_figure() -> None:

@@ -1,7 +1,7 @@
 """The operator end to end on the real node (as tests/test_operator_e2e.py): the failures are the real ones,
 each then fixed through the spec: the scheduler's Insufficient nvidia.com/gpu, the server's refusal of a
 quantization, an invalid spec or a missing Secret, the kubelet's ErrImageNeverPull and CrashLoopBackOff, the
-kernel's OOM killer, a token the server refuses.
+server's refusal of a load its memory limit cannot hold, the kernel's OOM killer, a token the server refuses.
 
 One namespace and operator for the module; the tests run in file order and each removes its LocalModel(s)
 at the end.
@@ -9,6 +9,7 @@ at the end.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -113,24 +114,43 @@ def test_crash_loop_fails_then_recovers(real_node: RealNode, api: Api, hub: Fake
     delete_and_wait_gone(api, "crash")
 
 
-def test_oom_killed_names_the_memory_limit_and_the_estimate(real_node: RealNode, api: Api, hub: FakeHub,
-                                                            operator: OperatorProcess) -> None:
-    # The server starts within the limit; loading the model's 64k-token context does not fit: the kernel's
-    # OOM killer ends the server (not the load request), the operator does not load it again on that pod.
+def test_a_load_the_memory_limit_cannot_hold_is_refused_and_an_oomkill_named(real_node: RealNode, api: Api,
+                                                                             hub: FakeHub,
+                                                                             operator: OperatorProcess) -> None:
+    # The server starts within the limit; the model's 64k-token context does not fit what the limit leaves.
+    # The server reads its container's memory cgroup and refuses the load (409) instead of being OOMKilled:
+    # the status names the limit and the estimate, and the server lives on.
     create_lm(real_node, api, "oom", lm_spec(hub, WIDE_REPO, contextLength=65536,
                                                resources={"limits": {"memory": "256Mi"}}))
 
-    def oom_killed() -> dict[str, Any] | None:
-        status = api.status("oom")
-        return status if condition(status, "Ready").get("reason") == "OOMKilled" else None
+    def failed_with(reason: str) -> Callable[[], dict[str, Any] | None]:
+        def check() -> dict[str, Any] | None:
+            status = api.status("oom")
+            return status if condition(status, "Ready").get("reason") == reason else None
+        return check
 
-    status = wait_until(oom_killed, timeout=POD_TIMEOUT, interval=0.5,
-                        message=f"oom not OOMKilled: {api.status('oom')}\n{operator.log()[-4000:]}")
+    status = wait_until(failed_with("InsufficientMemory"), timeout=POD_TIMEOUT, interval=0.5,
+                        message=f"oom not InsufficientMemory: {api.status('oom')}\n{operator.log()[-4000:]}")
     assert status["phase"] == "Failed", status
     message = status["message"]
-    assert "OOMKilled" in message and "memory limit is 256Mi" in message, message
+    assert "not enough memory to load" in message and "memory limit is 256Mi" in message, message
     assert "needs an estimated" in message and "at context length 65536" in message, message
+    assert "within the server's memory limit of 0.25 GiB" in message, message  # what the server read in the pod
+    assert "raise spec.resources.limits.memory or lower spec.contextLength" in message, message
     (pod,) = api.pods("oom")
+    (container,) = pod["status"]["containerStatuses"]
+    assert container["restartCount"] == 0 and "terminated" not in container["lastState"], container
+    assert any(e["type"] == "Warning" and e["reason"] == "InsufficientMemory" for e in api.events("oom"))
+
+    # A limit the server itself cannot start under: no estimate can help, the kernel's OOM killer ends it,
+    # and that is named as such (the kubelet's OOMKilled, exit 137) with the limit to raise.
+    api.patch_lm("oom", {"resources": {"limits": {"memory": "40Mi"}}})
+    status = wait_until(failed_with("OOMKilled"), timeout=POD_TIMEOUT, interval=0.5,
+                        message=f"oom not OOMKilled: {api.status('oom')}\n{operator.log()[-4000:]}")
+    assert status["phase"] == "Failed", status
+    assert "OOMKilled" in status["message"] and "memory limit (40Mi)" in status["message"], status
+    assert "raise spec.resources.limits.memory" in status["message"], status
+    (pod,) = [p for p in api.pods("oom") if p["spec"]["containers"][0]["resources"]["limits"]["memory"] == "40Mi"]
     last = pod["status"]["containerStatuses"][0]["lastState"]["terminated"]
     assert last["reason"] == "OOMKilled" and last["exitCode"] == 137, last  # the kernel's, through the kubelet
     assert any(e["type"] == "Warning" and e["reason"] == "OOMKilled" for e in api.events("oom"))

@@ -259,7 +259,9 @@ def print_estimate(result: dict[str, Any]) -> None:
     print(f"Estimated GPU Memory:   {gib(estimate['gpu_bytes'])}")
     print(f"Estimated Total Memory: {gib(estimate['total_bytes'])}")
     available = result.get("available") or {}
-    print(f"Available: RAM {gib(available.get('ram_bytes'))}, GPU {gib(available.get('gpu_bytes'))}")
+    limit = available.get("ram_limit_bytes")
+    within = f" (within a memory limit of {gib(limit)})" if limit is not None else ""
+    print(f"Available: RAM {gib(available.get('ram_bytes'))}{within}, GPU {gib(available.get('gpu_bytes'))}")
     print()
     if result["fits"]:
         print("Estimate: " + style("This model fits in this machine's available memory.", "green"))

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..store.gguf_header import GGUFHeader, TensorInfo, read_gguf_header
-from .host_memory import available_host_memory
+from .host_memory import host_memory
 
 GpuOffload = Literal["max", "off"] | float
 MIB = 1 << 20
@@ -290,9 +290,11 @@ def _estimate(headers: list[GGUFHeader], shape: _Shape, settings: _Settings, gpu
 
 
 def available_memory() -> dict[str, int | None]:
-    """Host RAM available now (MemAvailable, or less under a memory-limited cgroup: runtime/host_memory.py) and
-    free GPU memory where nvidia-smi reports it."""
-    return {"ram_bytes": available_host_memory(), "gpu_bytes": _gpu_free_bytes()}
+    """Host RAM available now (MemAvailable, or less under a memory-limited cgroup: runtime/host_memory.py), the
+    cgroup memory limit that caps it (None when it is the machine's MemAvailable), and free GPU memory where
+    nvidia-smi reports it."""
+    host = host_memory()
+    return {"ram_bytes": host.available, "gpu_bytes": _gpu_free_bytes(), "ram_limit_bytes": host.limit}
 
 
 def _gpu_free_bytes() -> int | None:

@@ -5,21 +5,43 @@ inside a memory-limited cgroup (a Kubernetes pod, a container run with a memory 
 GiB free, and a load that "fits" gets the pod OOMKilled instead of a 409. So the limit of the server's own
 cgroup, and of each ancestor visible to it, counts too: limit minus usage, where usage leaves out the
 inactive file cache the kernel reclaims before it kills anything (as the kubelet's working set does).
-cgroup v2 (memory.max, memory.current) and v1 (memory.limit_in_bytes, memory.usage_in_bytes) are read.
+cgroup v2 (memory.max, memory.current, memory.stat inactive_file) and v1 (memory.limit_in_bytes,
+memory.usage_in_bytes, memory.stat total_inactive_file, which counts the cgroup's descendants too) are read.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 # cgroup v1 writes "no limit" as a page-rounded LONG_MAX; anything this large is no limit.
 _UNLIMITED = 1 << 60
 
 
+@dataclass(frozen=True)
+class HostMemory:
+    available: int | None  # bytes a load may still take; None when neither the machine nor a cgroup tells
+    limit: int | None = None  # the memory limit of the cgroup that caps `available`; None: MemAvailable does
+
+
+@dataclass(frozen=True)
+class _Headroom:
+    free: int  # limit - working set
+    limit: int
+
+
+def host_memory(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> HostMemory:
+    """MemAvailable, capped by what the process's memory cgroups still allow, and the limit that caps it."""
+    machine = _mem_available(proc)
+    tightest = min(_cgroup_headrooms(proc, cgroups), key=lambda h: h.free, default=None)
+    if tightest is not None and (machine is None or tightest.free < machine):
+        return HostMemory(tightest.free, tightest.limit)
+    return HostMemory(machine)
+
+
 def available_host_memory(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
     """MemAvailable, capped by what the process's memory cgroups still allow; None when neither is known."""
-    candidates = [n for n in (_mem_available(proc), _cgroup_headroom(proc, cgroups)) if n is not None]
-    return min(candidates) if candidates else None
+    return host_memory(proc, cgroups).available
 
 
 def _mem_available(proc: Path) -> int | None:
@@ -32,40 +54,43 @@ def _mem_available(proc: Path) -> int | None:
     return None
 
 
-def _cgroup_headroom(proc: Path, cgroups: Path) -> int | None:
-    """The smallest (limit - working set) over the process's memory cgroup and its visible ancestors."""
+def _cgroup_headrooms(proc: Path, cgroups: Path) -> list[_Headroom]:
+    """(limit - working set) of every limited memory cgroup from the process's own up to the visible root."""
     try:
         lines = (proc / "self" / "cgroup").read_text().splitlines()
     except OSError:
-        return None
-    headrooms: list[int] = []
+        return []
+    headrooms: list[_Headroom] = []
     for line in lines:
         hierarchy, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
-        if hierarchy == "0" and controllers == "":  # v2: one unified hierarchy
+        if hierarchy == "0" and controllers == "":
+            # v2's one unified hierarchy. On a v1/v2 hybrid host it is mounted elsewhere and carries no memory
+            # controller, so /sys/fs/cgroup holds no memory.max and this finds nothing.
             headrooms += _headrooms(cgroups, path, "memory.max", "memory.current", "inactive_file")
         elif "memory" in controllers.split(","):  # v1: the memory controller's own hierarchy
             headrooms += _headrooms(cgroups / "memory", path, "memory.limit_in_bytes", "memory.usage_in_bytes",
                                     "total_inactive_file")
-    return min(headrooms) if headrooms else None
+    return headrooms
 
 
-def _headrooms(mount: Path, path: str, limit_file: str, usage_file: str, inactive_key: str) -> list[int]:
+def _headrooms(mount: Path, path: str, limit_file: str, usage_file: str, inactive_key: str) -> list[_Headroom]:
     """limit - (usage - inactive file cache) for every limited cgroup from `path` up to the mount's root.
 
-    Inside a container (a cgroup namespace, or the cgroup mounted at its own root) `path` may not exist under
-    the mount; the mount's root is then the process's own cgroup."""
-    own = mount / path.lstrip("/")
+    Inside a container (a cgroup namespace, or v1's bind mount of the container's own cgroup at the mount
+    point) `path` may not exist under the mount; the mount's root is then the process's own cgroup."""
+    own = mount / path.strip().lstrip("/")
     if not own.is_dir():
         own = mount
-    found: list[int] = []
+    found: list[_Headroom] = []
     directory = own
     while True:
         limit = _read_int(directory / limit_file)
-        usage = _read_int(directory / usage_file)
-        if limit is not None and limit < _UNLIMITED and usage is not None:
-            working_set = max(0, usage - (_stat(directory / "memory.stat", inactive_key) or 0))
-            found.append(max(0, limit - working_set))
+        if limit is not None and limit < _UNLIMITED:
+            usage = _read_int(directory / usage_file)
+            # Without a usage figure the limit alone still bounds what is left.
+            working_set = 0 if usage is None else max(0, usage - (_stat(directory / "memory.stat", inactive_key) or 0))
+            found.append(_Headroom(max(0, limit - working_set), limit))
         if directory == mount or mount not in directory.parents:
             return found
         directory = directory.parent

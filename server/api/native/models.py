@@ -205,6 +205,8 @@ async def make_room(name: str, config: LoadConfig, manager: ModelManager, *, evi
     estimate, available = answer["estimate"], answer["available"]
     needs = f"{_gib(estimate['total_bytes'])}"
     free = f"{_gib(available['ram_bytes'])} of RAM"
+    if available.get("ram_limit_bytes") is not None:  # a pod's or container's limit, not the machine's RAM
+        free += f" (within the server's memory limit of {_gib(available['ram_limit_bytes'])})"
     if available["gpu_bytes"] is not None:
         needs += f" ({_gib(estimate['host_bytes'])} host, {_gib(estimate['gpu_bytes'])} GPU)"
         free += f" and {_gib(available['gpu_bytes'])} of GPU memory"
