@@ -1,7 +1,8 @@
 """The in-process log event bus behind `GET /api/v1/logs/stream` (what `lmkube log stream` shows).
 
 Two sources, with LM Studio's `DiagnosticsLogEvent` shapes (`{"timestamp": ms, "data": {...}}`):
-- `server`: one `server.log` line per finished HTTP request (method, path, status, duration);
+- `server`: one `server.log` line per finished HTTP request (method, path, status, duration), and one per
+  line a stdio MCP server writes to its stderr (`mcp/stderr_log.py`);
 - `model`: `llm.prediction.input` (the rendered prompt) when a generation is submitted and
   `llm.prediction.output` (the generated text, with stats) when it ends.
 

@@ -3,8 +3,10 @@ such as `{"command": sys.executable, "args": ["tests/mcp_stdio_test_server.py"],
 
 Each start appends its pid to `$MCP_TEST_PID_FILE` (when set), so that a test counts process starts, and
 writes a line to stderr (which lmkube logs); it refuses to start while `$MCP_TEST_REFUSE_IF_EXISTS`
-exists. Tools: `add`, `whoami` (the pid, `$MCP_TEST_GREETING` and the working directory), `crash` (the
-process exits at once), `hang` (never answers), `grow` (adds the tool `extra` and sends
+exists. `$MCP_TEST_STDERR_LONG` (bytes) and `$MCP_TEST_STDERR_BURST` (lines) make it write one long line and
+then a burst of numbered lines to stderr at start, and after a second's pause the line `burst over`.
+Tools: `add`, `whoami` (the pid, `$MCP_TEST_GREETING` and the working directory), `crash` (the process exits
+at once), `hang` (never answers), `grow` (adds the tool `extra` and sends
 `notifications/tools/list_changed`).
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
@@ -68,7 +71,19 @@ def main() -> None:
         with open(pid_file, "a") as out:
             out.write(f"{os.getpid()}\n")
     print(f"lmkube stdio test server {os.getpid()} started", file=sys.stderr, flush=True)
+    noisy_start()
     server.run("stdio")
+
+
+def noisy_start() -> None:
+    long_bytes, burst = int(os.environ.get("MCP_TEST_STDERR_LONG", 0)), int(os.environ.get("MCP_TEST_STDERR_BURST", 0))
+    if long_bytes:
+        print("L" * long_bytes, file=sys.stderr, flush=True)
+    if burst:
+        sys.stderr.write("".join(f"burst {i}\n" for i in range(burst)))
+        sys.stderr.flush()
+        time.sleep(1)
+        print("burst over", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ task, while the requests that use the session run in others: so each connection 
 own (`_run`), and callers send requests on the session from their tasks (the SDK correlates them).
 A relay between the transport and the session notices when the server goes away (a stdio server that
 exits, a closed HTTP stream): the connection then ends, and pending calls fail with "Connection closed".
-A stdio server's stderr goes to the logger `lmkube.server.mcp.server.<label>`, a line per record.
+A stdio server's stderr goes to lmkube's log and the log stream, a line per record (stderr_log.py).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from .servers import ServerSpec
+from .stderr_log import StderrForwarder
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +38,6 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def server_logger(label: str) -> logging.Logger:
-    return logging.getLogger(f"lmkube.server.mcp.server.{label}")
-
-
-def _forward_lines(fd: int, logger: logging.Logger) -> None:
-    """Logs each line written to `fd` until every writer has closed it (the server and its children exited)."""
-    with os.fdopen(fd, "rb") as pipe:
-        for raw in pipe:
-            line = raw.decode(errors="replace").rstrip()
-            if line:
-                logger.info("%s", line)
-
-
 @asynccontextmanager
 async def _stdio(label: str, spec: ServerSpec) -> AsyncIterator[Any]:
     from mcp.client.stdio import StdioServerParameters, stdio_client
@@ -57,8 +45,8 @@ async def _stdio(label: str, spec: ServerSpec) -> AsyncIterator[Any]:
     assert spec.command is not None
     params = StdioServerParameters(command=spec.command, args=list(spec.args), env=spec.env or None, cwd=spec.cwd)
     read_fd, write_fd = os.pipe()
-    threading.Thread(target=_forward_lines, args=(read_fd, server_logger(label)), daemon=True,
-                     name=f"mcp-stderr:{label}").start()
+    forwarder = StderrForwarder(label, asyncio.get_running_loop())
+    threading.Thread(target=forwarder.run, args=(read_fd,), daemon=True, name=f"mcp-stderr:{label}").start()
     errlog = os.fdopen(write_fd, "w")
     try:
         async with stdio_client(params, errlog=errlog) as streams:
