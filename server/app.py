@@ -57,7 +57,10 @@ def _get(path: str, endpoint: Callable[..., Any], **options: Any) -> Route:
 
 # Every route the server answers. These need no API token (probes; `/metrics` too with --public-metrics).
 PUBLIC_ROUTES = (
-    Route(("GET", "HEAD"), "/", system.root),  # Claude Code checks the base URL with HEAD
+    _get("/", system.root),
+    # Claude Code checks the base URL with HEAD. A route of its own, named apart: one route for both methods would
+    # give both operations one id in the OpenAPI document (FastAPI ids a route by its name, path and first method).
+    Route(("HEAD",), "/", system.root, {"name": "root_head"}),
     _get("/health", system.health),
     _get("/lmstudio-greeting", system.lmstudio_greeting),
 )
