@@ -89,6 +89,10 @@ def test_a_namespaced_child_cgroup_counts_up_to_the_namespace_root(tmp_path: Pat
     write_group(cgroups, {"memory.max": f"{GIB}\n", "memory.current": f"{GIB // 4}\n"})
     write_group(cgroups / "init", {"memory.max": "max\n", "memory.current": f"{GIB // 4}\n"})
     assert host_memory(proc, cgroups) == HostMemory(GIB - GIB // 4, GIB)
+    # Moved out of the namespace's root, it sees a path leading up out of the mount: nothing outside is read.
+    (proc / "self" / "cgroup").write_text("0::/../other\n")
+    write_group(tmp_path / "other", {"memory.max": "1\n", "memory.current": "0\n"})
+    assert host_memory(proc, cgroups) == HostMemory(GIB - GIB // 4, GIB)
 
 
 def test_a_v1_v2_hybrid_reads_the_v1_memory_controller(tmp_path: Path) -> None:

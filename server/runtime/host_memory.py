@@ -79,8 +79,10 @@ def _headrooms(mount: Path, path: str, limit_file: str, usage_file: str, inactiv
 
     Inside a container (a cgroup namespace, or v1's bind mount of the container's own cgroup at the mount
     point) `path` may not exist under the mount; the mount's root is then the process's own cgroup."""
-    own = mount / path.strip().lstrip("/")
-    if not own.is_dir():
+    relative = path.strip().lstrip("/")
+    own = mount / relative
+    # A process outside its cgroup namespace's root sees "/../..." paths: nothing under the mount is its own.
+    if ".." in Path(relative).parts or not own.is_dir():
         own = mount
     found: list[_Headroom] = []
     directory = own
