@@ -8,8 +8,9 @@ the instance's lifetime rather than since the previous scrape (llama-server rese
 which breaks as soon as two scrapers poll). Per HTTP route: `lmkube_http_requests_total` and the
 `lmkube_http_request_duration_seconds` histogram by method, route template and status. lmkube's own
 per-model extras: `lmkube_requests_rejected_total`, `lmkube_instance_max_queue`, `lmkube_host_cache_tokens`,
-speculative decoding's `lmkube_draft_tokens_total{outcome="accepted|rejected|ignored"}`, and vision's
-`lmkube_images_evaluated_total`, `lmkube_image_encode_seconds_total` and `lmkube_image_seconds_total`.
+`lmkube_host_cache_budget_bytes`, speculative decoding's
+`lmkube_draft_tokens_total{outcome="accepted|rejected|ignored"}`, and vision's `lmkube_images_evaluated_total`,
+`lmkube_image_encode_seconds_total` and `lmkube_image_seconds_total`.
 The Gateway API Inference Extension's gauges under vLLM's names (`vllm:*`) are in gie_metrics.py.
 
 Hot path cost: the engines bump plain attributes once per decode call or finished request
@@ -151,6 +152,9 @@ def write_model_metrics(out: Exposition, manager: ModelManager) -> None:
     out.family("lmkube_host_cache_tokens", "gauge",
                "Tokens of finished requests' prompt caches parked in host memory (--cache-ram).",
                ((labels, engine.host_cache_tokens) for labels, engine in kv))
+    out.family("lmkube_host_cache_budget_bytes", "gauge",
+               "The most host memory those caches may take: --cache-ram, at most half of what a memory limit "
+               "left after the load.", ((labels, engine.host_cache_budget_bytes) for labels, engine in kv))
     out.family("llamacpp:requests_processing", "gauge", "Number of requests processing.",
                ((labels, i.engine.active) for labels, i in loaded))
     out.family("llamacpp:requests_deferred", "gauge", "Number of requests deferred.",

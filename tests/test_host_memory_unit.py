@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmkube.server.runtime.host_memory import HostMemory, available_host_memory, host_memory
+from lmkube.server.runtime.host_memory import HostMemory, available_host_memory, host_cache_budget, host_memory
 
 GIB = 1 << 30
 MACHINE_FREE = 60 * GIB  # what /proc/meminfo says: the node's memory, not the container's
@@ -127,3 +127,13 @@ def test_odd_figures_stay_within_zero_and_the_limit(tmp_path: Path) -> None:
 def test_this_machine_reports_a_positive_figure() -> None:
     free = available_host_memory()
     assert free is not None and free > 0
+
+
+def test_the_host_cache_gets_half_of_what_a_memory_limit_leaves() -> None:
+    gib = 1 << 30
+    assert host_cache_budget(gib, HostMemory(available=512 << 20, limit=2 * gib)) == 256 << 20
+    assert host_cache_budget(gib, HostMemory(available=8 * gib, limit=16 * gib)) == gib  # --cache-ram is less
+    assert host_cache_budget(gib, HostMemory(available=0, limit=gib)) == 0
+    # Without a limit the machine's page cache and swap give way first: --cache-ram as asked.
+    assert host_cache_budget(gib, HostMemory(available=100 << 20)) == gib
+    assert host_cache_budget(gib, HostMemory(available=None)) == gib

@@ -122,6 +122,12 @@ def test_a_load_the_limit_cannot_hold_is_refused_naming_the_limit(limited_server
     # A context the limit holds loads in the same cgroup.
     loaded = httpx.post(url, json={"model": MODEL, "context_length": 4096}, timeout=120)
     assert loaded.status_code == 200, loaded.text
+    # Its host prompt cache gets at most half of what the limit leaves, not --cache-ram's 1 GiB: the cache
+    # fills long after the load's check, and past the limit the kernel would kill the server.
+    metrics = httpx.get(f"{limited_server.base_url}/metrics", timeout=30).text
+    [budget] = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                if line.startswith("lmkube_host_cache_budget_bytes{")]
+    assert 0 < budget <= LIMIT // 2, budget
     unloaded = httpx.post(f"{limited_server.base_url}/api/v1/models/unload",
                           json={"instance_id": loaded.json()["instance_id"]}, timeout=60)
     assert unloaded.status_code == 200, unloaded.text

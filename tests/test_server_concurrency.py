@@ -222,3 +222,4 @@ def test_concurrent_requests_behind_one_system_prompt_compute_it_once(srv: Serve
     # The followers waited a step for the leader, so it finished first, and its cache was parked in host
     # memory while they ran.
     assert sample("lmkube_host_cache_tokens") >= min(prompts)
+    assert sample("lmkube_host_cache_budget_bytes") == 1024 << 20  # --cache-ram's default, outside any memory limit

@@ -117,6 +117,11 @@ class GenerationEngine:
         return self._caches.kv_tokens_in_use
 
     @property
+    def host_cache_budget_bytes(self) -> int:
+        """The most host memory idle caches may take (--cache-ram, capped under a memory limit)."""
+        return self._caches.host_budget_bytes
+
+    @property
     def host_cache_tokens(self) -> int:
         """Tokens of idle caches waiting in host memory (read from other threads: a snapshot, maybe a step old)."""
         return self._caches.host_tokens

@@ -43,6 +43,10 @@ class SlotCaches:
         return _distinct_cells([list(c) for s in self.slots if (c := s.cached) and s.request is not None])
 
     @property
+    def host_budget_bytes(self) -> int:
+        return self.host.budget_bytes if self.host is not None else 0
+
+    @property
     def host_tokens(self) -> int:
         return self.host.tokens if self.host is not None else 0
 

@@ -39,6 +39,15 @@ def host_memory(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup
     return HostMemory(machine)
 
 
+def host_cache_budget(requested: int, memory: HostMemory) -> int:
+    """The host prompt cache's budget (--cache-ram) for a model just loaded: inside a memory limit, at most half
+    of what the limit still leaves. The cache fills as requests come and go, long after the load's memory check,
+    and past a pod's limit the kernel kills the whole server."""
+    if memory.limit is None or memory.available is None:
+        return requested  # MemAvailable alone: the machine's page cache and swap give way first
+    return max(0, min(requested, memory.available // 2))
+
+
 def available_host_memory(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
     """MemAvailable, capped by what the process's memory cgroups still allow; None when neither is known."""
     return host_memory(proc, cgroups).available

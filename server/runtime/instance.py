@@ -20,6 +20,7 @@ from ..engine.vision import Projector
 from ..store.model_store import ModelVariant
 from .chat_template import ChatTemplate, ChatTemplateError
 from .estimate import context_size
+from .host_memory import host_cache_budget, host_memory
 
 # GPU offload: "max" puts every layer on the GPU, "off" none, a fraction that share of the layers.
 GpuOffload = Literal["max", "off"] | float
@@ -128,9 +129,12 @@ class ModelInstance:
                 self._context_config = lib.ContextConfig(n_ctx=n_ctx, n_batch=n_batch, **settings)
                 self._n_gpu_layers = n_gpu_layers
                 context = lib.LlamaContext(self.model, self._context_config)
+                cache_bytes = host_cache_budget(cache_ram_mib << 20, host_memory())  # with the model in memory
+                if cache_bytes < cache_ram_mib << 20:
+                    log.info("%s: host prompt cache capped at %d MiB (of --cache-ram %d) by the memory limit",
+                             instance_id, cache_bytes >> 20, cache_ram_mib)
                 self.engine = GenerationEngine(self.model, context, name=instance_id, max_queue=max_queue,
-                                               stats=stats, host_cache_bytes=cache_ram_mib << 20,
-                                               projector=self.projector)
+                                               stats=stats, host_cache_bytes=cache_bytes, projector=self.projector)
                 n_ctx = context.n_ctx  # llama.cpp rounds the context up (to 256); report what it really holds
                 if config.draft_model:
                     self.default_draft = self.drafter(config.draft_model)
