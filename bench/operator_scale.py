@@ -16,16 +16,25 @@ For each count: a fresh namespace, the operator's RBAC from operator/rbac.py (wh
 timing (poll 2 s, resync 30 s, retry 5 s). Then:
 
 1. its idle RSS (no models yet);
-2. N LocalModels created by 8 client threads: time until every Deployment, Service, PVC and Secret exists,
-   and until every `status.phase` is written, and the operator's CPU meanwhile;
-3. `--settle-seconds` for the back-off of the waiting models to reach the resync interval, then its CPU
-   (user + system, /proc/<pid>/stat) over `--idle-seconds`;
-4. every LocalModel deleted (8 client threads, one DELETE each, as `kubectl delete lm --all` does): time until
-   none is left (finalizers released) and until none of the owned objects is; how long the DELETE requests
-   themselves took (the API server's share) and the operator's CPU meanwhile;
+2. N LocalModels created at once (`kubectl create -f` of a List): time until every Deployment, Service, PVC and
+   Secret exists, and until every `status.phase` is written, and the operator's CPU meanwhile;
+3. `--settle-seconds` for the passes that creation set off to settle, then its CPU (user + system,
+   /proc/<pid>/stat) over `--idle-seconds`;
+4. every LocalModel deleted (`kubectl delete lm --all --wait=false`): time until none is left (finalizers
+   released) and until none of the owned objects is; how long kubectl took to send the DELETEs and the
+   operator's CPU meanwhile;
 5. its RSS `--after-seconds` after that, next to its idle RSS; its peak RSS over the whole run; with `--again`,
    the same models created and deleted once more, and its RSS after that round too;
-6. from its log: how often the delete handler ran per model, and urllib3's "Connection pool is full" warnings.
+6. from its log: how often the delete handler ran per model, and urllib3's "Connection pool is full" warnings;
+7. where the benchmark started the API server, from its audit log (bench/apiserver_audit.py): the operator's
+   API calls per model while creating (until the idle window) and deleting, per second while idle, and the time
+   from each LocalModel's DELETE to the release of its finalizer (the operator's last PATCH of it). These do
+   not depend on how loaded the machine is; the breakdown by verb and resource goes to
+   bench/results/logs/opscale-*.calls.txt.
+
+`--client python` creates and deletes with the Python client instead (8 threads, one request per model), as
+this benchmark did before: on 2 busy cores that client's own pace, not the operator's, then sets most of both
+times (200 DELETEs: 5 s with no operator running, where kubectl sends them in 0.5 s).
 
 It prints a Markdown table (one column per count) and writes it to bench/results/operator-scale-<UTC time>.md
 (the operator logs: bench/results/logs/opscale-*.log).
@@ -43,9 +52,11 @@ import json
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -56,6 +67,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the control plane and the operator's harness live with the tests
 
+import apiserver_audit  # noqa: E402  (bench/)
 import kubernetes.client  # noqa: E402
 import kubernetes.config  # noqa: E402
 import urllib3  # noqa: E402
@@ -90,6 +102,12 @@ class ExistingCluster:
 
     def api_client(self) -> kubernetes.client.ApiClient:
         return kubernetes.config.new_client_from_config(str(self.kubeconfig))
+
+    def kubectl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        from kube_cluster import install_binaries
+
+        return subprocess.run([install_binaries()["LMKUBE_KUBECTL"], "--kubeconfig", str(self.kubeconfig), *args],
+                              capture_output=True, text=True, check=True, input=input, timeout=300)
 
     def apply_crds(self, *paths: Path, timeout: float = 60) -> None:
         with self.api_client() as client:
@@ -154,30 +172,35 @@ def wait_for(done: Callable[[], bool], timeout: float, what: str, interval: floa
 
 
 @contextmanager
-def cluster_from(args: argparse.Namespace) -> Iterator[Any]:
+def cluster_from(args: argparse.Namespace) -> Iterator[tuple[Any, Path | None]]:
+    """The cluster, and the API server's audit log where the benchmark started the API server."""
     if args.kubeconfig:
-        yield ExistingCluster(Path(args.kubeconfig))
-        return
-    from kube_cluster import REAL_NODE_CONTROLLERS, KubeCluster
-
-    if not args.real_node:
-        with KubeCluster() as cluster:
-            yield cluster
+        yield ExistingCluster(Path(args.kubeconfig)), None
         return
     import tempfile
 
-    from real_node import RealNode
+    from kube_cluster import REAL_NODE_CONTROLLERS, KubeCluster
 
-    # The control plane of the tests' real node, with that node (kubelet, containerd, kube-scheduler) cordoned:
-    # the scheduler and the node-lifecycle, endpointslice and PV controllers run, the 200 model pods stay
-    # Pending (Unschedulable), since 200 servers do not fit on 2 cores.
-    with tempfile.TemporaryDirectory(prefix="lmkube-bench-") as workdir, \
-            KubeCluster(workdir=Path(workdir), controllers=REAL_NODE_CONTROLLERS) as cluster, \
-            RealNode(cluster, Path(workdir) / "node") as node:
-        cluster.kubectl("cordon", node.name)
-        print(f"real node {node.name} up in {node.start_seconds:.1f}s (cordoned)\n"
-              + cluster.kubectl("get", "nodes", "-o", "wide").stdout, flush=True)
-        yield cluster
+    with tempfile.TemporaryDirectory(prefix="lmkube-bench-") as workdir:
+        audit_args = apiserver_audit.apiserver_args(Path(workdir))
+        audit_log = Path(workdir) / "audit.log"
+        (Path(workdir) / "cluster").mkdir()
+        if not args.real_node:
+            with KubeCluster(workdir=Path(workdir) / "cluster", apiserver_args=audit_args) as cluster:
+                yield cluster, audit_log
+            return
+        from real_node import RealNode
+
+        # The control plane of the tests' real node, with that node (kubelet, containerd, kube-scheduler)
+        # cordoned: the scheduler and the node-lifecycle, endpointslice and PV controllers run, the 200 model
+        # pods stay Pending (Unschedulable), since 200 servers do not fit on 2 cores.
+        with KubeCluster(workdir=Path(workdir) / "cluster", controllers=REAL_NODE_CONTROLLERS,
+                         apiserver_args=audit_args) as cluster, \
+                RealNode(cluster, Path(workdir) / "node") as node:
+            cluster.kubectl("cordon", node.name)
+            print(f"real node {node.name} up in {node.start_seconds:.1f}s (cordoned)\n"
+                  + cluster.kubectl("get", "nodes", "-o", "wide").stdout, flush=True)
+            yield cluster, audit_log
 
 
 # -- the operator's footprint ----------------------------------------------------------------------
@@ -248,6 +271,22 @@ class Result:
     delete_cpu: float  # the operator's cores from the first DELETE until no LocalModel was left
     create_cpu: float  # the operator's cores from the first create until every phase was written
     again_rss: int  # RSS after a second round of the same models (--again), else 0
+    create_cpu_s: tuple[float, float]  # operator CPU seconds: until every phase was written; until the idle window
+    delete_cpu_s: tuple[float, float]  # operator CPU seconds: until no LocalModel was left; until no owned object
+    calls: Calls | None  # from the API server's audit log, where the benchmark started the API server
+    creates_sent_s: float  # until the API server had answered every create
+
+
+@dataclass
+class Calls:
+    """The operator's API calls: per model while creating (until the idle window) and deleting (until the RSS
+    after), per second while idle; seconds from each DELETE's answer to its finalizer's release."""
+
+    create: Counter[str]
+    idle: Counter[str]
+    delete: Counter[str]
+    idle_seconds: float
+    releases: list[float]
 
 
 class Watcher:
@@ -270,7 +309,7 @@ class Watcher:
         return len(json.loads(lister(self.namespace, label_selector=MANAGED, _preload_content=False).data)["items"])
 
 
-def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path) -> Result:
+def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path, audit_log: Path | None) -> Result:
     namespace = f"opscale-{count}-{secrets.token_hex(3)}"
     cluster.create_namespace(namespace)
     grant_operator_rules(cluster, namespace)
@@ -305,21 +344,29 @@ def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path)
         spec = {"model": args.model, "gpu": {"count": 0}, "storage": {"size": "1Gi"}}
 
         def create_all() -> None:
+            bodies = [{"apiVersion": crd.API_VERSION, "kind": crd.KIND,
+                       "metadata": {"name": name, "namespace": namespace}, "spec": spec} for name in names]
+            if args.client == "kubectl":
+                cluster.kubectl("create", "-f", "-", input=yaml.safe_dump({"apiVersion": "v1", "kind": "List",
+                                                                           "items": bodies}))
+                return
             with ThreadPoolExecutor(CLIENT_THREADS) as pool:
-                list(pool.map(lambda name: watch.custom.create_namespaced_custom_object(
-                    crd.GROUP, crd.VERSION, namespace, crd.PLURAL,
-                    {"apiVersion": crd.API_VERSION, "kind": crd.KIND, "metadata": {"name": name}, "spec": spec},
-                    _preload_content=False), names))
+                list(pool.map(lambda body: watch.custom.create_namespaced_custom_object(
+                    crd.GROUP, crd.VERSION, namespace, crd.PLURAL, body, _preload_content=False), bodies))
 
         def delete_all() -> None:
+            if args.client == "kubectl":
+                cluster.kubectl("delete", f"{crd.PLURAL}.{crd.GROUP}", "--all", "-n", namespace, "--wait=false")
+                return
             with ThreadPoolExecutor(CLIENT_THREADS) as pool:
                 list(pool.map(lambda name: watch.custom.delete_namespaced_custom_object(
                     crd.GROUP, crd.VERSION, namespace, crd.PLURAL, name, _preload_content=False), names))
 
-        began = time.monotonic()
+        began, create_wall = time.monotonic(), time.time()
         _, cpu_before = footprint.read()
         create_all()
-        objects_s = phases_s = create_cpu = 0.0
+        creates_sent_s = time.monotonic() - began
+        objects_s = phases_s = create_cpu = create_cpu_s = 0.0
         while not (objects_s and phases_s):
             if time.monotonic() - began > args.timeout:
                 raise TimeoutError(f"{count} models: objects or phases missing after {args.timeout} s")
@@ -327,24 +374,42 @@ def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path)
                 objects_s = time.monotonic() - began
             if not phases_s and sum(1 for m in watch.local_models() if (m.get("status") or {}).get("phase")) >= count:
                 phases_s = time.monotonic() - began
-                create_cpu = (footprint.read()[1] - cpu_before) / phases_s
+                create_cpu_s = footprint.read()[1] - cpu_before
+                create_cpu = create_cpu_s / phases_s
             time.sleep(0.2)
         print(f"  {count}: objects {objects_s:.1f} s, phases {phases_s:.1f} s; settling {args.settle_seconds} s",
               flush=True)
         report_memory("every phase written")
         time.sleep(args.settle_seconds)
+        idle_wall = time.time()
+        settled_cpu_s = footprint.read()[1] - cpu_before
         idle_cpu = footprint.cpu_over(args.idle_seconds)
         print(f"  {count}: idle CPU {idle_cpu:.3f} cores; deleting", flush=True)
-        began = time.monotonic()
+        began, delete_wall = time.monotonic(), time.time()
         _, cpu_before = footprint.read()
         delete_all()
         deletes_sent_s = time.monotonic() - began
         wait_for(lambda: not watch.local_models(), args.timeout, "LocalModels gone")
         lm_gone_s = time.monotonic() - began
-        delete_cpu = (footprint.read()[1] - cpu_before) / lm_gone_s
+        lm_gone_cpu_s = footprint.read()[1] - cpu_before
+        delete_cpu = lm_gone_cpu_s / lm_gone_s
         wait_for(lambda: all(watch.owned(kind) == 0 for kind in COLLECTED), args.timeout, "owned objects gone")
         owned_gone_s = time.monotonic() - began
+        owned_gone_cpu_s = footprint.read()[1] - cpu_before
         after_rss = footprint.settled_rss(args.after_seconds)
+        calls = None
+        if audit_log is not None:
+            audit = apiserver_audit.read_calls(audit_log)
+            user = f"system:serviceaccount:{namespace}:{OPERATOR_ACCOUNT}"
+            calls = Calls(apiserver_audit.by_kind(audit, user, create_wall, idle_wall),
+                          apiserver_audit.by_kind(audit, user, idle_wall, delete_wall),
+                          apiserver_audit.by_kind(audit, user, delete_wall, time.time()), delete_wall - idle_wall,
+                          apiserver_audit.release_delays(audit, namespace, user))
+            with (workdir / f"{namespace}.calls.txt").open("w") as out:
+                out.write(f"creating: {apiserver_audit.breakdown(calls.create, count)}\n"
+                          f"idle ({calls.idle_seconds:.0f} s): {apiserver_audit.breakdown(calls.idle, count)}\n"
+                          f"deleting: {apiserver_audit.breakdown(calls.delete, count)}\n"
+                          f"release delays: {', '.join(f'{d:.2f}' for d in calls.releases)}\n")
         report_memory("all gone")
         runs = [operator.log().count(f"LocalModel {namespace}/{name} deleted") for name in names]  # first round
         again_rss = 0
@@ -360,7 +425,8 @@ def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path)
         return Result(count, objects_s, phases_s, idle_rss, footprint.peak_rss, after_rss, idle_cpu, lm_gone_s,
                       owned_gone_s, (max(runs), sum(1 for r in runs if r > 1)),
                       operator.log().count("Connection pool is full"), deletes_sent_s, delete_cpu, create_cpu,
-                      again_rss)
+                      again_rss, (create_cpu_s, settled_cpu_s), (lm_gone_cpu_s, owned_gone_cpu_s), calls,
+                      creates_sent_s)
     finally:
         footprint.stop()
         operator.stop()
@@ -369,19 +435,41 @@ def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path)
         client.close()
 
 
+def calls(result: Result, pick: Callable[[Calls], Counter[str]], per: int) -> str:
+    return "n/a" if result.calls is None else f"{sum(pick(result.calls).values()) / per:.1f}"
+
+
+def releases(result: Result) -> str:
+    if result.calls is None or not result.calls.releases:
+        return "n/a"
+    values = result.calls.releases
+    return "; ".join(f"{apiserver_audit.percentile(values, q):.2f} s" for q in (0.5, 0.9, 1.0))
+
+
 def table(results: list[Result]) -> str:
     mib = 1 << 20
     rows: list[tuple[str, Callable[[Result], str]]] = [
         ("every Deployment, Service, PVC and Secret exists", lambda r: f"{r.objects_s:.1f} s"),
+        ("  of which the creates themselves", lambda r: f"{r.creates_sent_s:.1f} s"),
         ("every `status.phase` written", lambda r: f"{r.phases_s:.1f} s"),
         ("  operator CPU meanwhile", lambda r: f"{r.create_cpu:.2f} cores"),
+        ("  operator CPU seconds: until every phase; until the idle window",
+         lambda r: f"{r.create_cpu_s[0]:.1f} s; {r.create_cpu_s[1]:.1f} s"),
+        ("  operator API calls per model, until the idle window", lambda r: calls(r, lambda c: c.create, r.count)),
         ("operator idle RSS, no models", lambda r: f"{r.idle_rss / mib:.0f} MiB"),
         ("operator peak RSS", lambda r: f"{r.peak_rss / mib:.0f} MiB"),
         ("operator CPU, models waiting (Pending)", lambda r: f"{r.idle_cpu:.3f} cores"),
+        ("  operator API calls per second meanwhile",
+         lambda r: calls(r, lambda c: c.idle, 1) if r.calls is None else
+         f"{sum(r.calls.idle.values()) / r.calls.idle_seconds:.2f}"),
         ("all LocalModels gone after the delete (finalizers released)", lambda r: f"{r.lm_gone_s:.1f} s"),
         ("  of which the DELETE requests themselves", lambda r: f"{r.deletes_sent_s:.1f} s"),
         ("  operator CPU meanwhile", lambda r: f"{r.delete_cpu:.2f} cores"),
+        ("  each finalizer released after its DELETE (median; 90 %; max)", releases),
         ("all owned objects and their pods gone", lambda r: f"{r.owned_gone_s:.1f} s"),
+        ("  operator CPU seconds: until no LocalModel; until no owned object",
+         lambda r: f"{r.delete_cpu_s[0]:.1f} s; {r.delete_cpu_s[1]:.1f} s"),
+        ("  operator API calls per model, deleting", lambda r: calls(r, lambda c: c.delete, r.count)),
         ("operator RSS after they are gone", lambda r: f"{r.after_rss / mib:.0f} MiB "
                                                        f"({(r.after_rss - r.idle_rss) / mib:+.0f})"),
         ("delete handler runs per model (most; models with >1)",
@@ -405,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="start the tests' real node (tests/real_node.py, needs root) with its control plane, "
                              "cordoned so model pods stay Pending")
     parser.add_argument("--model", default="bench-org/Scale-GGUF", help="spec.model of every LocalModel")
+    parser.add_argument("--client", choices=("kubectl", "python"), default="kubectl",
+                        help="create and delete the LocalModels with `kubectl create -f` / `kubectl delete --all` "
+                             "(default), or with the Python client, 8 threads, one request per model (slower: "
+                             "the client's own pace then counts)")
     parser.add_argument("--settle-seconds", type=float, default=40.0,
                         help="after the phases are written, before measuring idle CPU")
     parser.add_argument("--idle-seconds", type=float, default=30.0, help="window of the idle CPU measurement")
@@ -421,10 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     out = ROOT / "bench" / "results" / f"operator-scale-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.md"
     logs = ROOT / "bench" / "results" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    with cluster_from(args) as cluster:
+    with cluster_from(args) as (cluster, audit_log):
         cluster.apply_crds(CRD_PATH)
         for count in counts:
-            results.append(run_count(cluster, count, args, logs))
+            results.append(run_count(cluster, count, args, logs, audit_log))
             if args.memory_report is not None:
                 print(f"memory reports: bench/results/logs/opscale-{count}-*.memory.txt", flush=True)
     report = table(results)

@@ -124,13 +124,15 @@ class KubeCluster:
     """
 
     def __init__(self, binaries: dict[str, str] | None = None, workdir: Path | None = None,
-                 controller_manager: bool = True, controllers: tuple[str, ...] = CONTROLLERS) -> None:
+                 controller_manager: bool = True, controllers: tuple[str, ...] = CONTROLLERS,
+                 apiserver_args: tuple[str, ...] = ()) -> None:
         self.binaries = binaries or install_binaries()
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="lmkube-kube-"))
         self.token = secrets.token_hex(16)
         self.controller_manager = controller_manager
         self.controllers = controllers
+        self.apiserver_args = apiserver_args  # more kube-apiserver flags (bench/operator_scale.py: an audit log)
         self._kcm_token = secrets.token_hex(16)
         self.etcd_port, self.peer_port, self.api_port, self.kcm_port = _free_ports(4)
         self.server = f"https://127.0.0.1:{self.api_port}"
@@ -244,6 +246,7 @@ class KubeCluster:
             # Logs and exec reach a real node's kubelet at its address: by default the apiserver would look
             # the node's name up in the host's DNS first.
             "--kubelet-preferred-address-types", "InternalIP",
+            *self.apiserver_args,
         ])
         self._wait("apiserver", process, lambda: _https_ok(f"{self.server}/readyz", self.token), timeout)
 
