@@ -1,13 +1,17 @@
 """Thin kopf handlers around `lmkube.operator.reconcile`, with `lmkube.operator.schedule` deciding when.
 
-- create / update / resume of a LocalModel: a pass now.
+- a LocalModel seen for the first time (created, or listed when the operator starts) or with a spec not
+  reconciled yet (`metadata.generation` past `status.observedGeneration`): a pass now. Its other events (the
+  operator's own status writes) start none. A watch event rather than kopf's create/update/resume handlers:
+  those need kopf's last-handled-configuration annotation, one more PATCH of every new model.
 - after each pass, the next one: every `poll_seconds` while the model waits on its pods (downloading,
-  loading); for a model waiting on the cluster (Pending, Scheduling) or on a retry (Failed), backing off
-  from `poll_seconds` to `resync_seconds` (sooner when a failed pod's retry is due); every `resync_seconds`
-  for a settled one (which is also what brings back a deleted Secret or PVC). A watch event on one of its
-  pods, its Deployment or its Service brings the next pass forward: that is how a model waiting on the
-  cluster notices the cluster. The events of one burst (a new Deployment's status updates, its pods)
-  are gathered for `poll_seconds` (at most 2 s) into one pass.
+  loading), since only polling shows their progress; every `resync_seconds` for a settled one (which is also
+  what brings back a deleted Secret or PVC), and for one waiting on the cluster (Pending, Scheduling,
+  ScaledToZero): what it waits for comes as a watch event on one of its pods, its Deployment or its Service,
+  which brings the next pass forward. A Deployment's own status updates are no such event (the phase comes
+  from the pods). For a retry (Failed), backing off from `poll_seconds` to `resync_seconds`, sooner when a
+  failed pod's retry is due. The events of one burst (a new model's objects and pods) are gathered for
+  `poll_seconds` (at most 2 s) into one pass.
 - delete: forget the model, unload it on the pods (best effort, short timeout); kopf then drops its
   finalizer at once (no timer or daemon to wait for) and the garbage collector removes the owned objects.
 """
@@ -38,9 +42,9 @@ log = logging.getLogger("lmkube.operator")
 MANAGED = {"app.kubernetes.io/managed-by": "lmkube-operator"}
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 SETTLED = ("Ready", "Idle")
-
-
 BUSY = ("Downloading", "Loading")  # waiting on a pod's download or load: only polling shows progress
+# Waiting on the cluster (pods to be created, scheduled, started, asked for): watch events bring the next pass.
+WAITING = ("Pending", "Scheduling", "ScaledToZero")
 KOPF_WORKERS = 16  # kopf's threads for the sync handlers: the delete handler (API reads, unloading) and start-up
 PASS_WORKERS = 16  # reconcile passes; a load request blocks one for as long as the load takes
 MAX_SETTLE_SECONDS = 2.0  # a burst of watch events is gathered for poll_seconds, but never longer than this
@@ -69,9 +73,9 @@ class Timing:
         phase = after.get("phase")
         if phase in BUSY:
             return self.poll_seconds
-        if phase in SETTLED:
+        if phase in SETTLED or phase in WAITING:
             return self.resync_seconds
-        # Waiting on the cluster or on a retry: back off while nothing changes (watch events still come).
+        # Waiting on a retry: back off while nothing changes (watch events still come).
         delay = self.poll_seconds if phase != before.get("phase") else previous_delay * 2
         delay = min(max(delay, self.poll_seconds), self.resync_seconds)
         retries = [at for r in after.get("pods") or [] if (at := rc.epoch(r.get("retryAt"))) > wall_now]
@@ -175,6 +179,8 @@ def key_of(body: Mapping[str, Any]) -> Key:
 
 
 def _emit(body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+    if reason == "Pending" and not (body.get("status") or {}).get("phase"):
+        return  # where every new model starts: an Event (an API call) per model that says nothing new
     # kopf types the object as its own Body view, but reads only the metadata of any mapping.
     event = dict(body)
     kopf.event(event, type=kind, reason=reason, message=message[:1024])  # type: ignore[arg-type]  # any mapping
@@ -192,9 +198,8 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         # Kopf's bookkeeping goes into annotations: the CRD's status schema is strict (no status.kopf).
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=crd.GROUP)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=crd.GROUP, key="last-handled-configuration")
+        settings.persistence.progress_storage = UnmarkedProgress(prefix=crd.GROUP)
+        settings.persistence.diffbase_storage = NoDiffBase()
         settings.persistence.finalizer = f"{crd.GROUP}/unload"
         settings.posting.level = logging.WARNING  # kopf's own "handler succeeded" lines are no Events
         settings.watching.server_timeout = 300
@@ -205,24 +210,27 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     def stop_passes(**_: Any) -> None:
         runtime.schedule.stop()
 
-    @kopf.on.create(*resource, registry=registry)
-    @kopf.on.update(*resource, registry=registry)
-    @kopf.on.resume(*resource, registry=registry)
-    async def reconcile_now(body: kopf.Body, **_: Any) -> None:
+    @kopf.on.event(*resource, registry=registry)
+    async def reconcile_now(body: kopf.Body, type: str | None, **_: Any) -> None:
         # Async (on kopf's event loop, no worker thread): it only takes the schedule's lock for a moment.
         if runtime.kopf_context is None:
             runtime.kopf_context = contextvars.copy_context()
-        runtime.schedule.due_in(key_of(body))
+        if spec_not_reconciled(type, body, runtime.schedule.knows(key_of(body))):
+            runtime.schedule.due_in(key_of(body))
 
     @kopf.on.delete(*resource, registry=registry)
     def unload(body: kopf.Body, **_: Any) -> None:
         runtime.schedule.forget(key_of(body))  # waits for a pass in flight: no load after the unload
-        count = rc.unload_all(runtime.kube, body, runtime.options)
+        # No pod was ever asked about the model (none ran, as with pods that were never scheduled): nothing to
+        # unload, and the finalizer goes without listing the pods first.
+        count = rc.unload_all(runtime.kube, body, runtime.options) if ever_examined(body) else 0
         log.info("LocalModel %s/%s deleted: unloaded %d instance(s)", body["metadata"]["namespace"],
                  body["metadata"]["name"], count)
         runtime.memory_release.soon()
 
-    async def owned_changed(body: kopf.Body, **_: Any) -> None:
+    async def owned_changed(body: kopf.Body, type: str | None, **_: Any) -> None:
+        if type != "DELETED" and only_status_changed(body):
+            return  # a workload's status update (replica counts): the pods' own events say what changed
         instance = (body.get("metadata", {}).get("labels") or {}).get(INSTANCE_LABEL)
         if instance and not runtime.schedule.poke((body["metadata"]["namespace"], instance)):
             # An object of a model that is gone: the garbage collector's tail of a deletion, which allocates too.
@@ -230,6 +238,51 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
 
     for group_version, plural in (("v1", "pods"), ("apps/v1", "deployments"), ("v1", "services")):
         kopf.on.event(group_version, plural, labels=MANAGED, registry=registry)(owned_changed)
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No last-handled configuration: no handler here asks what changed since the last time (a pass reads
+    the whole LocalModel), so kopf need not patch it into every new one."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()  # nothing to compare, so no copy of every event's object either
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        pass
+
+
+class UnmarkedProgress(kopf.AnnotationsProgressStorage):
+    """kopf's handler progress in annotations, without its "kopf-managed" marker annotation. The marker tells
+    other kopf operators which annotations are kopf's; kopf adds it the first time it stores anything, which is
+    now the delete handler's progress (stored and purged in the same patch): a merge patch of its own before
+    the finalizer's release, on every deletion."""
+
+    def _store_marker(self, prefix: str, patch: kopf.Patch, body: kopf.Body) -> None:
+        pass
+
+
+def spec_not_reconciled(event_type: str | None, body: Mapping[str, Any], known: bool) -> bool:
+    """Whether a LocalModel's watch event calls for a pass: one not known yet, or a spec not reconciled yet.
+    Not one being deleted: the delete handler has forgotten it, or is about to."""
+    meta = body.get("metadata") or {}
+    if event_type == "DELETED" or meta.get("deletionTimestamp"):
+        return False
+    return not known or (body.get("status") or {}).get("observedGeneration") != meta.get("generation")
+
+
+def ever_examined(body: Mapping[str, Any]) -> bool:
+    """Whether a pass has talked to one of the LocalModel's pods: it keeps a record of each in status.pods,
+    written before any load starts."""
+    return bool((body.get("status") or {}).get("pods"))
+
+
+def only_status_changed(body: Mapping[str, Any]) -> bool:
+    """A Deployment (or StatefulSet) event whose spec its controller has seen already: a status update."""
+    generation = (body.get("metadata") or {}).get("generation")
+    return generation is not None and (body.get("status") or {}).get("observedGeneration") == generation
 
 
 def build_runtime(settings: OperatorSettings | None = None, timing: Timing | None = None,

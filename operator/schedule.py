@@ -113,6 +113,10 @@ class Schedule:
             while entry.state == RUNNING and time.monotonic() < deadline:
                 self._changed.wait(deadline - time.monotonic())
 
+    def knows(self, key: Key) -> bool:
+        with self._changed:
+            return key in self._entries
+
     def known(self) -> dict[Key, float]:
         """Every model kept, with seconds until its next pass (inf while one is queued or running)."""
         now = time.monotonic()

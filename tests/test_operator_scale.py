@@ -21,7 +21,7 @@ import kubernetes.config
 import pytest
 import urllib3
 from kube_cluster import KubeCluster
-from lmkube.operator import resources
+from lmkube.operator import crd, resources
 from lmkube.operator.handlers import Runtime, Timing, build_runtime, register
 from lmkube.operator.kube import Kube, share_tls_context
 from operator_support import OPERATOR_ACCOUNT, Api, OperatorProcess, grant_operator_rules, install_crd
@@ -167,6 +167,26 @@ def test_a_parked_model_reacts_to_its_objects(in_process: Runtime, scale_api: Ap
                timeout=60, message="the deleted Service was not recreated")
     scale_api.delete_lm("parked")
     wait_until(lambda: scale_api.lm("parked") is None, timeout=KOPF_CANCELLATION_POLLING / 2)
+
+
+def test_a_changed_spec_is_reconciled_and_kopf_keeps_nothing_in_the_model(
+        in_process: Runtime, scale_api: Api, scale_ns: str) -> None:
+    scale_api.create_lm("edited", SPEC)
+    key = (scale_ns, "edited")
+    wait_until(lambda: scale_api.status("edited").get("phase") and in_process.schedule.known().get(key, 0) > 120,
+               timeout=60, message=f"not parked: {in_process.schedule.known()}")
+    # No last-handled configuration or marker annotation: the finalizer is the one PATCH of a new model.
+    metadata = (scale_api.lm("edited") or {})["metadata"]
+    assert metadata["finalizers"] == [f"{crd.GROUP}/unload"]
+    assert not [a for a in metadata.get("annotations") or {} if a.startswith(f"{crd.GROUP}/")], metadata
+    assert scale_api.status("edited")["observedGeneration"] == 1
+    # A new spec (generation 2) is reconciled at once, although the model is parked for minutes.
+    scale_api.patch_lm("edited", {"contextLength": 2048})
+    wait_until(lambda: scale_api.status("edited").get("observedGeneration") == 2, timeout=60,
+               message=f"the new spec was not reconciled: {scale_api.status('edited')}")
+    assert in_process.schedule.known().get(key, 0) > 120
+    scale_api.delete_lm("edited")
+    wait_until(lambda: scale_api.lm("edited") is None, timeout=KOPF_CANCELLATION_POLLING / 2)
 
 
 def test_nothing_is_kept_for_models_that_are_gone(in_process: Runtime, scale_api: Api, scale_ns: str) -> None:

@@ -180,12 +180,16 @@ def test_next_pass_polls_busy_models_and_backs_off_waiting_ones() -> None:
     now = 1_800_000_000.0
     assert timing.next_delay({"phase": "Downloading"}, {"phase": "Downloading"}, 2, now) == 2
     assert timing.next_delay({"phase": "Loading"}, {"phase": "Ready"}, 2, now) == 30
-    # Waiting on the cluster: the poll interval on arrival, then doubling up to the resync interval.
-    delays, before, delay = [], {"phase": "Pending"}, 0.0
+    # Waiting on the cluster: the watch events of its pods bring the next pass; polling only resyncs.
+    for before in ({}, {"phase": "Pending"}, {"phase": "Scheduling"}):
+        assert timing.next_delay(before, {"phase": "Scheduling"}, 2, now) == 30
+    assert timing.next_delay({"phase": "Ready"}, {"phase": "ScaledToZero"}, 2, now) == 30
+    # A failure with no retry time: the poll interval on arrival, then doubling up to the resync interval.
+    delays, before, delay = [], {"phase": "Scheduling"}, 0.0
     for _ in range(6):
-        delay = timing.next_delay(before, {"phase": "Scheduling"}, delay, now)
+        delay = timing.next_delay(before, {"phase": "Failed"}, delay, now)
         delays.append(delay)
-        before = {"phase": "Scheduling"}
+        before = {"phase": "Failed"}
     assert delays == [2, 4, 8, 16, 30, 30]
     # A failed pod's retry comes first; one whose time has passed is no reason to poll.
     retry_at = st.now_iso(datetime.fromtimestamp(now + 7, UTC))
@@ -210,3 +214,27 @@ def test_memory_is_released_once_when_a_burst_of_deletions_is_over() -> None:
     assert release.releases == 1 and len(closed) == 1
     assert closed[0] - began >= 0.45 + 2.0
 
+
+
+def test_which_watch_events_start_a_pass() -> None:
+    from lmkube.operator.handlers import ever_examined, only_status_changed, spec_not_reconciled
+
+    new = {"metadata": {"name": "m", "generation": 1}}
+    reconciled = {"metadata": {"name": "m", "generation": 1}, "status": {"observedGeneration": 1}}
+    edited = {"metadata": {"name": "m", "generation": 2}, "status": {"observedGeneration": 1}}
+    deleting = {"metadata": {"name": "m", "generation": 2, "deletionTimestamp": "2026-12-02T00:00:00Z"}}
+    # A LocalModel not known yet (created, or listed at start-up), or with a spec not reconciled yet.
+    assert spec_not_reconciled(None, reconciled, known=False) and spec_not_reconciled("ADDED", new, known=False)
+    assert spec_not_reconciled("MODIFIED", edited, known=True)
+    # Not the operator's own status writes, nor a model on its way out.
+    assert not spec_not_reconciled("MODIFIED", reconciled, known=True)
+    assert not spec_not_reconciled("MODIFIED", deleting, known=False)
+    assert not spec_not_reconciled("DELETED", new, known=False)
+    # A Deployment's status update is no reason for a pass; a spec its controller has not seen is.
+    assert only_status_changed({"metadata": {"generation": 3}, "status": {"observedGeneration": 3}})
+    assert not only_status_changed({"metadata": {"generation": 4}, "status": {"observedGeneration": 3}})
+    assert not only_status_changed({"metadata": {"generation": 1}})  # just created
+    assert not only_status_changed({"metadata": {}})  # a pod or a Service
+    # The delete handler asks the pods only when a pass ever talked to one.
+    assert not ever_examined({"status": {"phase": "Scheduling", "pods": []}}) and not ever_examined({})
+    assert ever_examined({"status": {"pods": [{"name": "lm-m-0", "loaded": "abc"}]}})
