@@ -16,7 +16,7 @@ For each count: a fresh namespace, the operator's RBAC from operator/rbac.py (wh
 timing (poll 2 s, resync 30 s, retry 5 s). Then:
 
 1. its idle RSS (no models yet);
-2. N LocalModels created at once (`kubectl create -f` of a List): time until every Deployment, Service, PVC and
+2. N LocalModels created at once (`kubectl create -f` of a List): time until every StatefulSet, Service, PVC and
    Secret exists, and until every `status.phase` is written, and the operator's CPU meanwhile;
 3. `--settle-seconds` for the passes that creation set off to settle, then its CPU (user + system,
    /proc/<pid>/stat) over `--idle-seconds`;
@@ -76,8 +76,8 @@ from kubernetes.client.exceptions import ApiException  # noqa: E402
 from lmkube.operator import crd  # noqa: E402
 from operator_support import CRD_PATH, OPERATOR_ACCOUNT, OperatorProcess, grant_operator_rules  # noqa: E402
 
-OWNED = ("Deployment", "Service", "PersistentVolumeClaim", "Secret")
-COLLECTED = (*OWNED, "Pod")  # pods go with the Deployment's ReplicaSet
+OWNED = ("StatefulSet", "Service", "PersistentVolumeClaim", "Secret")
+COLLECTED = (*OWNED, "Pod")  # pods and claims go with the StatefulSet
 MANAGED = "app.kubernetes.io/managed-by=lmkube-operator"
 DEFAULT_TIMING = {"LMKUBE_OPERATOR_POLL_SECONDS": "2", "LMKUBE_OPERATOR_RESYNC_SECONDS": "30",
                   "LMKUBE_OPERATOR_RETRY_SECONDS": "5"}
@@ -303,7 +303,7 @@ class Watcher:
             crd.GROUP, crd.VERSION, self.namespace, crd.PLURAL, _preload_content=False).data)["items"]
 
     def owned(self, kind: str) -> int:
-        lister = {"Deployment": self.apps.list_namespaced_deployment, "Service": self.core.list_namespaced_service,
+        lister = {"StatefulSet": self.apps.list_namespaced_stateful_set, "Service": self.core.list_namespaced_service,
                   "PersistentVolumeClaim": self.core.list_namespaced_persistent_volume_claim,
                   "Secret": self.core.list_namespaced_secret, "Pod": self.core.list_namespaced_pod}[kind]
         return len(json.loads(lister(self.namespace, label_selector=MANAGED, _preload_content=False).data)["items"])
@@ -449,7 +449,7 @@ def releases(result: Result) -> str:
 def table(results: list[Result]) -> str:
     mib = 1 << 20
     rows: list[tuple[str, Callable[[Result], str]]] = [
-        ("every Deployment, Service, PVC and Secret exists", lambda r: f"{r.objects_s:.1f} s"),
+        ("every StatefulSet, Service, PVC and Secret exists", lambda r: f"{r.objects_s:.1f} s"),
         ("  of which the creates themselves", lambda r: f"{r.creates_sent_s:.1f} s"),
         ("every `status.phase` written", lambda r: f"{r.phases_s:.1f} s"),
         ("  operator CPU meanwhile", lambda r: f"{r.create_cpu:.2f} cores"),

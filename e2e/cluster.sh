@@ -177,7 +177,7 @@ JSON
 
 log "deleting the LocalModel: the operator unloads the model and its objects are garbage-collected"
 "${KUBECTL[@]}" -n "$NAMESPACE" delete localmodel "$LM_NAME" --wait=true --timeout=5m
-for kind in deployment service pvc secret; do
+for kind in statefulset service pvc secret; do
   for _ in $(seq 60); do
     "${KUBECTL[@]}" -n "$NAMESPACE" get "$kind" -l app.kubernetes.io/instance="$LM_NAME" -o name | grep -q . || break
     sleep 2

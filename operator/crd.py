@@ -144,12 +144,13 @@ def spec_schema() -> dict[str, Any]:
                 "description": "Where the model files are stored (a PersistentVolumeClaim).",
                 "properties": {
                     "size": {
-                        "description": "Size of the PersistentVolumeClaim the operator creates (e.g. `20Gi`).",
+                        "description": "Size of the cache volume each replica gets (e.g. `20Gi`).",
                         "x-kubernetes-int-or-string": True,
                         "pattern": QUANTITY_PATTERN,
                     },
-                    "storageClassName": _name("StorageClass of the claim the operator creates."),
-                    "existingClaim": _name("Use this existing PersistentVolumeClaim instead of creating one."),
+                    "storageClassName": _name("StorageClass of the replicas' cache volumes."),
+                    "existingClaim": _name("Mount this existing PersistentVolumeClaim in every replica instead "
+                                            "(ReadWriteMany for more than one)."),
                 },
             },
             "auth": {

@@ -7,8 +7,8 @@
 - after each pass, the next one: every `poll_seconds` while the model waits on its pods (downloading,
   loading), since only polling shows their progress; every `resync_seconds` for a settled one (which is also
   what brings back a deleted Secret or PVC), and for one waiting on the cluster (Pending, Scheduling,
-  ScaledToZero): what it waits for comes as a watch event on one of its pods, its Deployment or its Service,
-  which brings the next pass forward. A Deployment's own status updates are no such event (the phase comes
+  ScaledToZero): what it waits for comes as a watch event on one of its pods, its StatefulSet or its Service,
+  which brings the next pass forward. A StatefulSet's own status updates are no such event (the phase comes
   from the pods). For a retry (Failed), backing off from `poll_seconds` to `resync_seconds`, sooner when a
   failed pod's retry is due. The events of one burst (a new model's objects and pods) are gathered for
   `poll_seconds` (at most 2 s) into one pass.
@@ -236,7 +236,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
             # An object of a model that is gone: the garbage collector's tail of a deletion, which allocates too.
             runtime.memory_release.soon()
 
-    for group_version, plural in (("v1", "pods"), ("apps/v1", "deployments"), ("v1", "services")):
+    for group_version, plural in (("v1", "pods"), ("apps/v1", "statefulsets"), ("v1", "services")):
         kopf.on.event(group_version, plural, labels=MANAGED, registry=registry)(owned_changed)
 
 
@@ -280,7 +280,7 @@ def ever_examined(body: Mapping[str, Any]) -> bool:
 
 
 def only_status_changed(body: Mapping[str, Any]) -> bool:
-    """A Deployment (or StatefulSet) event whose spec its controller has seen already: a status update."""
+    """A StatefulSet (or an earlier release's Deployment) event whose spec its controller has seen already: a status update."""
     generation = (body.get("metadata") or {}).get("generation")
     return generation is not None and (body.get("status") or {}).get("observedGeneration") == generation
 

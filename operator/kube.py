@@ -20,6 +20,7 @@ from lmkube.operator import crd
 from urllib3.util.ssl_ import create_urllib3_context
 
 MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 # Custom resources of other projects the operator owns objects of: kind -> (group, version, plural).
 CUSTOM_KINDS = {"InferencePool": ("inference.networking.k8s.io", "v1", "inferencepools")}
 
@@ -107,6 +108,9 @@ class Kube:
             case "Deployment":
                 return (self.apps.read_namespaced_deployment, self.apps.create_namespaced_deployment,
                         self.apps.patch_namespaced_deployment)
+            case "StatefulSet":
+                return (self.apps.read_namespaced_stateful_set, self.apps.create_namespaced_stateful_set,
+                        self.apps.patch_namespaced_stateful_set)
         if kind in CUSTOM_KINDS:
             return self._custom_ops(*CUSTOM_KINDS[kind])
         raise ValueError(f"unsupported kind {kind}")
@@ -143,6 +147,27 @@ class Kube:
         """A JSON merge patch: lists in it (containers, env, ports) replace the stored ones whole."""
         _, _, do_patch = self._ops(kind)
         return _json(do_patch(name, namespace, dict(patch), _content_type=MERGE_PATCH, _preload_content=False))
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        """Deletes an object (its dependents in the background); one already gone is fine."""
+        delete = {"StatefulSet": self.apps.delete_namespaced_stateful_set,
+                  "Deployment": self.apps.delete_namespaced_deployment,
+                  "PersistentVolumeClaim": self.core.delete_namespaced_persistent_volume_claim}[kind]
+        try:
+            delete(name, namespace, propagation_policy="Background", _preload_content=False)
+        except ApiException as error:
+            if not not_found(error):
+                raise
+
+    def set_pod_condition(self, namespace: str, pod: str, condition: Mapping[str, Any]) -> None:
+        """Sets one condition in a pod's status (a readiness gate's). A strategic merge patch merges
+        `status.conditions` by type: the kubelet's own conditions stay as they are. A pod already gone is fine."""
+        try:
+            self.core.patch_namespaced_pod_status(pod, namespace, {"status": {"conditions": [dict(condition)]}},
+                                                  _content_type=STRATEGIC_MERGE_PATCH, _preload_content=False)
+        except ApiException as error:
+            if not not_found(error):
+                raise
 
     def list_pods(self, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
         selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))

@@ -1,8 +1,11 @@
-"""What the Pods of a LocalModel's Deployment say about themselves, from their `status` (plain JSON dicts).
+"""What the Pods of a LocalModel's StatefulSet say about themselves, from their `status` (plain JSON dicts).
 
-A pod is *ready* when its Ready condition is True, it has an IP and is not being deleted. A pod that
-is not ready may carry a *failure* the user has to act on (no node fits, the image cannot be pulled,
-the server keeps crashing, a referenced Secret is missing); one that is merely starting carries none.
+A pod is *ready* when its server container is (the ContainersReady condition: the server answers /health), it
+has an IP and is not being deleted. That is not the pod's own Ready condition: the pod's readiness gate
+(`resources.MODEL_LOADED_CONDITION`, its `model_loaded`) holds that back until the operator has loaded the model
+into it, and the operator talks to the server before that. A pod that is not ready may carry a *failure* the
+user has to act on (no node fits, the image cannot be pulled, the server keeps crashing, a referenced Secret is
+missing); one that is merely starting carries none.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class PodView:
     # killer ended its last run: a load that does not fit the limit kills the server, not the request.
     memory_limit: str | None = None
     oom_killed: bool = False
+    # The readiness gate's condition: True/False as the operator last set it, None when it never did.
+    model_loaded: bool | None = None
 
 
 def _conditions(pod: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
@@ -99,12 +104,19 @@ def _server_id(pod: Mapping[str, Any]) -> str:
     return uid
 
 
-def view(pod: Mapping[str, Any], hash_annotation: str) -> PodView:
+def _status_of(condition: Mapping[str, Any] | None) -> bool | None:
+    return None if condition is None else condition.get("status") == "True"
+
+
+def view(pod: Mapping[str, Any], hash_annotation: str, gate: str | None = None) -> PodView:
+    """`gate`: the condition type of the pods' readiness gate, read into `model_loaded`."""
     meta = pod.get("metadata") or {}
     status = pod.get("status") or {}
     conditions = _conditions(pod)
     terminating = meta.get("deletionTimestamp") is not None
-    ready = conditions.get("Ready", {}).get("status") == "True" and bool(status.get("podIP")) and not terminating
+    # ContainersReady is the kubelet's; a pod status written without it (older clusters) has Ready alone.
+    server_ready = _status_of(conditions.get("ContainersReady", conditions.get("Ready")))
+    ready = bool(server_ready) and bool(status.get("podIP")) and not terminating
     scheduled = bool((pod.get("spec") or {}).get("nodeName")) or conditions.get("PodScheduled", {}).get(
         "status") == "True"
     return PodView(
@@ -113,9 +125,10 @@ def view(pod: Mapping[str, Any], hash_annotation: str) -> PodView:
         pod_hash=(meta.get("annotations") or {}).get(hash_annotation),
         failure=None if ready else pod_failure(pod),
         memory_limit=container_memory_limit(pod), oom_killed=_oom_killed(pod),
+        model_loaded=_status_of(conditions.get(gate)) if gate else None,
     )
 
 
-def views(pods: Iterable[Mapping[str, Any]], hash_annotation: str) -> list[PodView]:
+def views(pods: Iterable[Mapping[str, Any]], hash_annotation: str, gate: str | None = None) -> list[PodView]:
     """Views of the pods, oldest name first so the order is stable between reconciles."""
-    return sorted((view(p, hash_annotation) for p in pods), key=lambda v: v.name)
+    return sorted((view(p, hash_annotation, gate) for p in pods), key=lambda v: v.name)

@@ -52,13 +52,17 @@ def namespaced_rules() -> list[dict[str, Any]]:
         _rule(crd.GROUP, [f"{crd.PLURAL}/status"], ["get", "patch", "update"]),
         # Owner references with blockOwnerDeletion need this where OwnerReferencesPermissionEnforcement is on.
         _rule(crd.GROUP, [f"{crd.PLURAL}/finalizers"], ["update"]),
-        _rule("apps", ["deployments"], ["get", "list", "watch", "create", "patch"]),
+        _rule("apps", ["statefulsets"], ["get", "list", "watch", "create", "patch", "delete"]),
         _rule("", ["services"], ["get", "list", "watch", "create", "patch"]),
-        _rule("", ["persistentvolumeclaims"], ["get", "create"]),
+        # The Deployment and cache claim of releases before the StatefulSet, removed once (operator/statefulset.py).
+        _rule("apps", ["deployments"], ["get", "delete"]),
+        _rule("", ["persistentvolumeclaims"], ["get", "delete"]),
         # The token Secret: created once, read to talk to the pods (and a user's spec.auth.secretRef).
         _rule("", ["secrets"], ["get", "create"]),
         # The operator finds each server's address (podIP) and health on its Pod.
         _rule("", ["pods"], ["get", "list", "watch"]),
+        # The pods' readiness gate (lmkube.dev/model-loaded): set once the model is loaded in the pod.
+        _rule("", ["pods/status"], ["patch"]),
         _rule("", ["events"], ["create"]),
         # Peering between operator replicas when only some namespaces are served.
         _rule(KOPF_GROUP, ["kopfpeerings"], PEERING_VERBS),

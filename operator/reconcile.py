@@ -26,7 +26,9 @@ from lmkube.operator.inference_pool import ensure_inference_pool
 from lmkube.operator.kube import Kube
 from lmkube.operator.observe import PodView
 from lmkube.operator.podclient import LoadedInstance, PodAuthError, PodClient, PodError, PodUnreachable
+from lmkube.operator.readiness import set_model_loaded_gates
 from lmkube.operator.spec import LocalModelSpec, OperatorSettings, parse_spec
+from lmkube.operator.statefulset import ensure_statefulset
 
 from lmkube.random_ids import new_token
 
@@ -77,7 +79,7 @@ class SetupError(Exception):
 
 
 def ensure_objects(kube: Kube, body: Mapping[str, Any], spec: LocalModelSpec, settings: OperatorSettings) -> str:
-    """Creates or updates the Secret, PVC, Service and Deployment; returns the API token."""
+    """Creates or updates the Secret, Service and StatefulSet; returns the API token."""
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     owner = resources.owner_reference(body)
     secret_name, key = resources.token_ref(name, spec)
@@ -92,9 +94,6 @@ def ensure_objects(kube: Kube, body: Mapping[str, Any], spec: LocalModelSpec, se
         gateway = resources.gateway_secret(name, namespace, settings.gateway_token, owner)
         if kube.get("Secret", namespace, gateway["metadata"]["name"]) is None:
             kube.create(gateway)
-    claim = resources.pvc(name, namespace, spec, owner)
-    if claim is not None and kube.get("PersistentVolumeClaim", namespace, claim["metadata"]["name"]) is None:
-        kube.create(claim)
     svc = resources.service(name, namespace, settings, owner)
     live_svc = kube.get("Service", namespace, svc["metadata"]["name"])
     if live_svc is None:
@@ -105,20 +104,8 @@ def ensure_objects(kube: Kube, body: Mapping[str, Any], spec: LocalModelSpec, se
         kube.patch("Service", namespace, svc["metadata"]["name"],
                    {"spec": {"selector": svc["spec"]["selector"], "ports": svc["spec"]["ports"]}})
     # The token reaches the pod as an env var read at start: a changed token must roll the pods.
-    dep = resources.deployment(name, namespace, spec, settings, owner, secret_version=secret_version(token, settings))
-    live = kube.get("Deployment", namespace, dep["metadata"]["name"])
-    if live is None:
-        kube.create(dep)
-    else:
-        want_hash = dep["spec"]["template"]["metadata"]["annotations"][resources.POD_HASH_ANNOTATION]
-        live_hash = ((live["spec"]["template"].get("metadata") or {}).get("annotations") or {}).get(
-            resources.POD_HASH_ANNOTATION)
-        if live_hash != want_hash or live["spec"].get("replicas") != spec.replicas:
-            log.info("updating Deployment %s/%s (pod spec %s -> %s, replicas %s -> %s)", namespace,
-                     dep["metadata"]["name"], live_hash, want_hash, live["spec"].get("replicas"), spec.replicas)
-            kube.patch("Deployment", namespace, dep["metadata"]["name"],
-                       {"spec": {"replicas": spec.replicas, "template": dep["spec"]["template"],
-                                 "strategy": dep["spec"]["strategy"]}})
+    ensure_statefulset(kube, resources.statefulset(name, namespace, spec, settings, owner,
+                                                   secret_version=secret_version(token, settings)), name)
     return token
 
 
@@ -409,16 +396,18 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
     pool = ensure_inference_pool(kube, body, settings)
 
     want_hash = desired_pod_hash(name, spec, settings, token)
-    views = observe.views(kube.list_pods(namespace, resources.selector_labels(name)), resources.POD_HASH_ANNOTATION)
+    views = observe.views(kube.list_pods(namespace, resources.selector_labels(name)), resources.POD_HASH_ANNOTATION,
+                          resources.MODEL_LOADED_CONDITION)
     pods = [p for p in views if not p.terminating and p.pod_hash == want_hash]
     old_records = {r.get("name"): r for r in previous.get("pods") or []}
-    # During a rollout the previous template's pods serve on until the Deployment removes them: their records
+    # During a rollout the previous template's pods serve on until the StatefulSet replaces them: their records
     # stay in status.pods (the gateway routes to the pods listed serving, not to a new one not yet loaded).
     outgoing = [old_records[p.name] for p in views
                 if p.pod_hash != want_hash and p.ready and p.name in old_records]
     works: dict[str, PodWork] = {}
     clients: dict[str, PodClient] = {}
     downloader: str | None = None  # with a shared claim, one pod downloads and the others wait for it
+    pending: list[PodView] = []
     try:
         for pod in pods:
             if not pod.ready:
@@ -430,6 +419,7 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
                 downloader = pod.name
             works[pod.name] = work
         pending = [p for p in pods if p.name in works and works[p.name].load]
+        set_model_loaded_gates(kube, namespace, pods, {n: w.state for n, w in works.items()}, old_records, now)
         if pending:
             # Show Loading while the (blocking) load requests run.
             _publish(kube, body, _status(body, spec, pods, works, settings, now, old_records, outgoing), emit)
@@ -440,6 +430,9 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
     finally:
         for client in clients.values():
             client.close()
+    if pending:
+        set_model_loaded_gates(kube, namespace, pods, {n: w.state for n, w in works.items()}, old_records,
+                               st.now_iso(datetime.fromtimestamp(options.clock(), UTC)))
     status = _status(body, spec, pods, works, settings, now, old_records, outgoing)
     if pool is not None:
         status["conditions"] = st.set_condition(status["conditions"], POOL_CONDITION, pool.status, pool.reason,

@@ -1,15 +1,23 @@
-"""Builders for the objects a LocalModel owns: token Secret, cache PVC, Service and Deployment.
+"""Builders for the objects a LocalModel owns: token Secret, Service and the StatefulSet with its volumes.
 
 Plain functions from a parsed `LocalModelSpec` (see `lmkube.operator.spec`) to Kubernetes JSON
 dicts, plus the request bodies the operator sends to the server. No kopf and no API calls: the
 handlers create-or-update what these return, so every builder is deterministic for a given input.
 
 Choices (see also the docstrings):
-- Deployment strategy (`strategy`): Recreate for one replica: its cache volume is ReadWriteOnce (a surge pod
-  on another node would hang on Multi-Attach), a GPU pod's surge twin needs a second free GPU, and two
-  servers writing the same models dir at once is never wanted. A rollout therefore has a short downtime.
-  Several replicas already share a ReadWriteMany claim (spec.storage.existingClaim): they roll one pod at a
-  time and never all at once, so clients (and the gateway) always have a replica that serves.
+- The pods are a StatefulSet's: with the default storage every replica gets its own ReadWriteOnce cache volume
+  from `volumeClaimTemplates` (`models-lm-<name>-<ordinal>`), downloads the model into it once and keeps it
+  across restarts, rollouts and scale to zero (`whenScaled: Retain`); the claims go with the StatefulSet
+  (`whenDeleted: Delete`), i.e. with the LocalModel. With `storage.existingClaim` every pod mounts that claim
+  (ReadWriteMany for several replicas; the servers take turns downloading into it). `podManagementPolicy:
+  Parallel`: replicas start and stop together, not one after another. A rollout replaces one pod at a time,
+  deleting it before creating its successor (a volume is never attached twice, a GPU never needed twice).
+  `spec.replicas` of the StatefulSet is the one replica count (what an autoscaler or `kubectl scale` sets).
+- A pod is Ready only once its model is loaded: the pod template has the readiness gate `MODEL_LOADED_CONDITION`,
+  which the operator sets True in the pod's status after its load request succeeded (and False while the pod
+  downloads, loads or failed, or its server restarted). The server's own /health probe only says it listens.
+  So a rollout (which waits for each new pod to be Ready before replacing the next), the Service's endpoints
+  and the gateway only ever count pods that serve the model.
 - `LMKUBE_HOME` is `<models dir>/.lmkube`: downloads.json, presets and stored conversations live on
   the persistent cache volume (surviving restarts, writable by uid 1000 through fsGroup), the image's
   home directory need not be writable, and the model scanner skips dot folders.
@@ -17,7 +25,7 @@ Choices (see also the docstrings):
   `secret_version`). model, variant, contextLength and gpu.offload are not rendered into the pod (the
   operator (re)loads them through /api/v1/models/load), so changing them leaves the pods alone; image,
   GPU count, resources, env, parallel, ttl, scheduling knobs... change the pod spec and roll it.
-  Handlers compare the annotation on the live Deployment with the desired one instead of deep-diffing
+  Handlers compare the annotation on the live StatefulSet with the desired one instead of deep-diffing
   objects the API server has defaulted.
 """
 
@@ -35,6 +43,8 @@ from lmkube.operator.spec import MCP_DIR, LocalModelSpec, OperatorSettings
 
 ANNOTATION_PREFIX = "lmkube.dev"  # the LocalModel API group (operator/crd.py)
 POD_HASH_ANNOTATION = f"{ANNOTATION_PREFIX}/pod-spec-hash"
+# The pods' readiness gate: True once the operator has loaded the model into the pod (reconcile.py sets it).
+MODEL_LOADED_CONDITION = f"{ANNOTATION_PREFIX}/model-loaded"
 TOKEN_KEY = "token"  # key of the operator-generated token Secret
 CONTAINER_NAME = "lmkube"
 VOLUME_NAME = "models"
@@ -42,15 +52,16 @@ MCP_VOLUME_NAME = "mcp"
 PORT_NAME = "http"
 RUN_AS = 1000
 MAX_NAME = 63  # DNS-1123 / DNS-1035 label: Service names and label values
+MAX_STATEFULSET_NAME = 52  # 63 less the "-<hash>" of the controller-revision-hash label on its pods
 
 _DEFAULT_SETTINGS = OperatorSettings()
 
 
 @dataclass(frozen=True)
 class Names:
-    deployment: str
+    statefulset: str
     service: str
-    pvc: str
+    legacy_pvc: str  # the one cache claim of releases that ran a Deployment; removed when the StatefulSet comes
     secret: str
 
 
@@ -58,25 +69,28 @@ def _hash(text: str, n: int = 8) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
-def _label_safe(name: str, prefix: str = "", suffix: str = "") -> str:
-    """`prefix + name + suffix` as a DNS-1123 label (<= 63, [a-z0-9-], alnum ends).
+def _label_safe(name: str, prefix: str = "", suffix: str = "", limit: int = MAX_NAME) -> str:
+    """`prefix + name + suffix` as a DNS-1123 label (<= `limit` <= 63, [a-z0-9-], alnum ends).
 
     When `name` had to change (invalid characters such as dots, or too long) a hash of the original
     name is added so that distinct LocalModels never share a name.
     """
     clean = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
     candidate = f"{prefix}{clean}{suffix}"
-    if clean == name and len(candidate) <= MAX_NAME:
+    if clean == name and len(candidate) <= limit:
         return candidate
     tag = f"-{_hash(name)}"
-    room = MAX_NAME - len(prefix) - len(suffix) - len(tag)
+    room = limit - len(prefix) - len(suffix) - len(tag)
     return f"{prefix}{clean[:room].rstrip('-')}{tag}{suffix}"
 
 
 def names(lm_name: str) -> Names:
-    """Names of the owned objects: `lm-<name>` (Deployment, Service), `lm-<name>-models`, `lm-<name>-token`."""
+    """Names of the owned objects: `lm-<name>` (StatefulSet, Service), `lm-<name>-token`; and the older
+    `lm-<name>-models`."""
     base = _label_safe(lm_name, "lm-")
-    return Names(deployment=base, service=base, pvc=_label_safe(lm_name, "lm-", "-models"),
+    # The StatefulSet controller labels each pod `controller-revision-hash: <statefulset>-<10 characters>`.
+    return Names(statefulset=_label_safe(lm_name, "lm-", limit=MAX_STATEFULSET_NAME), service=base,
+                 legacy_pvc=_label_safe(lm_name, "lm-", "-models"),
                  secret=_label_safe(lm_name, "lm-", "-token"))
 
 
@@ -87,7 +101,7 @@ def _label_value(value: str) -> str:
 
 
 def selector_labels(name: str) -> dict[str, str]:
-    """The Deployment's (immutable) selector and the Service's selector."""
+    """The StatefulSet's (immutable) selector and the Service's selector."""
     return {
         "app.kubernetes.io/name": "lmkube",
         "app.kubernetes.io/instance": _label_value(name),
@@ -176,13 +190,13 @@ def token_ref(name: str, spec: LocalModelSpec) -> tuple[str, str]:
     return names(name).secret, TOKEN_KEY
 
 
-def claim_name(name: str, spec: LocalModelSpec) -> str:
-    return spec.storage.existing_claim or names(name).pvc
+def replica_claim(name: str, ordinal: int) -> str:
+    """The cache claim of replica `ordinal` (the StatefulSet controller's `<template>-<statefulset>-<ordinal>`)."""
+    return f"{VOLUME_NAME}-{names(name).statefulset}-{ordinal}"
 
 
-def pvc(name: str, namespace: str, spec: LocalModelSpec,
-        owner: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """The ReadWriteOnce cache PVC, or None when spec.storage.existingClaim names one to use instead."""
+def claim_template(name: str, spec: LocalModelSpec) -> dict[str, Any] | None:
+    """The per-replica ReadWriteOnce cache claim, or None when spec.storage.existingClaim names one to share."""
     if spec.storage.existing_claim:
         return None
     claim_spec: dict[str, Any] = {
@@ -191,12 +205,7 @@ def pvc(name: str, namespace: str, spec: LocalModelSpec,
     }
     if spec.storage.storage_class_name is not None:
         claim_spec["storageClassName"] = spec.storage.storage_class_name
-    return {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": _metadata(names(name).pvc, namespace, name, owner),
-        "spec": claim_spec,
-    }
+    return {"metadata": {"name": VOLUME_NAME, "labels": labels(name)}, "spec": claim_spec}
 
 
 def service(name: str, namespace: str, settings: OperatorSettings | None = None,
@@ -277,7 +286,7 @@ def _probe(*, period: int, failures: int, timeout: int = 5) -> dict[str, Any]:
 
 def pod_template(name: str, spec: LocalModelSpec, settings: OperatorSettings | None = None,
                  secret_version: str | None = None) -> dict[str, Any]:
-    """The Deployment's pod template, with the POD_HASH_ANNOTATION over everything else in it."""
+    """The StatefulSet's pod template, with the POD_HASH_ANNOTATION over everything else in it."""
     settings = settings or _DEFAULT_SETTINGS
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
@@ -309,7 +318,6 @@ def pod_template(name: str, spec: LocalModelSpec, settings: OperatorSettings | N
         container["imagePullPolicy"] = settings.image_pull_policy
     pod: dict[str, Any] = {
         "containers": [container],
-        "volumes": [{"name": VOLUME_NAME, "persistentVolumeClaim": {"claimName": claim_name(name, spec)}}],
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RUN_AS,
@@ -323,8 +331,16 @@ def pod_template(name: str, spec: LocalModelSpec, settings: OperatorSettings | N
         # variables for any Service whose name starts with "lmkube".
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
+        # Ready only once the operator has loaded the model into the pod (see the module's docstring).
+        "readinessGates": [{"conditionType": MODEL_LOADED_CONDITION}],
+        "volumes": [],
     }
+    if spec.storage.existing_claim:  # else the StatefulSet's volumeClaimTemplates give each pod its own
+        pod["volumes"].append({"name": VOLUME_NAME,
+                               "persistentVolumeClaim": {"claimName": spec.storage.existing_claim}})
     _mount_mcp_json(spec, pod)
+    if not pod["volumes"]:
+        del pod["volumes"]
     if spec.node_selector:
         pod["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
@@ -355,36 +371,32 @@ def pod_hash(pod_spec: Mapping[str, Any], secret_version: str | None = None,
     return _hash(canonical, 16)
 
 
-def deployment(name: str, namespace: str, spec: LocalModelSpec, settings: OperatorSettings | None = None,
-               owner: Mapping[str, Any] | None = None, secret_version: str | None = None) -> dict[str, Any]:
-    """The Deployment running `lmkube serve`.
+def statefulset(name: str, namespace: str, spec: LocalModelSpec, settings: OperatorSettings | None = None,
+                owner: Mapping[str, Any] | None = None, secret_version: str | None = None) -> dict[str, Any]:
+    """The StatefulSet running `lmkube serve` (see the module's docstring for its choices).
 
     `secret_version` (e.g. the token Secret's resourceVersion or a digest of its data) goes into the pod
     hash: the token reaches the pod as an env var, read once at start, so a rotated token must roll it.
     """
+    body: dict[str, Any] = {
+        "replicas": spec.replicas,
+        "serviceName": names(name).service,
+        "podManagementPolicy": "Parallel",
+        "updateStrategy": {"type": "RollingUpdate"},
+        "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Delete", "whenScaled": "Retain"},
+        "selector": {"matchLabels": selector_labels(name)},
+        "revisionHistoryLimit": 3,
+        "template": pod_template(name, spec, settings, secret_version),
+    }
+    template = claim_template(name, spec)
+    if template is not None:
+        body["volumeClaimTemplates"] = [template]
     return {
         "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": _metadata(names(name).deployment, namespace, name, owner),
-        "spec": {
-            "replicas": spec.replicas,
-            "selector": {"matchLabels": selector_labels(name)},
-            "strategy": strategy(spec),
-            "revisionHistoryLimit": 3,
-            "template": pod_template(name, spec, settings, secret_version),
-        },
+        "kind": "StatefulSet",
+        "metadata": _metadata(names(name).statefulset, namespace, name, owner),
+        "spec": body,
     }
-
-
-def strategy(spec: LocalModelSpec) -> dict[str, Any]:
-    """Recreate for one replica (see the module docstring). Several replicas roll one at a time: a new pod
-    first, an old one going once it is ready (CPU); or an old one first when each pod takes a GPU (a surge
-    pod would wait for a free GPU). `rollingUpdate: None` removes it when the operator's merge patch turns a
-    rolling Deployment back to Recreate (the API server refuses Recreate with rollingUpdate set)."""
-    if spec.replicas <= 1:
-        return {"type": "Recreate", "rollingUpdate": None}
-    surge = 0 if spec.gpu.count > 0 else 1
-    return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": surge, "maxUnavailable": 1 - surge}}
 
 
 def load_model_id(spec: LocalModelSpec) -> str:

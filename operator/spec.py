@@ -303,15 +303,9 @@ def parse_spec(spec: Mapping[str, Any]) -> LocalModelSpec:
             raise ValueError("auth.secretRef.name is required")
         auth = SecretRef(name=name, key=_opt_str(secret_ref, "key", "auth.secretRef.key") or DEFAULT_SECRET_KEY)
 
+    # Without storage.existingClaim every replica gets a cache volume of its own (resources.statefulset).
     replicas = _int(spec, "replicas", 1, minimum=0)
     scaling = parse_scaling(spec.get("scaling"))
-    if replicas > 1 and storage.existing_claim is None:
-        # The operator's cache PVC is ReadWriteOnce: replicas on other nodes could never mount it.
-        raise ValueError("replicas > 1 needs storage.existingClaim (a ReadWriteMany claim shared by the replicas); "
-                         "the operator-created cache volume is ReadWriteOnce")
-    if scaling is not None and scaling.max_replicas > 1 and storage.existing_claim is None:
-        raise ValueError("scaling.maxReplicas > 1 needs storage.existingClaim (a ReadWriteMany claim shared by the "
-                         "replicas); the operator-created cache volume is ReadWriteOnce")
 
     return LocalModelSpec(
         model=model,

@@ -1,6 +1,6 @@
 """The LocalModel's `status` from what a reconcile observed: phase, conditions, download progress.
 
-Pure functions. The reconciler decides a `PodState` for every pod of the Deployment; `summarize`
+Pure functions. The reconciler decides a `PodState` for every pod of the StatefulSet; `summarize`
 folds them (with the pods' own health) into one phase, `conditions` renders the four standard
 conditions, keeping `lastTransitionTime` of a condition whose status did not change.
 """
@@ -163,7 +163,7 @@ def summarize(replicas: int, pods: Sequence[PodView], states: Sequence[PodState]
         else:
             message = "waiting for the pods to be checked"
     else:
-        phase, reason, message = "Pending", "NoPods", "waiting for the Deployment to create pods"
+        phase, reason, message = "Pending", "NoPods", "waiting for the StatefulSet to create pods"
     return Summary(phase, reason, message, len(serving), progress, pods_ready, downloaded, loaded, len(pods))
 
 

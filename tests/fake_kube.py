@@ -93,6 +93,16 @@ class FakeKube(Kube):
                 if kind == "Pod" and ns == namespace
                 and all(pod["metadata"].get("labels", {}).get(k) == v for k, v in labels.items())]
 
+    def set_pod_condition(self, namespace: str, pod: str, condition: Mapping[str, Any]) -> None:
+        """Merges the condition by type (a strategic merge patch's way), and the Ready a kubelet derives."""
+        found = self.objects.get(("Pod", namespace, pod))
+        if found is None:
+            return
+        conditions = [c for c in found["status"].get("conditions", []) if c["type"] != condition["type"]]
+        found["status"]["conditions"] = [*conditions, dict(condition)]
+        kubelet_ready(found)
+        self.writes.append(("patch", "Pod/status", pod))
+
     def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         body = self.local_models[(namespace, name)]
         self.local_models[(namespace, name)] = merge_patch(body, {"status": dict(status)})
@@ -101,6 +111,20 @@ class FakeKube(Kube):
     def get_local_model(self, namespace: str, name: str) -> dict[str, Any] | None:
         found = self.local_models.get((namespace, name))
         return copy.deepcopy(found) if found is not None else None
+
+
+def kubelet_ready(pod: dict[str, Any]) -> None:
+    """Sets the pod's Ready condition as the kubelet does: its containers ready and every readiness gate True."""
+    conditions = {c["type"]: c for c in pod["status"].get("conditions", [])}
+    gates = [g["conditionType"] for g in pod.get("spec", {}).get("readinessGates", [])]
+    ready = conditions.get("ContainersReady", {}).get("status") == "True" and all(
+        conditions.get(gate, {}).get("status") == "True" for gate in gates)
+    pod["status"]["conditions"] = [*(c for t, c in conditions.items() if t != "Ready"),
+                                   {"type": "Ready", "status": "True" if ready else "False"}]
+
+
+def pod_ready(pod: Mapping[str, Any]) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
 
 
 @dataclass
@@ -296,27 +320,28 @@ class FakeCluster:
         assert value is not None
         return value
 
-    def deployment(self, name: str) -> dict[str, Any]:
-        found = self.kube.get("Deployment", NAMESPACE, resources.names(name).deployment)
+    def statefulset(self, name: str) -> dict[str, Any]:
+        found = self.kube.get("StatefulSet", NAMESPACE, resources.names(name).statefulset)
         assert found is not None
         return found
 
     def start_pod(self, name: str, pod_name: str, *, ready: bool = True, volume: Volume | None = None,
                   token: str | None = None) -> FakePod:
-        """A pod of the LocalModel's current Deployment template, with a server at its IP when it is ready."""
-        template = self.deployment(name)["spec"]["template"]
+        """A pod of the LocalModel's current StatefulSet template, with a server at its IP when it is ready."""
+        template = self.statefulset(name)["spec"]["template"]
         ip = f"10.0.0.{next(self._ips)}"
         self.kube.objects[("Pod", NAMESPACE, pod_name)] = {
             "metadata": {"name": pod_name, "namespace": NAMESPACE, "uid": f"uid-{pod_name}",
                          "labels": dict(template["metadata"]["labels"]),
                          "annotations": dict(template["metadata"]["annotations"])},
-            "spec": {"nodeName": "node-1"},
+            "spec": {"nodeName": "node-1", "readinessGates": template["spec"].get("readinessGates", [])},
             "status": {"phase": "Running", "podIP": ip,
                        "conditions": [{"type": "PodScheduled", "status": "True"},
-                                      {"type": "Ready", "status": "True" if ready else "False"}],
+                                      {"type": "ContainersReady", "status": "True" if ready else "False"}],
                        "containerStatuses": [{"name": "lmkube", "image": "lmkube/lmkube:test", "restartCount": 0,
                                               "containerID": f"containerd://{pod_name}",
                                               "state": {"running": {"startedAt": "2027-01-15T08:00:00Z"}}}]}}
+        kubelet_ready(self.kube.objects[("Pod", NAMESPACE, pod_name)])
         server = FakePod(pod_name, token if token is not None else self.token(name), volume or Volume())
         self.servers[ip] = server
         return server
@@ -325,9 +350,11 @@ class FakeCluster:
         return self.kube.objects[("Pod", NAMESPACE, pod_name)]
 
     def set_ready(self, pod_name: str, ready: bool) -> None:
+        """The server container's readiness (its /health probe)."""
         for condition in self.pod(pod_name)["status"]["conditions"]:
-            if condition["type"] == "Ready":
+            if condition["type"] == "ContainersReady":
                 condition["status"] = "True" if ready else "False"
+        kubelet_ready(self.pod(pod_name))
 
     def restart_server(self, pod_name: str) -> None:
         """The container restarts: a new server process (a new restartCount), nothing loaded."""

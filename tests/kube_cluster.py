@@ -72,7 +72,8 @@ def install_binaries() -> dict[str, str]:
 # For a control plane without nodes. Left out: node-lifecycle, pod-garbage-collector, the PersistentVolume
 # binder and the endpointslice controllers (nothing for them to do without a node), ttl, taint-eviction.
 CONTROLLERS = (
-    "deployment-controller", "replicaset-controller", "garbage-collector-controller", "namespace-controller",
+    "deployment-controller", "replicaset-controller", "statefulset-controller", "garbage-collector-controller",
+    "namespace-controller",
     "serviceaccount-controller", "serviceaccount-token-controller", "root-ca-certificate-publisher-controller",
     # The StorageObjectInUseProtection admission plugin puts a finalizer on every PVC; without this
     # controller a deleted PVC would stay Terminating forever.

@@ -75,13 +75,15 @@ def api(kube: KubeCluster, node_namespace: str) -> Iterator[Api]:
     api.close()
 
 
-def create_lm(node: RealNode, api: Api, name: str, spec: dict[str, Any]) -> Path | None:
-    """Creates the LocalModel with a volume for its cache claim (none for an existingClaim); returns its directory."""
-    volume = None
+def create_lm(node: RealNode, api: Api, name: str, spec: dict[str, Any]) -> list[Path]:
+    """Creates the LocalModel with a volume for each replica's cache claim (none for an existingClaim); returns
+    their directories."""
+    volumes = []
     if not (spec.get("storage") or {}).get("existingClaim"):
-        volume = provide_volume(node, api.namespace, resources.names(name).pvc)
+        volumes = [provide_volume(node, api.namespace, resources.replica_claim(name, ordinal))
+                   for ordinal in range(max(int(spec.get("replicas", 1)), 1))]
     api.create_lm(name, spec)
-    return volume
+    return volumes
 
 
 def lm_spec(hub: FakeHub, model: str, **extra: Any) -> dict[str, Any]:
@@ -127,6 +129,6 @@ def delete_and_wait_gone(api: Api, name: str, timeout: float = POD_TIMEOUT) -> N
     api.delete_lm(name)
     n = resources.names(name)
     wait_until(lambda: api.lm(name) is None and not api.pods(name) and all(
-        api.read(kind, obj) is None for kind, obj in (("Deployment", n.deployment), ("Service", n.service),
+        api.read(kind, obj) is None for kind, obj in (("StatefulSet", n.statefulset), ("Service", n.service),
                                                       ("Secret", n.secret))), timeout=timeout,
         message=f"{name} and its objects garbage-collected")

@@ -142,6 +142,7 @@ class Api:
     def read(self, kind: str, name: str) -> dict[str, Any] | None:
         reader: Callable[..., Any] = {
             "Deployment": self.apps.read_namespaced_deployment, "Service": self.core.read_namespaced_service,
+            "StatefulSet": self.apps.read_namespaced_stateful_set,
             "Secret": self.core.read_namespaced_secret,
             "PersistentVolumeClaim": self.core.read_namespaced_persistent_volume_claim,
             "Pod": self.core.read_namespaced_pod,

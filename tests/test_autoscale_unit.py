@@ -209,15 +209,19 @@ def test_spec_scaling_is_parsed_with_defaults() -> None:
 
 
 @pytest.mark.parametrize(("scaling", "message"), [
-    ({"minReplicas": 3, "maxReplicas": 2, "storage": 1}, "minReplicas (3) must not exceed scaling.maxReplicas (2)"),
+    ({"minReplicas": 3, "maxReplicas": 2}, "minReplicas (3) must not exceed scaling.maxReplicas (2)"),
     ({"minReplicas": -1}, "spec.scaling.minReplicas must be at least 0"),
     ({"maxReplicas": 0}, "spec.scaling.maxReplicas must be at least 1"),
     ({"targetRequests": 0}, "spec.scaling.targetRequests must be at least 1"),
     ({"scaleDownDelay": "soon"}, "spec.scaling.scaleDownDelay must be a duration"),
     ({"window": 0}, "spec.scaling.window must be a duration"),
-    ({"maxReplicas": 2}, "scaling.maxReplicas > 1 needs storage.existingClaim"),
 ])
 def test_invalid_scaling_is_refused(scaling: dict[str, object], message: str) -> None:
-    storage = {"existingClaim": "shared"} if scaling.pop("storage", None) else {}
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        parse_spec({"model": "org/m", "storage": storage, "scaling": scaling})
+        parse_spec({"model": "org/m", "scaling": scaling})
+
+
+def test_scaling_past_one_replica_needs_no_shared_claim() -> None:
+    # Every replica gets its own cache volume (the StatefulSet's claim template), so the default storage scales.
+    spec = parse_spec({"model": "org/m", "replicas": 3, "scaling": {"minReplicas": 0, "maxReplicas": 4}})
+    assert (spec.replicas, spec.scaling and spec.scaling.max_replicas, spec.storage.existing_claim) == (3, 4, None)

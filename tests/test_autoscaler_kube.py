@@ -2,7 +2,7 @@
 the test sets, in place of the pods' /metrics that tests/test_scaling_real_node.py reads for real).
 
 The operator runs in this process (kopf in a thread, the same handlers and autoscaler as `lmkube operator`), so
-a test can restart it: the autoscaler sets spec.replicas and the Deployment follows; a model with minReplicas 0
+a test can restart it: the autoscaler sets spec.replicas and the StatefulSet follows; a model with minReplicas 0
 goes to zero (phase ScaledToZero, its volume kept); `kubectl scale` works through the scale subresource, on a
 model without spec.scaling and on one with it; a restarted operator keeps the count it had reached.
 """
@@ -80,9 +80,9 @@ def api(kube: KubeCluster, kube_namespace: str) -> Iterator[Api]:
 
 
 def replicas(api: Api, name: str) -> tuple[int | None, int | None]:
-    """(spec.replicas of the LocalModel, spec.replicas of its Deployment)."""
-    deployment = api.read("Deployment", resources.names(name).deployment) or {"spec": {}}
-    return (api.lm(name) or {"spec": {}})["spec"].get("replicas"), deployment["spec"].get("replicas")
+    """(spec.replicas of the LocalModel, spec.replicas of its StatefulSet)."""
+    pods = api.read("StatefulSet", resources.names(name).statefulset) or {"spec": {}}
+    return (api.lm(name) or {"spec": {}})["spec"].get("replicas"), pods["spec"].get("replicas")
 
 
 def reasons(api: Api, name: str) -> list[str]:
@@ -98,7 +98,7 @@ def test_the_autoscaler_follows_the_load_up_and_back_down(kube: KubeCluster, kub
         loads.values["busy"] = 1
         wait_until(lambda: api.status("busy").get("desiredReplicas") == 1, timeout=60,
                    message=f"no decision: {api.status('busy')}")
-        # The first pass creates the Deployment; the autoscaler may have decided before it.
+        # The first pass creates the StatefulSet; the autoscaler may have decided before it.
         wait_until(lambda: replicas(api, "busy") == (1, 1), timeout=60, message=f"{replicas(api, 'busy')}")
         loads.values["busy"] = 10  # ceil(10 / 4) = 3
         wait_until(lambda: replicas(api, "busy") == (3, 3), timeout=60, message=f"{replicas(api, 'busy')}")
@@ -127,7 +127,7 @@ def test_an_idle_model_with_min_zero_goes_to_zero_and_keeps_its_volume(
         wait_until(lambda: (api.status("idle").get("phase"), api.status("idle").get("replicas")) == ("ScaledToZero", 0),
                    timeout=60, message=f"{api.status('idle')}")
         assert api.status("idle")["scaling"]["lastScaleReason"] == "ScaleToZero"
-        assert api.read("PersistentVolumeClaim", resources.names("idle").pvc) is not None
+        assert api.read("PersistentVolumeClaim", resources.replica_claim("idle", 0)) is not None
         # At zero it stays there: nothing serves the model, so no demand is measured.
         time.sleep(6 * INTERVAL)
         assert replicas(api, "idle") == (0, 0)

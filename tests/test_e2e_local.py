@@ -153,7 +153,7 @@ def _run(node: RealNode, image: str, hub: FakeHub, tmp_path: Path, system_ns: st
     manifest.write_text(yaml.safe_dump(body))
     name = body["metadata"]["name"]
     names = resources.names(name)
-    provide_volume(node, models_ns, names.pvc, size=body["spec"]["storage"]["size"])
+    provide_volume(node, models_ns, resources.replica_claim(name, 0), size=body["spec"]["storage"]["size"])
     api = Api(kube, models_ns)
     seen: list[tuple[str, float | None]] = []
 
@@ -223,8 +223,8 @@ def _run(node: RealNode, image: str, hub: FakeHub, tmp_path: Path, system_ns: st
     try:
         kube.kubectl("delete", "-f", str(manifest), "--wait=false")
         wait_until(lambda: all(_get(kube, kind, obj, models_ns) is None for kind, obj in (
-            ("deployment", names.deployment), ("service", names.service), ("secret", names.secret),
-            ("persistentvolumeclaim", names.pvc)))
+            ("statefulset", names.statefulset), ("service", names.service), ("secret", names.secret),
+            ("persistentvolumeclaim", resources.replica_claim(name, 0))))
             and not _pods(kube, models_ns, f"app.kubernetes.io/instance={name}"),
             timeout=POD_TIMEOUT, message=f"{name}'s objects garbage-collected")
     finally:

@@ -7,7 +7,9 @@ the official openai SDK, 401/403/404 in each family's shape.
 
 Then the LocalModel's pods roll (an env change) while clients keep sending streamed and whole requests
 through the gateway: every request gets a complete 200 answer (the old pods finish what they started,
-the gateway sends nothing to a terminating pod nor to a new one before the operator has loaded the model).
+the gateway sends nothing to a terminating pod nor to a new one before the operator has loaded the model),
+and at every moment of the rollout at least one pod is Ready (a StatefulSet replaces one pod at a time and
+waits for the new one to be Ready, which its readiness gate holds back until the model is loaded).
 """
 
 from __future__ import annotations
@@ -208,10 +210,17 @@ def _one_request(base_url: str, streamed: bool, n: int) -> Outcome:
     return Outcome(streamed, 200, complete, replica, "" if complete else text[-500:])
 
 
+def _ready_pods(model: Api) -> int:
+    return sum(1 for p in model.pods("chat") if not p["metadata"].get("deletionTimestamp") and any(
+        c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions") or []))
+
+
 def test_rolling_update_under_load_answers_every_request(release: Release, model: Api) -> None:
-    old = {p["metadata"]["name"] for p in model.pods("chat")}
+    # A StatefulSet's new pods take the old ones' names (lm-chat-0, -1): uids tell them apart.
+    old = {p["metadata"]["uid"] for p in model.pods("chat")}
     assert len(old) == 2
     outcomes: list[Outcome] = []
+    ready_seen: list[int] = []
     stop = threading.Event()
 
     def client(streamed: bool, worker: int) -> None:
@@ -226,21 +235,25 @@ def test_rolling_update_under_load_answers_every_request(release: Release, model
     try:
         wait_until(lambda: len(outcomes) >= 2 * CLIENTS, timeout=120, message="no requests answered before the roll")
         began = time.monotonic()
-        # An env change is in the pod spec: the Deployment rolls, one new pod before each old one goes.
+        answered_before = len(outcomes)
+        # An env change is in the pod spec: the StatefulSet rolls, one old pod going before each new one comes.
         env = [*model.lm("chat")["spec"]["env"], {"name": "LMKUBE_ROLLED", "value": "1"}]
         model.patch_lm("chat", {"env": env})
 
         def rolled() -> bool:
+            ready_seen.append(_ready_pods(model))
             pods = model.pods("chat")
             names = {p["metadata"]["name"] for p in pods}
+            uids = {p["metadata"]["uid"] for p in pods}
             status = model.status("chat")
             serving = {r["name"] for r in status.get("pods") or [] if r.get("phase") == "Ready"}
-            return len(names) == 2 and not names & old and serving >= names and status.get("readyReplicas") == 2
+            return len(uids) == 2 and not uids & old and serving >= names and status.get("readyReplicas") == 2
 
         wait_until(rolled, timeout=2 * POD_TIMEOUT, interval=0.5,
                    message=f"the rollout did not finish: {model.status('chat')}")
         roll_seconds = time.monotonic() - began
         settled = len(outcomes)
+        during = settled - answered_before
         wait_until(lambda: len(outcomes) >= settled + 2 * CLIENTS, timeout=120,
                    message="no requests answered after the roll")
     finally:
@@ -252,6 +265,7 @@ def test_rolling_update_under_load_answers_every_request(release: Release, model
     served = {o.replica for o in outcomes}
     print(f"\n[gateway-chart] rollout of 2 replicas under {CLIENTS} clients: {roll_seconds:.1f}s, "
           f"{len(outcomes)} requests ({sum(o.streamed for o in outcomes)} streamed), {len(failed)} failed; "
-          f"replicas {sorted(r for r in served if r)}")
+          f"replicas {sorted(r for r in served if r)}, fewest Ready pods seen {min(ready_seen)}")
     assert not failed, failed[:10]
-    assert served & old and served & new, (served, old, new)  # requests went to the old pods, then the new
+    assert during > 0 and served >= new, (during, served, new)  # answered while it rolled, by both replicas
+    assert min(ready_seen) >= 1, ready_seen  # never a moment without a pod that serves the model

@@ -41,7 +41,7 @@ def test_operator_pods_behind_the_gateway(real_node: RealNode, kube: KubeCluster
     try:
         spec = lm_spec(hub, TINY_REPO, contextLength=512)
         for name in ("chat", "other"):
-            provide_volume(real_node, ns, resources.names(name).pvc)
+            provide_volume(real_node, ns, resources.replica_claim(name, 0))
         api.create_lm("chat", {**spec, "aliases": ["gpt-4o-mini"]})
         api.create_lm("other", spec)
         for name in ("chat", "other"):

@@ -11,7 +11,7 @@ from lmkube.gateway.keys import KeyRing, grant_from_fields
 from lmkube.gateway.kube import served_models
 from lmkube.gateway.resolve import resolve, upstream_model
 from lmkube.operator import reconcile
-from lmkube.operator.resources import deployment, gateway_secret, gateway_secret_name, labels, token_secret
+from lmkube.operator.resources import gateway_secret, gateway_secret_name, labels, statefulset, token_secret
 from lmkube.operator.spec import OperatorSettings, parse_spec
 
 CHAT = ServedModel("team-a", "chat", "acme/tiny-chat", aliases=("gpt-4o-mini",))
@@ -96,7 +96,7 @@ def test_least_outstanding_then_bounded_prefix_affinity() -> None:
 
 def test_pods_accept_the_gateway_credential_only_when_the_operator_has_one() -> None:
     spec = parse_spec({"model": "acme/tiny-chat", "gpu": {"count": 0}})
-    plain = deployment("chat", "ns", spec)
+    plain = statefulset("chat", "ns", spec)
     env = {e["name"]: e for e in plain["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["LMKUBE_API_TOKENS"]["valueFrom"]["secretKeyRef"]["name"] == "lm-chat-token"
     assert "LMKUBE_GATEWAY_TOKEN" not in env
@@ -105,7 +105,7 @@ def test_pods_accept_the_gateway_credential_only_when_the_operator_has_one() -> 
 
     settings = replace(OperatorSettings(), gateway_token="gw-secret")
     assert "gw-secret" not in repr(settings)
-    rolled = deployment("chat", "ns", spec, settings)
+    rolled = statefulset("chat", "ns", spec, settings)
     env = {e["name"]: e for e in rolled["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["LMKUBE_MODEL_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "lm-chat-token"
     assert env["LMKUBE_GATEWAY_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == gateway_secret_name("chat", "gw-secret")

@@ -84,7 +84,7 @@ def spec_replicas(api: Any, ns: str, name: str) -> int:
 
 
 def start_replica(api: Any, ns: str, name: str, server: ServerProcess) -> None:
-    """What the Deployment, the kubelet and the operator do once spec.replicas is 1, in two steps: the pod is
+    """What the StatefulSet, the kubelet and the operator do once spec.replicas is 1, in two steps: the pod is
     Ready (its server listens), then the operator has loaded the model."""
     core = kubernetes.client.CoreV1Api(api)
     core.create_namespaced_pod(ns, {"metadata": {"name": f"{name}-0", "labels": labels(name)},

@@ -40,11 +40,11 @@ CHART = ROOT / "charts" / "lmkube"
 
 
 def test_model_pods_carry_the_engine_type_the_picker_reads() -> None:
-    template = resources.deployment("qwen", "ns", parse_spec({"model": MODEL}))["spec"]["template"]
+    template = resources.statefulset("qwen", "ns", parse_spec({"model": MODEL}))["spec"]["template"]
     assert template["metadata"]["labels"]["llm-d.ai/engine-type"] == "vllm"
     assert resources.selector_labels("qwen").items() <= template["metadata"]["labels"].items()
-    # The label is not part of the (immutable) selector, so adding it never needs a new Deployment ...
-    assert "llm-d.ai/engine-type" not in resources.deployment("qwen", "ns", parse_spec({"model": MODEL}))[
+    # The label is not part of the (immutable) selector, so adding it never needs a new StatefulSet ...
+    assert "llm-d.ai/engine-type" not in resources.statefulset("qwen", "ns", parse_spec({"model": MODEL}))[
         "spec"]["selector"]["matchLabels"]
     # ... and it is in the pod hash: pods made before the label existed are rolled to get it.
     pod = template["spec"]
@@ -134,8 +134,8 @@ def test_without_the_crd_the_model_is_served_and_the_condition_says_why() -> Non
     cluster.options.settings = POOLS
     cluster.apply("tiny", {"model": MODEL})
     status = cluster.reconcile("tiny")
-    assert status["phase"] == "Pending"  # the Deployment and the rest are there all the same
-    assert cluster.kube.get("Deployment", NAMESPACE, "lm-tiny") is not None
+    assert status["phase"] == "Pending"  # the StatefulSet and the rest are there all the same
+    assert cluster.kube.get("StatefulSet", NAMESPACE, "lm-tiny") is not None
     assert pool_condition(status) == ("False", "CRDNotInstalled")
     assert "inferencepools.inference.networking.k8s.io" in condition(status, ip.CONDITION)["message"]
     warnings = [e for e in cluster.events if e[0] == "Warning"]
@@ -254,7 +254,7 @@ def test_pool_on_the_real_api_server_with_gies_crd(kube: KubeCluster, kube_names
         api.create_lm("tiny", {"model": MODEL, "gpu": {"count": 0}, "storage": {"size": "1Gi"}})
         wait_until(lambda: pool_condition(api.status("tiny")) == ("False", "CRDNotInstalled"), timeout=60,
                    message=f"status {api.status('tiny')}\n{pool_operator.log()[-3000:]}")
-        assert api.read("Deployment", "lm-tiny") is not None  # the model goes on without its pool
+        assert api.read("StatefulSet", "lm-tiny") is not None  # the model goes on without its pool
         assert "InferencePoolCRDNotInstalled" in [e["reason"] for e in api.events("tiny")]
 
         kube.apply_crds(gie_crd)  # the cluster gets GIE: the next pass creates the pool
@@ -270,11 +270,11 @@ def test_pool_on_the_real_api_server_with_gies_crd(kube: KubeCluster, kube_names
         version = pool["metadata"]["resourceVersion"]
         owner = pool["metadata"]["ownerReferences"][0]
         assert (owner["kind"], owner["name"], owner["uid"]) == ("LocalModel", "tiny", api.lm("tiny")["metadata"]["uid"])
-        # The pool selects exactly the pods the Deployment makes.
-        template = api.read("Deployment", "lm-tiny")["spec"]["template"]["metadata"]["labels"]
+        # The pool selects exactly the pods the StatefulSet makes.
+        template = api.read("StatefulSet", "lm-tiny")["spec"]["template"]["metadata"]["labels"]
         assert pool["spec"]["selector"]["matchLabels"].items() <= template.items()
         assert template["llm-d.ai/engine-type"] == "vllm"
-        pod_args = api.read("Deployment", "lm-tiny")["spec"]["template"]["spec"]["containers"][0]["args"]
+        pod_args = api.read("StatefulSet", "lm-tiny")["spec"]["template"]["spec"]["containers"][0]["args"]
         assert "--public-metrics" in pod_args
 
         api.patch_lm("tiny", {"parallel": 2})  # a few passes later: the pool was never rewritten

@@ -22,6 +22,7 @@ import httpx
 import pytest
 from hf_hub_server import FakeHub
 from kube_cluster import KubeCluster
+from lmkube.operator import resources
 from node_support import POD_TIMEOUT, LogFollower, kube, node_namespace, provide_volume, service_addresses
 from operator_e2e_support import (
     BIG_REPO,
@@ -61,7 +62,7 @@ def test_happy_path_download_progress_ready_and_chat(real_node: RealNode, kube: 
             "metadata": {"name": "happy", "namespace": api.namespace},
             "spec": lm_spec(hub, BIG_REPO, contextLength=512)}
     manifest.write_text(json.dumps(body))
-    provide_volume(real_node, api.namespace, "lm-happy-models")
+    provide_volume(real_node, api.namespace, "models-lm-happy-0")
     began = time.monotonic()
     kube.kubectl("apply", "-f", str(manifest))
     seen: list[tuple[str, float | None]] = []
@@ -100,9 +101,9 @@ def test_happy_path_download_progress_ready_and_chat(real_node: RealNode, kube: 
     assert {"Downloading", "Loading", "Ready"} <= reasons, reasons
 
     # The owned objects.
-    deployment = api.read("Deployment", "lm-happy")
-    assert deployment["metadata"]["ownerReferences"][0]["name"] == "happy"
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    statefulset = api.read("StatefulSet", "lm-happy")
+    assert statefulset["metadata"]["ownerReferences"][0]["name"] == "happy"
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     assert container["startupProbe"]["httpGet"]["path"] == "/health"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
@@ -110,10 +111,9 @@ def test_happy_path_download_progress_ready_and_chat(real_node: RealNode, kube: 
     assert env["LMKUBE_API_TOKENS"]["valueFrom"]["secretKeyRef"] == {"name": "lm-happy-token", "key": "token"}
     assert env["HF_ENDPOINT"]["value"] == hub.url
     assert container["volumeMounts"] == [{"name": "models", "mountPath": "/models"}]
-    assert deployment["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == \
-        "lm-happy-models"
+    assert [t["metadata"]["name"] for t in statefulset["spec"]["volumeClaimTemplates"]] == ["models"]
     assert "nvidia.com/gpu" not in json.dumps(container.get("resources", {}))  # gpu.count 0
-    assert api.read("PersistentVolumeClaim", "lm-happy-models")["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert api.read("PersistentVolumeClaim", "models-lm-happy-0")["spec"]["resources"]["requests"]["storage"] == "1Gi"
     token = token_of(api, "happy")
     assert token.startswith("sk-lm-")
 
@@ -134,23 +134,33 @@ def test_context_length_change_reloads_in_place(api: Api, operator: OperatorProc
     status = wait_phase(api, operator, "happy", "Ready", contextLength=1024)
     assert status["observedGeneration"] == api.lm("happy")["metadata"]["generation"]
     (same,) = api.pods("happy")
-    assert same["metadata"]["name"] == pod["metadata"]["name"]  # reloaded through the API, not rolled
+    assert same["metadata"]["uid"] == pod["metadata"]["uid"]  # reloaded through the API, not rolled
     instances = pod_models(same["status"]["podIP"], token)["hub-org/big-gguf"]["loaded_instances"]
     assert [i["config"]["context_length"] for i in instances] == [1024]
 
 
-def test_deleted_owned_objects_come_back(api: Api, operator: OperatorProcess) -> None:
+def test_deleted_owned_objects_come_back(real_node: RealNode, api: Api, operator: OperatorProcess) -> None:
     (old_pod,) = api.pods("happy")
     old_secret = api.read("Secret", "lm-happy-token")
     api.core.delete_namespaced_service("lm-happy", api.namespace)
-    api.apps.delete_namespaced_deployment("lm-happy", api.namespace)
-    wait_until(lambda: api.read("Service", "lm-happy") and api.read("Deployment", "lm-happy"), timeout=POD_TIMEOUT,
-               message="Service and Deployment recreated")
+    old_claim = api.read("PersistentVolumeClaim", "models-lm-happy-0")["metadata"]["uid"]
+    old_servers = {r.get("serverId") for r in api.status("happy").get("pods") or []}
+    api.apps.delete_namespaced_stateful_set("lm-happy", api.namespace)
+    # Its claim goes with it (whenDeleted: Delete), leaving the test's static volume Released; offered again
+    # (the same host directory, model files included), it binds the claim the recreated StatefulSet makes.
+    wait_until(lambda: (api.read("PersistentVolumeClaim", "models-lm-happy-0") or {"metadata": {"uid": ""}})[
+        "metadata"]["uid"] != old_claim, timeout=POD_TIMEOUT, message="the old cache claim deleted")
+    real_node.cluster.kubectl("delete", "pv", f"{api.namespace}-models-lm-happy-0", "--wait=true")
+    provide_volume(real_node, api.namespace, "models-lm-happy-0")
+    wait_until(lambda: api.read("Service", "lm-happy") and api.read("StatefulSet", "lm-happy"), timeout=POD_TIMEOUT,
+               message="Service and StatefulSet recreated")
 
     def new_pod_serving() -> dict[str, Any] | None:
+        # The new pod has the old one's name (lm-happy-0): tell them apart by their server (container) ids.
         status = api.status("happy")
-        pods = [r["name"] for r in status.get("pods") or []]
-        fresh = pods and old_pod["metadata"]["name"] not in pods
+        servers = {r.get("serverId") for r in status.get("pods") or []}
+        fresh = servers and not servers & old_servers and old_pod["metadata"]["uid"] not in {
+            p["metadata"]["uid"] for p in api.pods("happy")}
         return status if fresh and status.get("phase") == "Ready" else None
 
     # The new pod finds the model on the cache volume and is loaded again (same context length).
@@ -170,8 +180,8 @@ def test_delete_unloads_and_garbage_collects(real_node: RealNode, api: Api, oper
         delete_and_wait_gone(api, "happy")
     finally:
         log = follower.stop()
-    assert api.read("PersistentVolumeClaim", "lm-happy-models") is None or \
-        api.read("PersistentVolumeClaim", "lm-happy-models")["metadata"].get("deletionTimestamp")
+    assert api.read("PersistentVolumeClaim", "models-lm-happy-0") is None or \
+        api.read("PersistentVolumeClaim", "models-lm-happy-0")["metadata"].get("deletionTimestamp")
     assert "POST /api/v1/models/unload" in log, log[-3000:]
 
 
@@ -189,12 +199,72 @@ def test_two_replicas_on_a_shared_claim_both_load(real_node: RealNode, api: Api,
     token = token_of(api, "pair")
     for pod in pods:
         assert pod_models(pod["status"]["podIP"], token)["hub-org/tiny-gguf"]["loaded_instances"]
-    assert api.read("PersistentVolumeClaim", "lm-pair-models") is None
+    assert "volumeClaimTemplates" not in api.read("StatefulSet", "lm-pair")["spec"]  # the shared claim only
     assert len(status["pods"]) == 2
     delete_and_wait_gone(api, "pair")
     # A shared claim is the user's: never deleted with the LocalModel.
     claim = api.read("PersistentVolumeClaim", "shared-models")
     assert claim is not None and not claim["metadata"].get("deletionTimestamp")
+
+
+def test_two_replicas_with_default_storage_each_get_a_volume_and_serve(real_node: RealNode, api: Api, hub: FakeHub,
+                                                                       operator: OperatorProcess) -> None:
+    volumes = create_lm(real_node, api, "duo", lm_spec(hub, TINY_REPO, replicas=2))
+    status = wait_phase(api, operator, "duo", "Ready", timeout=POD_TIMEOUT, readyReplicas=2)
+    pods = sorted(api.pods("duo"), key=lambda p: p["metadata"]["name"])
+    assert [p["metadata"]["name"] for p in pods] == ["lm-duo-0", "lm-duo-1"]
+    claims = [next(v["persistentVolumeClaim"]["claimName"] for v in p["spec"]["volumes"] if v["name"] == "models")
+              for p in pods]
+    assert claims == [resources.replica_claim("duo", 0), resources.replica_claim("duo", 1)]
+    # Each replica downloaded into its own volume ...
+    for volume in volumes:
+        assert list(volume.rglob("*.gguf")), sorted(volume.rglob("*"))
+    # ... and each serves a chat on its own.
+    token = token_of(api, "duo")
+    chat = {"model": "hub-org/tiny-gguf", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    for pod in pods:
+        answer = httpx.post(f"http://{pod['status']['podIP']}:1234/v1/chat/completions", json=chat,
+                            headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["role"] == "assistant"
+    assert len(status["pods"]) == 2
+    # Each pod is Ready only once the operator has loaded the model into it (its readiness gate).
+    for pod in pods:
+        gate = next(c for c in pod["status"]["conditions"] if c["type"] == resources.MODEL_LOADED_CONDITION)
+        assert (gate["status"], gate["reason"]) == ("True", "Loaded"), pod["status"]["conditions"]
+
+    # A pod-spec change rolls the StatefulSet one pod at a time; it waits for each new pod to be Ready, i.e.
+    # loaded: at every moment some pod is Ready, and every Ready pod has the model loaded.
+    old = {p["metadata"]["uid"] for p in pods}
+    api.patch_lm("duo", {"env": [*lm_spec(hub, TINY_REPO)["env"], {"name": "LMKUBE_ROLLED", "value": "1"}]})
+    ready_counts: list[int] = []
+
+    def rolled() -> bool:
+        current = [p for p in api.pods("duo") if not p["metadata"].get("deletionTimestamp")]
+        ready = [p for p in current if any(c["type"] == "Ready" and c["status"] == "True"
+                                           for c in p["status"].get("conditions") or [])]
+        for pod in ready:
+            try:
+                answer = httpx.get(f"http://{pod['status']['podIP']}:1234/api/v1/models",
+                                   headers={"Authorization": f"Bearer {token}"}, timeout=10)
+            except httpx.HTTPError:
+                continue  # deleted since it was listed: its server is stopping
+            models = {m["key"]: m for m in answer.json()["models"]} if answer.status_code == 200 else {}
+            loaded = models.get("hub-org/tiny-gguf", {}).get("loaded_instances")
+            if not loaded:  # only a pod that has gone meanwhile (being deleted, or replaced) may say so
+                now = api.read("Pod", pod["metadata"]["name"])
+                assert now is None or now["metadata"].get("deletionTimestamp") or \
+                    now["metadata"]["uid"] != pod["metadata"]["uid"], \
+                    f"pod {pod['metadata']['name']} is Ready without the model loaded: {answer.text}"
+        ready_counts.append(len(ready))
+        uids = {p["metadata"]["uid"] for p in ready}
+        return len(uids) == 2 and not uids & old and api.status("duo").get("readyReplicas") == 2
+
+    wait_until(rolled, timeout=2 * POD_TIMEOUT, interval=0.3, message=f"not rolled: {api.status('duo')}")
+    print(f"\n[operator-e2e] rollout of 2 replicas with their own volumes: {len(ready_counts)} samples, "
+          f"fewest Ready pods {min(ready_counts)}")
+    assert min(ready_counts) >= 1, ready_counts
+    delete_and_wait_gone(api, "duo")
 
 
 def test_ttl_idle_unload_shows_idle_then_jit_reload(real_node: RealNode, api: Api, hub: FakeHub,

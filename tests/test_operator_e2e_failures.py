@@ -50,7 +50,7 @@ def test_unschedulable_then_recovers_when_the_node_advertises_a_gpu(real_node: R
     assert condition(status, "PodsReady") | {} and condition(status, "PodsReady")["status"] == "False"
     warnings = [e for e in api.events("gpu") if e["type"] == "Warning"]
     assert any(e["reason"] == "Unschedulable" for e in warnings), warnings
-    (container,) = api.read("Deployment", "lm-gpu")["spec"]["template"]["spec"]["containers"]
+    (container,) = api.read("StatefulSet", "lm-gpu")["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
 
     real_node.set_capacity({"nvidia.com/gpu": "1"})  # as a device plugin would advertise it
@@ -76,14 +76,14 @@ def test_bad_quantization_fails_with_the_servers_message_then_recovers(real_node
 
 
 def test_invalid_spec_and_missing_secret_fail_without_pods(api: Api, hub: FakeHub, operator: OperatorProcess) -> None:
-    # Valid for the CRD's schema, but the operator's own cache volume is ReadWriteOnce.
-    api.create_lm("many", lm_spec(hub, TINY_REPO, replicas=2))
+    # Valid for the CRD's schema, but the model names one variant and spec.variant another.
+    api.create_lm("many", lm_spec(hub, f"{TINY_REPO}@q4_k_m", variant="Q8_0"))
     status = wait_phase(api, operator, "many", "Failed", timeout=POD_TIMEOUT)
-    assert condition(status, "Ready")["reason"] == "InvalidSpec" and "existingClaim" in status["message"], status
+    assert condition(status, "Ready")["reason"] == "InvalidSpec" and "variant" in status["message"], status
     api.create_lm("nosecret", lm_spec(hub, TINY_REPO, auth={"secretRef": {"name": "later"}}))
     status = wait_phase(api, operator, "nosecret", "Failed", timeout=POD_TIMEOUT)
     assert condition(status, "Ready")["reason"] == "SecretNotFound" and "'later'" in status["message"], status
-    assert api.read("Deployment", "lm-many") is None and api.read("Deployment", "lm-nosecret") is None
+    assert api.read("StatefulSet", "lm-many") is None and api.read("StatefulSet", "lm-nosecret") is None
     assert any(e["type"] == "Warning" and e["reason"] == "InvalidSpec" for e in api.events("many"))
     delete_and_wait_gone(api, "many")
     delete_and_wait_gone(api, "nosecret")
@@ -96,7 +96,7 @@ def test_image_not_on_the_node_then_fixed_image(real_node: RealNode, api: Api, h
     status = wait_phase(api, operator, "pull", "Failed", timeout=POD_TIMEOUT)
     assert condition(status, "Ready")["reason"] == "ImagePullFailed", status
     assert "localhost/lmkube/not-there:missing" in status["message"] and "ErrImageNeverPull" in status["message"]
-    api.patch_lm("pull", {"image": None})  # back to the operator's image: the Deployment rolls
+    api.patch_lm("pull", {"image": None})  # back to the operator's image: the StatefulSet rolls
     wait_phase(api, operator, "pull", "Ready", timeout=POD_TIMEOUT)
     delete_and_wait_gone(api, "pull")
 

@@ -45,7 +45,7 @@ def test_operator_restart_mid_download_keeps_the_job(real_node: RealNode, api: A
                                                      operator: OperatorProcess) -> None:
     hub.bytes_per_second = 200_000  # ~10 s
     try:
-        volume = create_lm(real_node, api, "resume", lm_spec(hub, BIG2_REPO))
+        (volume,) = create_lm(real_node, api, "resume", lm_spec(hub, BIG2_REPO))
         assert volume is not None
         status = wait_phase(api, operator, "resume", "Downloading", timeout=POD_TIMEOUT)
         wait_until(lambda: (api.status("resume").get("pods") or [{}])[0].get("jobId"), timeout=30)

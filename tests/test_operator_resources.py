@@ -8,15 +8,16 @@ from importlib.metadata import version
 import pytest
 from lmkube.operator.resources import (
     POD_HASH_ANNOTATION,
-    deployment,
+    claim_template,
     download_request,
     endpoint,
     labels,
     load_request,
     names,
     owner_reference,
-    pvc,
+    replica_claim,
     service,
+    statefulset,
     token_secret,
 )
 from lmkube.operator.spec import LocalModelSpec, OperatorSettings, parse_spec, parse_ttl
@@ -36,7 +37,7 @@ def env_of(c: dict) -> dict:
 
 
 def pod_hash(spec: dict) -> str:
-    return deployment("m", "ns", parse_spec(spec))["spec"]["template"]["metadata"]["annotations"][POD_HASH_ANNOTATION]
+    return statefulset("m", "ns", parse_spec(spec))["spec"]["template"]["metadata"]["annotations"][POD_HASH_ANNOTATION]
 
 
 # --- spec parsing -----------------------------------------------------------------------------------
@@ -93,7 +94,6 @@ def test_ttl_invalid(value):
     {"model": REPO, "gpu": {"count": -1}}, {"model": REPO, "gpu": {"count": "1"}},
     {"model": REPO, "parallel": 0}, {"model": REPO, "parallel": 1000}, {"model": REPO, "contextLength": 0},
     {"model": REPO, "auth": {"secretRef": {"key": "k"}}},
-    {"model": REPO, "replicas": 2},  # the operator's own PVC is ReadWriteOnce
     {"model": f"{REPO}@q4_k_m", "variant": "Q8_0"},
     {"model": REPO, "env": {"A": "b"}}, {"model": REPO, "storage": {"size": True}},
     {"model": REPO, "sampling": {"temperature": -1}}, {"model": REPO, "sampling": {"topP": "high"}},
@@ -133,19 +133,23 @@ def test_settings_from_env():
 
 def test_names():
     n = names("qwen")
-    assert (n.deployment, n.service, n.pvc, n.secret) == ("lm-qwen", "lm-qwen", "lm-qwen-models", "lm-qwen-token")
+    assert (n.statefulset, n.service, n.legacy_pvc, n.secret) == (
+        "lm-qwen", "lm-qwen", "lm-qwen-models", "lm-qwen-token")
+    assert replica_claim("qwen", 1) == "models-lm-qwen-1"
 
 
 def test_long_and_dotted_names_truncate_with_hash():
     long = "a" * 200
     n = names(long)
-    for value in (n.deployment, n.pvc, n.secret):
+    for value in (n.statefulset, n.legacy_pvc, n.secret):
         assert len(value) <= 63 and DNS_LABEL.match(value)
-    assert n.pvc.endswith("-models") and n.secret.endswith("-token")
-    assert names(long + "b").deployment != n.deployment  # distinct names never collide
-    dotted = names("my.model").deployment
-    assert DNS_LABEL.match(dotted) and dotted != names("my-model").deployment
-    assert names("x" * 60).deployment == names("x" * 60).deployment  # deterministic
+    assert len(n.statefulset) <= 52 and n.statefulset.startswith("lm-a")  # its pods' revision label fits
+    assert names("b" * 49).statefulset == "lm-" + "b" * 49 and names("b" * 50).statefulset != "lm-" + "b" * 50
+    assert n.legacy_pvc.endswith("-models") and n.secret.endswith("-token")
+    assert names(long + "b").statefulset != n.statefulset  # distinct names never collide
+    dotted = names("my.model").statefulset
+    assert DNS_LABEL.match(dotted) and dotted != names("my-model").statefulset
+    assert names("x" * 60).statefulset == names("x" * 60).statefulset  # deterministic
     assert len(labels(long)["app.kubernetes.io/instance"]) <= 63
 
 
@@ -173,20 +177,27 @@ def test_token_secret():
     assert "ownerReferences" not in token_secret("qwen", "ns", "t")["metadata"]
 
 
-def test_pvc():
-    claim = pvc("qwen", "ns", parse_spec({"model": REPO, "storage": {"size": "5Gi", "storageClassName": "fast"}}))
-    assert claim["metadata"]["name"] == "lm-qwen-models"
-    assert claim["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "5Gi"}},
-                             "storageClassName": "fast"}
-    assert "storageClassName" not in pvc("qwen", "ns", parse_spec({"model": REPO}))["spec"]
-    sized = pvc("q", "ns", parse_spec({"model": REPO, "storage": {"size": 1 << 30}}))  # int-or-string
+def test_every_replica_gets_its_own_cache_volume():
+    spec = parse_spec({"model": REPO, "replicas": 3, "storage": {"size": "5Gi", "storageClassName": "fast"}})
+    sts = statefulset("qwen", "ns", spec)
+    assert sts["spec"]["replicas"] == 3  # replicas > 1 without a shared claim is valid
+    assert sts["spec"]["volumeClaimTemplates"] == [{
+        "metadata": {"name": "models", "labels": labels("qwen")},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "5Gi"}},
+                 "storageClassName": "fast"}}]
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Delete", "whenScaled": "Retain"}
+    assert "volumes" not in sts["spec"]["template"]["spec"]  # the claim template's volume, one per pod
+    assert container(sts)["volumeMounts"] == [{"name": "models", "mountPath": "/models"}]
+    assert claim_template("q", parse_spec({"model": REPO}))["spec"].get("storageClassName") is None
+    sized = claim_template("q", parse_spec({"model": REPO, "storage": {"size": 1 << 30}}))  # int-or-string
     assert sized["spec"]["resources"]["requests"]["storage"] == str(1 << 30)
 
 
 def test_existing_claim_no_pvc_and_mounted():
     spec = parse_spec({"model": REPO, "storage": {"existingClaim": "shared"}, "replicas": 3})
-    assert pvc("qwen", "ns", spec) is None
-    pod = deployment("qwen", "ns", spec)["spec"]["template"]["spec"]
+    assert claim_template("qwen", spec) is None
+    assert "volumeClaimTemplates" not in statefulset("qwen", "ns", spec)["spec"]
+    pod = statefulset("qwen", "ns", spec)["spec"]["template"]["spec"]
     assert pod["volumes"] == [{"name": "models", "persistentVolumeClaim": {"claimName": "shared"}}]
     assert container({"spec": {"template": {"spec": pod}}})["volumeMounts"] == [
         {"name": "models", "mountPath": "/models"}]
@@ -198,15 +209,15 @@ def test_existing_claim_no_pvc_and_mounted():
 ])
 def test_mcp_json_mounted_from_a_config_map_or_secret(ref, source):
     spec = parse_spec({"model": REPO, "mcp": ref})
-    pod = deployment("qwen", "ns", spec)["spec"]["template"]["spec"]
-    assert pod["volumes"][1:] == [{"name": "mcp", **source}]
+    pod = statefulset("qwen", "ns", spec)["spec"]["template"]["spec"]
+    assert pod["volumes"] == [{"name": "mcp", **source}]  # the models volume is the claim template's
     c = container({"spec": {"template": {"spec": pod}}})
     assert c["volumeMounts"][1:] == [{"name": "mcp", "mountPath": "/etc/lmkube/mcp", "readOnly": True}]
     key = ref.get("secretRef", ref.get("configMapRef")).get("key", "mcp.json")
     assert c["args"][-2:] == ["--mcp-json", f"/etc/lmkube/mcp/{key}"]  # where `lmkube serve` reads it
     assert pod_hash({"model": REPO, "mcp": ref}) != pod_hash({"model": REPO})  # adding it rolls the pods
-    plain = deployment("qwen", "ns", parse_spec({"model": REPO}))["spec"]["template"]["spec"]
-    assert len(plain["volumes"]) == 1 and "--mcp-json" not in container({"spec": {"template": {"spec": plain}}})["args"]
+    plain = statefulset("qwen", "ns", parse_spec({"model": REPO}))["spec"]["template"]["spec"]
+    assert "volumes" not in plain and "--mcp-json" not in container({"spec": {"template": {"spec": plain}}})["args"]
     with pytest.raises(ValueError, match="not both"):
         parse_spec({"model": REPO, "mcp": {"configMapRef": {"name": "a"}, "secretRef": {"name": "b"}}})
     with pytest.raises(ValueError, match="name is required"):
@@ -217,19 +228,24 @@ def test_service_and_endpoint():
     svc = service("qwen", "ns", owner=OWNER)
     assert svc["metadata"]["name"] == "lm-qwen" and svc["spec"]["type"] == "ClusterIP"
     assert svc["spec"]["ports"] == [{"name": "http", "port": 1234, "targetPort": "http", "protocol": "TCP"}]
-    dep = deployment("qwen", "ns", parse_spec({"model": REPO}))
+    dep = statefulset("qwen", "ns", parse_spec({"model": REPO}))
+    assert dep["spec"]["serviceName"] == svc["metadata"]["name"]
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
     assert endpoint("qwen", "ns") == "http://lm-qwen.ns.svc:1234"
 
 
-# --- Deployment -------------------------------------------------------------------------------------
+# --- StatefulSet ------------------------------------------------------------------------------------
 
 
-def test_deployment_gpu():
-    dep = deployment("qwen", "ns", parse_spec({"model": REPO, "ttl": "30m", "parallel": 2}), owner=OWNER)
-    assert dep["metadata"]["name"] == "lm-qwen" and dep["metadata"]["ownerReferences"] == [OWNER]
-    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate", "rollingUpdate": None}
+def test_statefulset_gpu():
+    dep = statefulset("qwen", "ns", parse_spec({"model": REPO, "ttl": "30m", "parallel": 2}), owner=OWNER)
+    assert (dep["kind"], dep["metadata"]["name"]) == ("StatefulSet", "lm-qwen")
+    assert dep["metadata"]["ownerReferences"] == [OWNER]
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["updateStrategy"] == {"type": "RollingUpdate"}
+    assert dep["spec"]["podManagementPolicy"] == "Parallel"
+    # Ready only once the operator has loaded the model into the pod.
+    assert dep["spec"]["template"]["spec"]["readinessGates"] == [{"conditionType": "lmkube.dev/model-loaded"}]
     c = container(dep)
     assert c["image"] == f"lmkube/lmkube:{VERSION}-cuda"
     assert c["command"] == ["lmkube"]
@@ -249,48 +265,38 @@ def test_deployment_gpu():
     assert env["LMKUBE_API_TOKENS"]["valueFrom"] == {"secretKeyRef": {"name": "lm-qwen-token", "key": "token"}}
     assert env["LMKUBE_HOME"]["value"] == "/models/.lmkube"
     assert c["volumeMounts"] == [{"name": "models", "mountPath": "/models"}]
-    assert dep["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"] == {"claimName": "lm-qwen-models"}
+    assert dep["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "models"
 
 
-def test_several_replicas_roll_one_at_a_time():
-    shared = {"model": REPO, "storage": {"existingClaim": "shared"}, "replicas": 2}
-    cpu = deployment("qwen", "ns", parse_spec({**shared, "gpu": {"count": 0}}))["spec"]["strategy"]
-    assert cpu == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
-    gpu = deployment("qwen", "ns", parse_spec(shared))["spec"]["strategy"]  # a surge pod would wait for a GPU
-    assert gpu == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
-    single = deployment("qwen", "ns", parse_spec({"model": REPO, "gpu": {"count": 0}}))["spec"]["strategy"]
-    assert single == {"type": "Recreate", "rollingUpdate": None}
-
-
-def test_deployment_cpu_and_image_override():
-    c = container(deployment("m", "ns", parse_spec({"model": REPO, "gpu": {"count": 0}})))
+def test_statefulset_cpu_and_image_override():
+    c = container(statefulset("m", "ns", parse_spec({"model": REPO, "gpu": {"count": 0}})))
     assert c["image"] == f"lmkube/lmkube:{VERSION}"
     assert "nvidia.com/gpu" not in str(c["resources"])
     assert c["args"][-2:] == ["--ttl", "0"]  # unset: never unload, JIT loads included
     settings = OperatorSettings(cpu_image="reg/cpu:x", cuda_image="reg/cuda:x", image_pull_policy="Always")
-    assert container(deployment("m", "ns", parse_spec({"model": REPO, "gpu": {"count": 0}}), settings))["image"] \
+    assert container(statefulset("m", "ns", parse_spec({"model": REPO, "gpu": {"count": 0}}), settings))["image"] \
         == "reg/cpu:x"
-    c = container(deployment("m", "ns", parse_spec({"model": REPO}), settings))
+    c = container(statefulset("m", "ns", parse_spec({"model": REPO}), settings))
     assert (c["image"], c["imagePullPolicy"]) == ("reg/cuda:x", "Always")
-    c = container(deployment("m", "ns", parse_spec({"model": REPO, "image": "me/custom:1"}), settings))
+    c = container(statefulset("m", "ns", parse_spec({"model": REPO, "image": "me/custom:1"}), settings))
     assert c["image"] == "me/custom:1"
 
 
 def test_user_secret_ref():
     spec = parse_spec({"model": REPO, "auth": {"secretRef": {"name": "api", "key": "k"}}})
-    env = env_of(container(deployment("m", "ns", spec)))
+    env = env_of(container(statefulset("m", "ns", spec)))
     assert env["LMKUBE_API_TOKENS"]["valueFrom"] == {"secretKeyRef": {"name": "api", "key": "k"}}
 
 
 def test_probes():
-    c = container(deployment("m", "ns", parse_spec({"model": REPO})))
+    c = container(statefulset("m", "ns", parse_spec({"model": REPO})))
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}
     assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 120
 
 
 def test_security_context():
-    dep = deployment("m", "ns", parse_spec({"model": REPO}))
+    dep = statefulset("m", "ns", parse_spec({"model": REPO}))
     pod = dep["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["fsGroup"]) == (1000, 1000)
@@ -313,7 +319,7 @@ def test_knobs_passed_through():
         "imagePullSecrets": [{"name": "reg"}],
     }
     spec = parse_spec(raw)
-    dep = deployment("m", "ns", spec)
+    dep = statefulset("m", "ns", spec)
     pod = dep["spec"]["template"]["spec"]
     c = container(dep)
     assert c["resources"] == {"limits": {"memory": "16Gi", "nvidia.com/gpu": "2"},
@@ -330,9 +336,9 @@ def test_knobs_passed_through():
     assert spec.resources["limits"]["nvidia.com/gpu"] == "9"
 
 
-def test_deployment_is_deterministic():
+def test_statefulset_is_deterministic():
     spec = parse_spec({"model": REPO, "env": [{"name": "A", "value": "1"}]})
-    assert deployment("m", "ns", spec) == deployment("m", "ns", spec)
+    assert statefulset("m", "ns", spec) == statefulset("m", "ns", spec)
 
 
 def test_pod_hash_rolls_only_for_pod_fields():
@@ -351,7 +357,7 @@ def test_pod_hash_rolls_only_for_pod_fields():
     spec = parse_spec(base)
 
     def annotation(**kw):
-        return deployment("m", "ns", spec, **kw)["spec"]["template"]["metadata"]["annotations"][POD_HASH_ANNOTATION]
+        return statefulset("m", "ns", spec, **kw)["spec"]["template"]["metadata"]["annotations"][POD_HASH_ANNOTATION]
 
     assert annotation(secret_version="1") != annotation(secret_version="2") != annotation()
 

@@ -198,7 +198,7 @@ def test_nothing_is_kept_for_models_that_are_gone(in_process: Runtime, scale_api
     delete_all(scale_api, names)
     wait_until(lambda: all(scale_api.lm(name) is None for name in names), timeout=KOPF_CANCELLATION_POLLING / 2)
     # Events of the owned objects the garbage collector is deleting now must not bring any model back.
-    wait_until(lambda: not scale_api.pods("gone00") and scale_api.read("Deployment", "lm-gone00") is None,
+    wait_until(lambda: not scale_api.pods("gone00") and scale_api.read("StatefulSet", "lm-gone00") is None,
                timeout=120)
     assert in_process.schedule.known() == {}
     assert in_process.schedule.bookkeeping_sizes() == {"entries": 0, "aliases": 0, "scheduled": 0, "heap": 0}

@@ -141,9 +141,14 @@ def test_rbac_rules_cover_what_the_operator_does() -> None:
 
     assert {"get", "list", "watch", "patch"} <= verbs("namespaced", crd.GROUP, crd.PLURAL)
     assert "patch" in verbs("namespaced", crd.GROUP, f"{crd.PLURAL}/status")
-    assert {"get", "create", "patch"} <= verbs("namespaced", "apps", "deployments")
+    assert {"get", "create", "patch", "delete"} <= verbs("namespaced", "apps", "statefulsets")
     assert verbs("namespaced", "", "secrets") == {"get", "create"}  # never list/watch every Secret
-    assert "delete" not in {v for scope in rules.values() for r in scope for v in r["verbs"]}  # GC deletes
+    # The garbage collector deletes what a LocalModel owns. The operator deletes only its StatefulSet when the
+    # storage spec changes (claim templates are immutable), and once the Deployment and cache claim of releases
+    # before the StatefulSet.
+    deletable = {(g, res) for scope in rules.values() for r in scope if "delete" in r["verbs"]
+                 for g in r["apiGroups"] for res in r["resources"]}
+    assert deletable == {("apps", "statefulsets"), ("apps", "deployments"), ("", "persistentvolumeclaims")}
     assert verbs("namespaced", "", "events") == {"create"}
     assert {"list", "watch"} <= verbs("cluster", "apiextensions.k8s.io", "customresourcedefinitions")
 

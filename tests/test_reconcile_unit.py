@@ -41,16 +41,16 @@ def ready_model(cluster: FakeCluster, name: str = "tiny", **spec: object) -> Non
 def test_a_new_model_creates_its_objects_and_waits_for_pods(cluster: FakeCluster) -> None:
     cluster.apply("tiny", {"model": MODEL})
     status = cluster.reconcile("tiny")
-    assert (status["phase"], status["message"]) == ("Pending", "waiting for the Deployment to create pods")
+    assert (status["phase"], status["message"]) == ("Pending", "waiting for the StatefulSet to create pods")
     names = resources.names("tiny")
     assert sorted(cluster.kube.writes) == sorted([
-        ("create", "Secret", names.secret), ("create", "PersistentVolumeClaim", names.pvc),
-        ("create", "Service", names.service), ("create", "Deployment", names.deployment)])
+        ("create", "Secret", names.secret), ("create", "Service", names.service),
+        ("create", "StatefulSet", names.statefulset)])
     assert cluster.token("tiny").startswith("sk-lm-")
-    assert cluster.deployment("tiny")["spec"]["replicas"] == 1
+    assert cluster.statefulset("tiny")["spec"]["replicas"] == 1
     assert status["readyReplicas"] == 0 and status["endpoint"] is None and status["observedGeneration"] == 1
     assert conditions(status)["Ready"] == ("False", "NoPods")
-    assert cluster.events == [("Normal", "Pending", "waiting for the Deployment to create pods")]
+    assert cluster.events == [("Normal", "Pending", "waiting for the StatefulSet to create pods")]
 
     cluster.reconcile("tiny")  # nothing changed: no write, no second Event
     assert [w for w in cluster.kube.writes if w[0] == "patch"] == []
@@ -288,10 +288,10 @@ def test_a_pod_the_operator_cannot_talk_to_is_failed(cluster: FakeCluster, break
 
 
 def test_invalid_specs_and_missing_secrets_fail_without_touching_pods(cluster: FakeCluster) -> None:
-    cluster.apply("shared", {"model": MODEL, "replicas": 2})
+    cluster.apply("shared", {"model": MODEL, "parallel": 0})
     status = cluster.reconcile("shared")
     assert status["phase"] == "Failed" and conditions(status)["Ready"] == ("False", "InvalidSpec")
-    assert "replicas > 1 needs storage.existingClaim" in status["message"]
+    assert "spec.parallel must be between 1 and 256" in status["message"]
     assert cluster.kube.writes == []
 
     cluster.apply("mine", {"model": MODEL, "auth": {"secretRef": {"name": "my-token"}}})
@@ -307,22 +307,22 @@ def test_invalid_specs_and_missing_secrets_fail_without_touching_pods(cluster: F
 def test_a_new_load_setting_reloads_on_the_same_pod(cluster: FakeCluster) -> None:
     ready_model(cluster, contextLength=4096)
     server = next(iter(cluster.servers.values()))
-    template = cluster.deployment("tiny")["spec"]["template"]
+    template = cluster.statefulset("tiny")["spec"]["template"]
     cluster.apply("tiny", {"model": MODEL, "contextLength": 16384})
     status = cluster.reconcile("tiny")
-    assert cluster.deployment("tiny")["spec"]["template"] == template  # a load setting: no new pod
+    assert cluster.statefulset("tiny")["spec"]["template"] == template  # a load setting: no new pod
     assert status["phase"] == "Ready" and status["contextLength"] == 16384
     assert list(server.instances) == [KEY] and server.instances[KEY].context_length == 16384
     assert server.requests[-5:] == ["GET models", "POST unload acme/tiny-chat-gguf", "POST load estimate_only",
                                     "POST load", "GET models"]
 
 
-def test_a_new_pod_setting_rolls_the_deployment(cluster: FakeCluster) -> None:
+def test_a_new_pod_setting_rolls_the_statefulset(cluster: FakeCluster) -> None:
     ready_model(cluster)
     cluster.apply("tiny", {"model": MODEL, "image": "registry.local/lmkube:next"})
     status = cluster.reconcile("tiny")
-    assert ("patch", "Deployment", resources.names("tiny").deployment) in cluster.kube.writes
-    container = cluster.deployment("tiny")["spec"]["template"]["spec"]["containers"][0]
+    assert ("patch", "StatefulSet", resources.names("tiny").statefulset) in cluster.kube.writes
+    container = cluster.statefulset("tiny")["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "registry.local/lmkube:next"
     # The old pod belongs to the old template: it no longer counts, the new one is awaited.
     assert (status["phase"], status["readyReplicas"]) == ("Pending", 0)
@@ -340,12 +340,12 @@ def test_during_a_rollout_the_old_pods_stay_listed_serving_until_they_go(cluster
     assert cluster.reconcile("tiny")["readyReplicas"] == 2
     cluster.apply("tiny", {**shared, "image": "registry.local/lmkube:next"})
     cluster.reconcile("tiny")
-    assert cluster.deployment("tiny")["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert cluster.statefulset("tiny")["spec"]["updateStrategy"]["type"] == "RollingUpdate"
     # The new template's first pod is ready, not loaded yet: the old pods are still the ones serving.
     cluster.start_pod("tiny", "tiny-c", volume=volume)
     serving = {r["name"]: r["phase"] for r in cluster.reconcile("tiny")["pods"]}
     assert serving == {"tiny-a": "Ready", "tiny-b": "Ready", "tiny-c": "Ready"}
-    cluster.pod("tiny-a")["metadata"]["deletionTimestamp"] = "2027-01-15T09:00:00Z"  # the Deployment removes one
+    cluster.pod("tiny-a")["metadata"]["deletionTimestamp"] = "2027-01-15T09:00:00Z"  # the StatefulSet removes one
     status = cluster.reconcile("tiny")
     assert {r["name"] for r in status["pods"]} == {"tiny-b", "tiny-c"}
     assert status["readyReplicas"] == 1  # only the new template's pods count
@@ -367,11 +367,11 @@ def test_a_users_secret_is_the_token_and_a_new_token_rolls_the_pods(cluster: Fak
     cluster.start_pod("tiny", "tiny-0", volume=Volume(files={KEY: "q4_k_m"}), token="sk-lm-mine")
     assert cluster.reconcile("tiny")["phase"] == "Ready"  # the pod's server accepts the user's token
 
-    template = cluster.deployment("tiny")["spec"]["template"]
+    template = cluster.statefulset("tiny")["spec"]["template"]
     cluster.kube.patch("Secret", NAMESPACE, "my-token", {"data": {"key": base64.b64encode(b"sk-lm-new").decode()}})
     status = cluster.reconcile("tiny")
     # The pods read the token at start: a new token is a new pod template, and the old pod no longer counts.
-    new_template = cluster.deployment("tiny")["spec"]["template"]
+    new_template = cluster.statefulset("tiny")["spec"]["template"]
     hash_key = resources.POD_HASH_ANNOTATION
     assert new_template["metadata"]["annotations"][hash_key] != template["metadata"]["annotations"][hash_key]
     assert (status["phase"], status["readyReplicas"]) == ("Pending", 0)
@@ -445,7 +445,7 @@ def test_scaled_to_zero_is_its_own_phase(cluster: FakeCluster) -> None:
     cluster.apply("tiny", {"model": MODEL, "replicas": 0})
     status = cluster.reconcile("tiny")
     assert (status["phase"], conditions(status)["Ready"]) == ("ScaledToZero", ("False", "ScaledToZero"))
-    assert cluster.deployment("tiny")["spec"]["replicas"] == 0
+    assert cluster.statefulset("tiny")["spec"]["replicas"] == 0
     # What the scale subresource reports: no pods, and the selector an HPA or KEDA counts pods with.
     assert status["replicas"] == 0
     assert status["selector"] == ("app.kubernetes.io/component=model-server,app.kubernetes.io/instance=tiny,"
@@ -458,8 +458,8 @@ def test_scaled_to_zero_is_its_own_phase(cluster: FakeCluster) -> None:
 def test_replicas_on_a_shared_claim_download_once_and_are_ready_together(cluster: FakeCluster) -> None:
     cluster.apply("tiny", {"model": MODEL, "replicas": 2, "storage": {"existingClaim": "shared-models"}})
     status = cluster.reconcile("tiny")
-    assert ("create", "PersistentVolumeClaim", resources.names("tiny").pvc) not in cluster.kube.writes
-    assert cluster.deployment("tiny")["spec"]["replicas"] == 2
+    assert "volumeClaimTemplates" not in cluster.statefulset("tiny")["spec"]  # every pod mounts the shared claim
+    assert cluster.statefulset("tiny")["spec"]["replicas"] == 2
     shared = Volume()
     first = cluster.start_pod("tiny", "tiny-a", volume=shared)
     second = cluster.start_pod("tiny", "tiny-b", volume=shared)
@@ -482,7 +482,7 @@ def test_replicas_on_a_shared_claim_download_once_and_are_ready_together(cluster
 
     cluster.apply("tiny", {"model": MODEL, "replicas": 3, "storage": {"existingClaim": "shared-models"}})
     cluster.reconcile("tiny")
-    assert cluster.deployment("tiny")["spec"]["replicas"] == 3
+    assert cluster.statefulset("tiny")["spec"]["replicas"] == 3
 
 
 # -- deletion ----------------------------------------------------------------------------------------

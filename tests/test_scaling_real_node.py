@@ -191,7 +191,7 @@ def test_sixteen_streams_scale_up_survive_an_operator_restart_and_scale_back_dow
 def test_an_idle_model_goes_to_zero_and_a_chat_through_the_gateway_brings_it_back(
         real_node: RealNode, api: Api, hub: FakeHub, operator: OperatorProcess, gateway: GatewayProcess,
         ns: str) -> None:
-    volume = provide_volume(real_node, ns, resources.names("sleepy").pvc)
+    volume = provide_volume(real_node, ns, resources.replica_claim("sleepy", 0))
     scaling = {"minReplicas": 0, "maxReplicas": 1, "scaleDownDelay": 10, "window": 4}
     api.create_lm("sleepy", spec(hub, storage={"size": "1Gi"}, scaling=scaling))
     wait_until(lambda: api.status("sleepy").get("phase") == "Ready", timeout=POD_TIMEOUT,

@@ -1,0 +1,75 @@
+"""Creates or updates a LocalModel's StatefulSet (built by `resources.statefulset`), the pod set of its servers.
+
+- The pod template is patched when its POD_HASH_ANNOTATION differs (a rollout), `spec.replicas` when the count
+  differs: that field is the one replica count.
+- `volumeClaimTemplates` cannot change on a live StatefulSet. A digest of them sits in an annotation; when the
+  storage spec changes (size, class, existingClaim on or off) the StatefulSet is deleted and, once it is gone,
+  created anew (with new claims: the old ones go with it, `whenDeleted: Delete`).
+- The first time, the objects of releases that ran a Deployment go: the Deployment (its pods with it) and its one
+  cache claim `lm-<name>-models` (released by Kubernetes once those pods are gone).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from lmkube.operator import resources
+from lmkube.operator.kube import Kube
+
+log = logging.getLogger("lmkube.operator")
+
+CLAIMS_ANNOTATION = f"{resources.ANNOTATION_PREFIX}/volume-claims-hash"
+KIND = "StatefulSet"
+
+
+def claims_hash(statefulset: Mapping[str, Any]) -> str:
+    templates = statefulset["spec"].get("volumeClaimTemplates") or []
+    return hashlib.sha256(json.dumps(templates, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _annotations(obj: Mapping[str, Any]) -> Mapping[str, str]:
+    return (obj.get("metadata") or {}).get("annotations") or {}
+
+
+def ensure_statefulset(kube: Kube, want: dict[str, Any], lm_name: str) -> None:
+    """Makes the live StatefulSet `want` (LocalModel `lm_name`'s, from `resources.statefulset`) as far as one pass
+    can."""
+    meta = want["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    meta.setdefault("annotations", {})[CLAIMS_ANNOTATION] = claims_hash(want)
+    live = kube.get(KIND, namespace, name)
+    if live is None:
+        _remove_deployment_era_objects(kube, namespace, lm_name)
+        kube.create(want)
+        return
+    if live["metadata"].get("deletionTimestamp"):
+        return  # being replaced: created again once it is gone
+    if _annotations(live).get(CLAIMS_ANNOTATION) != meta["annotations"][CLAIMS_ANNOTATION]:
+        log.info("storage of %s/%s changed: replacing the StatefulSet (its claims cannot change)", namespace, name)
+        kube.delete(KIND, namespace, name)
+        return
+    want_hash = _annotations(want["spec"]["template"])[resources.POD_HASH_ANNOTATION]
+    live_hash = _annotations(live["spec"]["template"]).get(resources.POD_HASH_ANNOTATION)
+    replicas = want["spec"]["replicas"]
+    if live_hash != want_hash or live["spec"].get("replicas") != replicas:
+        log.info("updating StatefulSet %s/%s (pod spec %s -> %s, replicas %s -> %s)", namespace, name, live_hash,
+                 want_hash, live["spec"].get("replicas"), replicas)
+        kube.patch(KIND, namespace, name, {"spec": {"replicas": replicas, "template": want["spec"]["template"]}})
+
+
+def _remove_deployment_era_objects(kube: Kube, namespace: str, lm_name: str) -> None:
+    names = resources.names(lm_name)
+    mine = resources.labels(lm_name)
+
+    def owned(obj: Mapping[str, Any] | None) -> bool:
+        return obj is not None and mine.items() <= ((obj["metadata"].get("labels") or {}).items())
+
+    if owned(kube.get("Deployment", namespace, names.statefulset)):
+        log.info("replacing Deployment %s/%s by a StatefulSet", namespace, names.statefulset)
+        kube.delete("Deployment", namespace, names.statefulset)
+        if owned(kube.get("PersistentVolumeClaim", namespace, names.legacy_pvc)):
+            kube.delete("PersistentVolumeClaim", namespace, names.legacy_pvc)

@@ -1,0 +1,72 @@
+"""Per-replica cache volumes on the real control plane (no kubelet: pods stay Pending, which is all the API and
+the controllers need): the StatefulSet the operator makes gets one claim per replica from the StatefulSet
+controller, keeps them when it scales down, and loses them with its LocalModel. The same on a real node, with
+pods that download, load and answer: test_operator_e2e.py's per-replica storage test."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kube_cluster import KubeCluster
+from lmkube.operator import resources
+from operator_support import OPERATOR_ACCOUNT, Api, OperatorProcess, grant_operator_rules, install_crd
+from support import wait_until
+
+pytestmark = pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+
+SPEC = {"model": "hub-org/Pair-GGUF", "gpu": {"count": 0}, "storage": {"size": "1Gi"}}
+
+
+@pytest.fixture
+def operator(kube: KubeCluster, kube_namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
+    install_crd(kube)
+    grant_operator_rules(kube, kube_namespace)
+    kubeconfig = kube.service_account_kubeconfig(kube_namespace, OPERATOR_ACCOUNT, tmp_path / "kubeconfig")
+    process = OperatorProcess(kubeconfig, kube_namespace, tmp_path / "operator.log")
+    process.start()
+    yield process
+    process.stop()
+    assert "Forbidden" not in process.log(), process.log()[-4000:]
+
+
+def claims(api: Api) -> dict[str, dict[str, Any]]:
+    items = json.loads(api.core.list_namespaced_persistent_volume_claim(api.namespace,
+                                                                        _preload_content=False).data)["items"]
+    return {c["metadata"]["name"]: c for c in items if not c["metadata"].get("deletionTimestamp")}
+
+
+def test_each_replica_gets_a_claim_that_outlives_scale_down_but_not_the_model(
+        kube: KubeCluster, kube_namespace: str, operator: OperatorProcess) -> None:
+    api = Api(kube, kube_namespace)
+    try:
+        api.create_lm("pair", {**SPEC, "replicas": 2})
+        wanted = {resources.replica_claim("pair", 0), resources.replica_claim("pair", 1)}
+        wait_until(lambda: set(claims(api)) == wanted and len(api.pods("pair")) == 2, timeout=60,
+                   message=f"claims {sorted(claims(api))}, pods {len(api.pods('pair'))}\n{operator.log()[-3000:]}")
+        assert api.status("pair").get("phase") != "Failed", api.status("pair")  # no InvalidSpec any more
+        sts = api.read("StatefulSet", "lm-pair")
+        assert sts is not None and sts["metadata"]["ownerReferences"][0]["name"] == "pair"
+        for claim in claims(api).values():
+            assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+            assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+            assert claim["metadata"]["labels"]["app.kubernetes.io/instance"] == "pair"
+            owner = claim["metadata"]["ownerReferences"][0]  # whenDeleted: Delete
+            assert (owner["kind"], owner["name"]) == ("StatefulSet", "lm-pair")
+        mounted = {p["metadata"]["name"]: next(v["persistentVolumeClaim"]["claimName"] for v in p["spec"]["volumes"]
+                                               if v["name"] == "models") for p in api.pods("pair")}
+        assert mounted == {"lm-pair-0": resources.replica_claim("pair", 0),
+                           "lm-pair-1": resources.replica_claim("pair", 1)}
+
+        api.patch_lm("pair", {"replicas": 1})  # scale down: the pod goes, its claim (its files) stays
+        wait_until(lambda: [p["metadata"]["name"] for p in api.pods("pair")] == ["lm-pair-0"], timeout=60)
+        assert set(claims(api)) == wanted
+
+        api.delete_lm("pair")
+        wait_until(lambda: not claims(api) and api.read("StatefulSet", "lm-pair") is None, timeout=90,
+                   message=f"claims left: {sorted(claims(api))}")
+    finally:
+        api.close()

@@ -1,0 +1,84 @@
+"""The StatefulSet of a LocalModel through `reconcile()` in-process (tests/fake_kube.py): one cache volume per
+replica, the replica count in one place, storage changes that replace the StatefulSet, and the move from the
+Deployment of earlier releases. The same on a real node: test_operator_e2e.py's per-replica storage test."""
+
+from __future__ import annotations
+
+from fake_kube import NAMESPACE, FakeCluster, Volume
+from lmkube.operator import resources
+from lmkube.operator.statefulset import CLAIMS_ANNOTATION
+
+MODEL = "acme/Tiny-Chat-GGUF"
+KEY = "acme/tiny-chat-gguf"
+
+
+def test_replicas_with_default_storage_get_a_volume_each_and_load_independently() -> None:
+    cluster = FakeCluster()
+    cluster.apply("tiny", {"model": MODEL, "replicas": 2, "storage": {"size": "2Gi"}})
+    status = cluster.reconcile("tiny")
+    assert status["phase"] == "Pending"  # valid: no InvalidSpec for replicas > 1 without existingClaim
+    sts = cluster.statefulset("tiny")
+    assert sts["spec"]["replicas"] == 2
+    assert [t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]] == ["models"]
+    # Two pods, two volumes: each downloads into its own (no waiting for the other, as on a shared claim).
+    first = cluster.start_pod("tiny", "lm-tiny-0", volume=Volume())
+    second = cluster.start_pod("tiny", "lm-tiny-1", volume=Volume())
+    status = cluster.reconcile("tiny")
+    assert status["phase"] == "Downloading"
+    assert "POST download" in first.requests and "POST download" in second.requests
+    first.volume.complete()
+    second.volume.complete()
+    status = cluster.reconcile("tiny")
+    assert (status["phase"], status["readyReplicas"]) == ("Ready", 2)
+    assert KEY in first.instances and KEY in second.instances
+
+
+def test_the_replica_count_is_patched_alone() -> None:
+    cluster = FakeCluster()
+    cluster.apply("tiny", {"model": MODEL})
+    cluster.reconcile("tiny")
+    template = cluster.statefulset("tiny")["spec"]["template"]
+    cluster.apply("tiny", {"model": MODEL, "replicas": 3})
+    cluster.reconcile("tiny")
+    sts = cluster.statefulset("tiny")
+    assert sts["spec"]["replicas"] == 3 and sts["spec"]["template"] == template  # no rollout for a count
+    assert cluster.kube.writes.count(("patch", "StatefulSet", "lm-tiny")) == 1
+
+
+def test_a_storage_change_replaces_the_statefulset() -> None:
+    cluster = FakeCluster()
+    cluster.apply("tiny", {"model": MODEL, "storage": {"size": "2Gi"}})
+    cluster.reconcile("tiny")
+    before = cluster.statefulset("tiny")["metadata"]["annotations"][CLAIMS_ANNOTATION]
+    cluster.apply("tiny", {"model": MODEL, "storage": {"size": "4Gi"}})
+    cluster.reconcile("tiny")  # claim templates cannot change: the StatefulSet goes ...
+    assert cluster.kube.get("StatefulSet", NAMESPACE, "lm-tiny") is None
+    cluster.reconcile("tiny")  # ... and comes back with the new ones
+    sts = cluster.statefulset("tiny")
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "4Gi"
+    assert sts["metadata"]["annotations"][CLAIMS_ANNOTATION] != before
+    cluster.apply("tiny", {"model": MODEL, "storage": {"existingClaim": "shared"}})
+    cluster.reconcile("tiny")
+    cluster.reconcile("tiny")
+    assert "volumeClaimTemplates" not in cluster.statefulset("tiny")["spec"]
+
+
+def test_the_deployment_of_an_earlier_release_and_its_claim_go() -> None:
+    cluster = FakeCluster()
+    cluster.apply("tiny", {"model": MODEL})
+    names = resources.names("tiny")
+    labels = resources.labels("tiny")
+    cluster.kube.objects[("Deployment", NAMESPACE, names.statefulset)] = {
+        "metadata": {"name": names.statefulset, "namespace": NAMESPACE, "labels": labels}, "spec": {}}
+    cluster.kube.objects[("PersistentVolumeClaim", NAMESPACE, names.legacy_pvc)] = {
+        "metadata": {"name": names.legacy_pvc, "namespace": NAMESPACE, "labels": labels}, "spec": {}}
+    # Someone else's claim of the same name pattern is left alone.
+    cluster.apply("other", {"model": MODEL, "storage": {"existingClaim": "lm-other-models"}})
+    cluster.kube.objects[("PersistentVolumeClaim", NAMESPACE, "lm-other-models")] = {
+        "metadata": {"name": "lm-other-models", "namespace": NAMESPACE}, "spec": {}}
+    cluster.reconcile("tiny")
+    cluster.reconcile("other")
+    assert cluster.kube.get("Deployment", NAMESPACE, names.statefulset) is None
+    assert cluster.kube.get("PersistentVolumeClaim", NAMESPACE, names.legacy_pvc) is None
+    assert cluster.kube.get("PersistentVolumeClaim", NAMESPACE, "lm-other-models") is not None
+    assert cluster.statefulset("tiny") is not None and cluster.statefulset("other") is not None
