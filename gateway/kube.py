@@ -179,9 +179,10 @@ def _port(pod: dict[str, Any]) -> int:
 
 def _serving_pods(status: dict[str, Any]) -> set[str] | None:
     """The pods the operator reports the model loaded on (status.pods[], phase Ready or Idle), or None when it
-    reports no pod at all yet. A pod that is Ready (its server listens) but not in this set has not had the
-    model loaded yet, e.g. a replica the autoscaler just added: a request sent there would load the model on
-    its own, and the operator's load (which replaces what else is loaded) would cut it off."""
+    reports no pod at all yet. The pods' readiness gate (lmkube.dev/model-loaded) keeps a pod un-Ready until the
+    operator has loaded the model in it; this set also covers pods without the gate (an earlier operator's), Ready
+    as soon as the server listens: a request sent there would load the model on its own, and the operator's
+    load (which replaces what else is loaded) would cut it off."""
     records = status.get("pods") or []
     if not records:
         return None

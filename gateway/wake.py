@@ -8,8 +8,10 @@
 - One ask per model at a time, whatever the number of requests waiting (they share it); asked again every
   `REASK_SECONDS` while requests still wait, in case the count went back to zero meanwhile.
 - Held until the LocalModel has a ready pod and the operator reports the model loaded (status.readyReplicas
-  >= 1): a pod is Ready as soon as its server listens, before the operator's load, and a request sent then
-  would load the model on its own (and be cut off by the operator's load).
+  >= 1). The pods' readiness gate (lmkube.dev/model-loaded) already keeps a pod un-Ready until the operator has
+  loaded the model in it; status.readyReplicas also covers pods of an operator from before the gate, which are
+  Ready as soon as their server listens (a request sent then would load the model on its own and be cut off by
+  the operator's load).
 - Streaming clients (`"stream": true`) get the response's headers at once and an SSE comment line,
   `: waiting for replica`, every `COMMENT_SECONDS`, which keeps proxies and SDKs from timing out; the
   replica's answer then continues the same stream. Past the bound (`--scale-from-zero-seconds`): 503 (529 for

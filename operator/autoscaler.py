@@ -2,7 +2,7 @@
 
 It owns `spec.replicas` of those models: it writes the count there (with the resourceVersion it read, so a
 concurrent `kubectl scale` or a wake-up from the gateway is never overwritten blindly), and the reconcile
-passes carry it to the Deployment as they do any spec change. A count set from outside is accepted and
+passes carry it to the StatefulSet as they do any spec change. A count set from outside is accepted and
 starts the scale-down delay (see autoscale.decide). Each change is written to status (`desiredReplicas`,
 `scaling.lastScaleTime/Reason/Message`) and posted as an Event on the LocalModel.
 

@@ -43,12 +43,14 @@ def model_loaded_gate(pod: PodView, state: st.PodState | None, record: Mapping[s
 
 
 def set_model_loaded_gates(kube: Kube, namespace: str, pods: list[PodView], states: Mapping[str, st.PodState],
-                           records: Mapping[str, Mapping[str, Any]], now: str) -> None:
-    """Writes the gate of each of `pods` whose gate should change (`states` and `records` by pod name)."""
+                           records: Mapping[str, Mapping[str, Any]], now: str,
+                           gates: dict[str, bool | None]) -> None:
+    """Writes the gate of each of `pods` whose gate should change (`states` and `records` by pod name). `gates`:
+    each pod's gate as it stands (from the pods as listed, then as written here: a pass may write twice)."""
     for pod in pods:
         state = states.get(pod.name)
         loaded = model_loaded_gate(pod, state, records.get(pod.name))
-        if loaded is None or loaded == pod.model_loaded:
+        if loaded is None or loaded == gates.get(pod.name, pod.model_loaded):
             continue
         if loaded:
             reason, message = "Loaded", "the model is loaded"
@@ -60,6 +62,7 @@ def set_model_loaded_gates(kube: Kube, namespace: str, pods: list[PodView], stat
                      "reason": reason, "message": message[:1024], "lastTransitionTime": now}
         try:
             kube.set_pod_condition(namespace, pod.name, condition)
+            gates[pod.name] = loaded
         except Exception as exc:  # e.g. a Role without pods/status: the pod stays not Ready; the pass goes on
             log.warning("could not set %s=%s on pod %s/%s: %s", resources.MODEL_LOADED_CONDITION,
                         condition["status"], namespace, pod.name, exc)

@@ -408,6 +408,7 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
     clients: dict[str, PodClient] = {}
     downloader: str | None = None  # with a shared claim, one pod downloads and the others wait for it
     pending: list[PodView] = []
+    gates = {p.name: p.model_loaded for p in pods}  # each pod's readiness gate, as written during this pass
     try:
         for pod in pods:
             if not pod.ready:
@@ -419,7 +420,7 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
                 downloader = pod.name
             works[pod.name] = work
         pending = [p for p in pods if p.name in works and works[p.name].load]
-        set_model_loaded_gates(kube, namespace, pods, {n: w.state for n, w in works.items()}, old_records, now)
+        set_model_loaded_gates(kube, namespace, pods, {n: w.state for n, w in works.items()}, old_records, now, gates)
         if pending:
             # Show Loading while the (blocking) load requests run.
             _publish(kube, body, _status(body, spec, pods, works, settings, now, old_records, outgoing), emit)
@@ -432,7 +433,7 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
             client.close()
     if pending:
         set_model_loaded_gates(kube, namespace, pods, {n: w.state for n, w in works.items()}, old_records,
-                               st.now_iso(datetime.fromtimestamp(options.clock(), UTC)))
+                               st.now_iso(datetime.fromtimestamp(options.clock(), UTC)), gates)
     status = _status(body, spec, pods, works, settings, now, old_records, outgoing)
     if pool is not None:
         status["conditions"] = st.set_condition(status["conditions"], POOL_CONDITION, pool.status, pool.reason,

@@ -68,8 +68,9 @@ def _remove_deployment_era_objects(kube: Kube, namespace: str, lm_name: str) -> 
     def owned(obj: Mapping[str, Any] | None) -> bool:
         return obj is not None and mine.items() <= ((obj["metadata"].get("labels") or {}).items())
 
-    if owned(kube.get("Deployment", namespace, names.statefulset)):
-        log.info("replacing Deployment %s/%s by a StatefulSet", namespace, names.statefulset)
-        kube.delete("Deployment", namespace, names.statefulset)
+    deployment = names.service  # the Deployment had the Service's name (a StatefulSet's may be shorter)
+    if owned(kube.get("Deployment", namespace, deployment)):
+        log.info("replacing Deployment %s/%s by a StatefulSet", namespace, deployment)
+        kube.delete("Deployment", namespace, deployment)
         if owned(kube.get("PersistentVolumeClaim", namespace, names.legacy_pvc)):
             kube.delete("PersistentVolumeClaim", namespace, names.legacy_pvc)

@@ -61,6 +61,7 @@ class FakeKube(Kube):
         self.local_models: dict[tuple[str, str], dict[str, Any]] = {}
         self.status_writes: list[dict[str, Any]] = []
         self.writes: list[tuple[str, str, str]] = []  # (verb, kind, name) of every create and patch
+        self.pod_conditions: list[tuple[str, str, str]] = []  # (pod, status, reason) of every pod condition set
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         found = self.objects.get((kind, namespace, name))
@@ -102,6 +103,7 @@ class FakeKube(Kube):
         found["status"]["conditions"] = [*conditions, dict(condition)]
         kubelet_ready(found)
         self.writes.append(("patch", "Pod/status", pod))
+        self.pod_conditions.append((pod, condition["status"], condition.get("reason", "")))
 
     def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         body = self.local_models[(namespace, name)]

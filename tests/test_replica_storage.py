@@ -70,3 +70,37 @@ def test_each_replica_gets_a_claim_that_outlives_scale_down_but_not_the_model(
                    message=f"claims left: {sorted(claims(api))}")
     finally:
         api.close()
+
+
+def test_the_operator_account_sets_a_pods_gate_and_keeps_the_kubelets_conditions(
+        kube: KubeCluster, kube_namespace: str, operator: OperatorProcess, tmp_path: Path) -> None:
+    """The readiness gate's write (operator/readiness.py) on the real API server, as the operator's ServiceAccount
+    with the chart's rules: a strategic merge patch of pods/status that merges by condition type."""
+    import kubernetes.client
+    import kubernetes.config
+    from lmkube.operator.kube import Kube
+
+    api = Api(kube, kube_namespace)
+    kubeconfig = kube.service_account_kubeconfig(kube_namespace, OPERATOR_ACCOUNT, tmp_path / "operator-kubeconfig")
+    client = kubernetes.config.new_client_from_config(str(kubeconfig))
+    try:
+        api.create_lm("gated", {**SPEC})
+        wait_until(lambda: len(api.pods("gated")) == 1, timeout=60, message=f"no pod\n{operator.log()[-3000:]}")
+        (pod,) = api.pods("gated")
+        name = pod["metadata"]["name"]
+        assert pod["spec"]["readinessGates"] == [{"conditionType": resources.MODEL_LOADED_CONDITION}]
+        # What a kubelet would have written (no kubelet here).
+        api.core.patch_namespaced_pod_status(name, kube_namespace, {"status": {"conditions": [
+            {"type": "ContainersReady", "status": "True"}, {"type": "Ready", "status": "False"}]}})
+        Kube(client).set_pod_condition(kube_namespace, name, {
+            "type": resources.MODEL_LOADED_CONDITION, "status": "True", "reason": "Loaded",
+            "message": "the model is loaded", "lastTransitionTime": "2026-12-02T21:00:00Z"})
+        conditions = {c["type"]: c["status"] for c in api.read("Pod", name)["status"]["conditions"]}
+        assert conditions[resources.MODEL_LOADED_CONDITION] == "True"
+        assert conditions["ContainersReady"] == "True" and conditions["Ready"] == "False"  # merged, not replaced
+        Kube(client).set_pod_condition(kube_namespace, "no-such-pod", {  # a pod gone meanwhile: no error
+            "type": resources.MODEL_LOADED_CONDITION, "status": "False"})
+        api.delete_lm("gated")
+    finally:
+        client.close()
+        api.close()

@@ -68,7 +68,7 @@ def test_the_deployment_of_an_earlier_release_and_its_claim_go() -> None:
     cluster.apply("tiny", {"model": MODEL})
     names = resources.names("tiny")
     labels = resources.labels("tiny")
-    cluster.kube.objects[("Deployment", NAMESPACE, names.statefulset)] = {
+    cluster.kube.objects[("Deployment", NAMESPACE, names.service)] = {
         "metadata": {"name": names.statefulset, "namespace": NAMESPACE, "labels": labels}, "spec": {}}
     cluster.kube.objects[("PersistentVolumeClaim", NAMESPACE, names.legacy_pvc)] = {
         "metadata": {"name": names.legacy_pvc, "namespace": NAMESPACE, "labels": labels}, "spec": {}}
@@ -78,7 +78,7 @@ def test_the_deployment_of_an_earlier_release_and_its_claim_go() -> None:
         "metadata": {"name": "lm-other-models", "namespace": NAMESPACE}, "spec": {}}
     cluster.reconcile("tiny")
     cluster.reconcile("other")
-    assert cluster.kube.get("Deployment", NAMESPACE, names.statefulset) is None
+    assert cluster.kube.get("Deployment", NAMESPACE, names.service) is None
     assert cluster.kube.get("PersistentVolumeClaim", NAMESPACE, names.legacy_pvc) is None
     assert cluster.kube.get("PersistentVolumeClaim", NAMESPACE, "lm-other-models") is not None
     assert cluster.statefulset("tiny") is not None and cluster.statefulset("other") is not None
