@@ -233,16 +233,30 @@ def test_two_replicas_with_default_storage_each_get_a_volume_and_serve(real_node
         gate = next(c for c in pod["status"]["conditions"] if c["type"] == resources.MODEL_LOADED_CONDITION)
         assert (gate["status"], gate["reason"]) == ("True", "Loaded"), pod["status"]["conditions"]
 
+    def is_ready(pod: dict[str, Any]) -> bool:
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions") or [])
+
+    def seen(pod: dict[str, Any]) -> str:
+        conditions = {c["type"]: c["status"][0] for c in pod["status"].get("conditions") or []}
+        return (f"{pod['metadata']['name']}/{pod['metadata']['uid'][:4]}"
+                f"{'/deleting' if pod['metadata'].get('deletionTimestamp') else ''}:R{conditions.get('Ready', '-')}"
+                f"C{conditions.get('ContainersReady', '-')}G{conditions.get(resources.MODEL_LOADED_CONDITION, '-')}")
+
+    # The kubelet makes a pod Ready once its gate is True.
+    wait_until(lambda: sum(is_ready(p) for p in api.pods("duo")) == 2, timeout=60,
+               message=f"pods not Ready: {[seen(p) for p in api.pods('duo')]}")
     # A pod-spec change rolls the StatefulSet one pod at a time; it waits for each new pod to be Ready, i.e.
     # loaded: at every moment some pod is Ready, and every Ready pod has the model loaded.
     old = {p["metadata"]["uid"] for p in pods}
     api.patch_lm("duo", {"env": [*lm_spec(hub, TINY_REPO)["env"], {"name": "LMKUBE_ROLLED", "value": "1"}]})
     ready_counts: list[int] = []
+    samples: list[list[str]] = []
 
     def rolled() -> bool:
-        current = [p for p in api.pods("duo") if not p["metadata"].get("deletionTimestamp")]
-        ready = [p for p in current if any(c["type"] == "Ready" and c["status"] == "True"
-                                           for c in p["status"].get("conditions") or [])]
+        listed = api.pods("duo")
+        samples.append([seen(p) for p in listed])
+        current = [p for p in listed if not p["metadata"].get("deletionTimestamp")]
+        ready = [p for p in current if is_ready(p)]
         for pod in ready:
             try:
                 answer = httpx.get(f"http://{pod['status']['podIP']}:1234/api/v1/models",
@@ -263,7 +277,7 @@ def test_two_replicas_with_default_storage_each_get_a_volume_and_serve(real_node
     wait_until(rolled, timeout=2 * POD_TIMEOUT, interval=0.3, message=f"not rolled: {api.status('duo')}")
     print(f"\n[operator-e2e] rollout of 2 replicas with their own volumes: {len(ready_counts)} samples, "
           f"fewest Ready pods {min(ready_counts)}")
-    assert min(ready_counts) >= 1, ready_counts
+    assert min(ready_counts) >= 1, "\n".join(" ".join(sample) for sample in samples)
     delete_and_wait_gone(api, "duo")
 
 
