@@ -280,7 +280,8 @@ def ever_examined(body: Mapping[str, Any]) -> bool:
 
 
 def only_status_changed(body: Mapping[str, Any]) -> bool:
-    """A StatefulSet (or an earlier release's Deployment) event whose spec its controller has seen already: a status update."""
+    """A StatefulSet (or an earlier release's Deployment) event whose spec its controller has seen already:
+    a status update."""
     generation = (body.get("metadata") or {}).get("generation")
     return generation is not None and (body.get("status") or {}).get("observedGeneration") == generation
 
