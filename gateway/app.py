@@ -28,6 +28,7 @@ from .limits import ConcurrencyLimiter
 from .metrics import GatewayMetrics
 from .proxy import Proxy, Receive, Scope, Send, UpstreamDied, client_gone
 from .resolve import resolve, upstream_model
+from .upstream import UpstreamPool, UpstreamResponse, UpstreamUnreachable
 from .wake import Waker
 
 log = logging.getLogger("lmkube.gateway")
@@ -65,7 +66,8 @@ class Gateway:
         self.limiter = ConcurrencyLimiter()
         self.metrics = GatewayMetrics()
         self.owners: OrderedDict[str, str] = OrderedDict()
-        self.client: httpx.AsyncClient | None = None
+        self.client: httpx.AsyncClient | None = None  # the rare calls: model lists, stored responses
+        self.pool: UpstreamPool | None = None  # inference, relayed
         self.proxy: Proxy | None = None
         self.waker: Waker | None = None  # scale from zero (Kubernetes discovery only)
 
@@ -76,7 +78,8 @@ class Gateway:
                                 write=60, pool=None)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
         self.client = httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False)
-        self.proxy = Proxy(self.client, self.settings.upstream_token)
+        self.pool = UpstreamPool(connect_timeout=self.settings.connect_timeout)
+        self.proxy = Proxy(self.pool, self.settings.upstream_token)
         for discovery in self.discoveries:
             await discovery.start()
 
@@ -85,6 +88,8 @@ class Gateway:
             await discovery.stop()
         if self.client is not None:
             await self.client.aclose()
+        if self.pool is not None:
+            await self.pool.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -330,20 +335,22 @@ class Gateway:
                     return 499
                 try:
                     upstream = opening.result()
-                except httpx.TransportError as exc:
+                except UpstreamUnreachable as exc:
                     # Nothing came back, so nothing was generated for the client: another replica may answer.
                     log.warning("replica %s of %s unreachable: %s", replica.name, model.id, exc)
                     self.balancer.eject(replica.url)
                     self.metrics.upstream_error(model.id, grant.name, "connect")
                     continue
                 self.metrics.first_byte.observe((("model", model.id),), time.monotonic() - began)
-                if continues and upstream.status_code in (400, 404) and len(tried) < len(model.replicas):
-                    content = await upstream.aread()
-                    await upstream.aclose()
+                if continues and upstream.status in (400, 404) and len(tried) < len(model.replicas):
+                    try:
+                        content = await upstream.aread()
+                    finally:
+                        await upstream.aclose()
                     if b"previous_response_not_found" in content:
                         continue  # stored on another replica (another gateway replica routed the first turn)
                     await self._send_buffered(upstream, content, replica, send)
-                    return upstream.status_code
+                    return upstream.status
                 try:
                     if not await self.proxy.relay(upstream, replica, scope, gone, send, self._recorder(path, replica)):
                         return 499
@@ -353,15 +360,15 @@ class Gateway:
                     self.metrics.upstream_error(model.id, grant.name, "died")
                     if not exc.answered:
                         raise
-                return upstream.status_code
+                return upstream.status
             finally:
                 self.balancer.release(replica.url)
 
-    async def _send_buffered(self, upstream: httpx.Response, content: bytes, replica: Replica, send: Send) -> None:
-        headers = [(k, v) for k, v in upstream.headers.raw
+    async def _send_buffered(self, upstream: UpstreamResponse, content: bytes, replica: Replica, send: Send) -> None:
+        headers = [(k, v) for k, v in upstream.headers
                    if k.lower() not in (b"transfer-encoding", b"connection", b"content-length", b"content-encoding")]
         headers += [(b"content-length", str(len(content)).encode()), (b"x-lmkube-replica", replica.name.encode())]
-        await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
+        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
 
 

@@ -1,11 +1,11 @@
 """The streaming reverse proxy to one replica.
 
-The answer is passed on chunk by chunk as it arrives (`aiter_raw`: no decoding, no re-chunking), with the
-replica's status and headers (Retry-After, content type, ...). While it streams, a second task waits for
-the client to go away; when it does, the upstream response is closed, which closes the pod's connection,
-and the model server frees the slot at once. A replica that dies mid-answer ends a stream with the family's
-own error event (what the server itself sends when generation fails); a non-streamed answer's connection is
-aborted, so the client's SDK raises at once: never a hang.
+The answer is passed on as it arrives (upstream.py: the payload as the replica framed it, no SSE decoding;
+what arrived together goes out together, nothing waits for more), with the replica's status and headers
+(Retry-After, content type, ...). While it streams, a second task waits for the client to go away; when it
+does, the upstream connection is closed, and the model server frees the slot at once. A replica that dies
+mid-answer ends a stream with the family's own error event (what the server itself sends when generation
+fails); a non-streamed answer's connection is aborted, so the client's SDK raises at once: never a hang.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ import contextlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import httpx
-
 from .catalog import Replica
 from .errors import stream_error_event
+from .upstream import UpstreamBroken, UpstreamPool, UpstreamResponse
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -52,20 +51,20 @@ def upstream_headers(scope: Scope, token: str | None) -> list[tuple[bytes, bytes
 
 
 class Proxy:
-    def __init__(self, client: httpx.AsyncClient, upstream_token: str | None) -> None:
-        self.client = client
+    def __init__(self, pool: UpstreamPool, upstream_token: str | None) -> None:
+        self.pool = pool
         self.upstream_token = upstream_token
 
-    async def open(self, replica: Replica, scope: Scope, body: bytes, path: str | None = None) -> httpx.Response:
-        """Sends the request; returns once the replica's status and headers are in (the body still streams)."""
-        target = replica.url + (path or scope["path"])
+    async def open(self, replica: Replica, scope: Scope, body: bytes, path: str | None = None) -> UpstreamResponse:
+        """Sends the request; returns once the replica's status and headers are in (the body still streams).
+        Raises UpstreamUnreachable when no answer began."""
+        target = path or scope["path"]
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
-        request = self.client.build_request(scope["method"], target, content=body,
-                                            headers=upstream_headers(scope, self.upstream_token))
-        return await self.client.send(request, stream=True)
+        return await self.pool.request(replica.url, scope["method"], target,
+                                       upstream_headers(scope, self.upstream_token), body)
 
-    async def relay(self, upstream: httpx.Response, replica: Replica, scope: Scope, gone: asyncio.Future[None],
+    async def relay(self, upstream: UpstreamResponse, replica: Replica, scope: Scope, gone: asyncio.Future[None],
                     send: Send, on_chunk: Callable[[bytes], None] | None = None) -> bool:
         """Passes the answer on. False when the client went away first (`gone`, see `client_gone`): the
         upstream is closed at once. Raises UpstreamDied when the replica broke off its answer."""
@@ -82,21 +81,21 @@ class Proxy:
                 await pump
             await upstream.aclose()
 
-    async def _pump(self, upstream: httpx.Response, replica: Replica, scope: Scope, send: Send,
+    async def _pump(self, upstream: UpstreamResponse, replica: Replica, scope: Scope, send: Send,
                     on_chunk: Callable[[bytes], None] | None) -> None:
-        headers = [(k, v) for k, v in upstream.headers.raw if k.lower() not in _RESPONSE_DROP]
+        headers = [(k, v) for k, v in upstream.headers if k.lower() not in _RESPONSE_DROP]
         headers.append((REPLICA_HEADER, replica.name.encode()))
-        await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
-        streaming = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+        streaming = (upstream.header(b"content-type") or b"").startswith(b"text/event-stream")
         try:
-            async for chunk in upstream.aiter_raw():
+            while (chunk := await upstream.read_some()) is not None:
                 if on_chunk is not None:
                     on_chunk(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.TransportError as exc:
+        except UpstreamBroken as exc:
             if not streaming:
-                raise UpstreamDied(str(exc) or type(exc).__name__, answered=False) from exc
-            message = f"The model's replica {replica.name} stopped answering mid-stream ({type(exc).__name__})."
+                raise UpstreamDied(str(exc), answered=False) from exc
+            message = f"The model's replica {replica.name} stopped answering mid-stream ({exc})."
             await send({"type": "http.response.body", "body": stream_error_event(scope["path"], message),
                         "more_body": False})
             raise UpstreamDied(message, answered=True) from exc
