@@ -8,9 +8,11 @@ and report, as ratios measured in this one run:
 - the gateway's CPU per streamed token (its process' user+system time / content chunks relayed).
 The replica and the gateway share the machine's cores; on a shared machine the numbers move run to run.
 The model: `tiny` (default; a small random-weight model, so many tokens per second: the gateway's per-token
-cost weighs most) or `smollm` (the SmolLM2-135M-shaped bench model of serve_throughput.py; slow on 2 cores).
+cost weighs most), `smollm` (the SmolLM2-135M-shaped bench model of serve_throughput.py; slow on 2 cores), or
+`bare`: no model, bench/bare_sse.py stands in for the replica (one token per stream every `--step-ms`, at
+almost no CPU), so what is measured is the relay alone: the gateway's CPU per token with little noise.
 
-    .venv/bin/python bench/gateway.py [--model tiny|smollm] [--streams 1,16,64] [--tokens 64] [--rounds 3]
+    .venv/bin/python bench/gateway.py [--model tiny|smollm|bare] [--streams 1,16,64] [--tokens 64] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -50,53 +52,66 @@ class Run:
         return self.tokens / self.seconds
 
 
-async def _stream(client: httpx.AsyncClient, url: str, model: str, tokens: int, seed: int) -> tuple[int, float]:
+async def _stream(client: httpx.AsyncClient, url: str, model: str, tokens: int, seed: int,
+                  step_ms: float) -> tuple[int, float]:
     began = time.perf_counter()
     first, count = 0.0, 0
     body = {"model": model, "messages": PROMPT, "max_tokens": tokens, "stream": True, "seed": seed,
-            "temperature": 1.0}
+            "temperature": 1.0, "step_ms": step_ms}  # step_ms: bare_sse's pace; the server ignores it
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
-            if line.startswith("data: {") and '"content":"' in line:
+            if line.startswith("data: {") and ('"content":"' in line or '"text":"' in line):
                 count += 1
                 if count == 1:
                     first = time.perf_counter() - began
     return count, first
 
 
-async def burst(url: str, model: str, streams: int, tokens: int) -> Run:
+async def burst(url: str, model: str, streams: int, tokens: int, step_ms: float = 1.0) -> Run:
     limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
         began = time.perf_counter()
-        results = await asyncio.gather(*(_stream(client, url, model, tokens, seed) for seed in range(streams)))
+        results = await asyncio.gather(*(_stream(client, url, model, tokens, seed, step_ms) for seed in range(streams)))
         seconds = time.perf_counter() - began
     return Run(sum(c for c, _ in results), seconds, [t for _, t in results])
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """The process' CPU time so far, all threads: schedstat's nanoseconds (`stat` counts 10 ms ticks, too coarse
+    for one stream's few milliseconds)."""
+    try:
+        return sum(int((task / "schedstat").read_text().split()[0])
+                   for task in Path(f"/proc/{pid}/task").iterdir()) / 1e9
+    except (OSError, ValueError):  # a thread ended meanwhile, or no schedstat: fall back to the ticks
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", default="1,16,64")
-    parser.add_argument("--model", choices=["tiny", "smollm"], default="tiny")
+    parser.add_argument("--model", choices=["tiny", "smollm", "bare"], default="tiny")
+    parser.add_argument("--step-ms", type=float, default=2.0, help="bare: ms between a stream's tokens")
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens per stream")
     parser.add_argument("--rounds", type=int, default=3, help="direct/gateway pairs per stream count")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="lmkube-bench-gateway-"))
-    if args.model == "smollm":
-        ensure_model()
-        models_dir, model = MODELS_DIR, MODEL_KEY
-    else:
-        models_dir, model = work / "models", "bench/tiny"
-        write_llama_model(models_dir / "bench" / "tiny" / "tiny-F16.gguf", LlamaShape(n_ctx_train=CTX), seed=1)
     port = free_port()
-    replica = Server("lmkube", [str(BIN / "lmkube"), "serve", "--models-dir", str(models_dir), "--port", str(port),
-                                "--parallel", str(SLOTS), "--threads", "2", "--ctx-size", str(CTX),
-                                "--log-level", "warning"], port, work / "replica.log")
+    if args.model == "bare":
+        model = "bare"
+        replica = Server("bare", [sys.executable, str(Path(__file__).parent / "bare_sse.py"), "--port", str(port)],
+                         port, work / "replica.log")
+    else:
+        if args.model == "smollm":
+            ensure_model()
+            models_dir, model = MODELS_DIR, MODEL_KEY
+        else:
+            models_dir, model = work / "models", "bench/tiny"
+            write_llama_model(models_dir / "bench" / "tiny" / "tiny-F16.gguf", LlamaShape(n_ctx_train=CTX), seed=1)
+        replica = Server("lmkube", [str(BIN / "lmkube"), "serve", "--models-dir", str(models_dir), "--port",
+                                    str(port), "--parallel", str(SLOTS), "--threads", "2", "--ctx-size", str(CTX),
+                                    "--log-level", "warning"], port, work / "replica.log")
     (work / "backends.yaml").write_text(yaml.safe_dump({"models": [
         {"name": "bench", "modelKey": model, "replicas": [replica.url]}]}))
     gateway_port = free_port()
@@ -105,8 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                      gateway_port, work / "gateway.log")
     with running(replica), running(gateway):
         wait_ready(replica)
-        http_json(f"{replica.url}/api/v1/models/load", {"model": model, "parallel": SLOTS, "context_length": CTX},
-                  timeout=180)
+        if args.model != "bare":
+            http_json(f"{replica.url}/api/v1/models/load",
+                      {"model": model, "parallel": SLOTS, "context_length": CTX}, timeout=180)
         wait_ready(gateway)
         assert gateway.process is not None
         asyncio.run(burst(gateway.url, model, 4, 8))  # warm-up: connections, first decode
@@ -116,9 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             proxied: list[Run] = []
             cpu = 0.0
             for _ in range(args.rounds):
-                direct.append(asyncio.run(burst(replica.url, model, streams, args.tokens)))
+                direct.append(asyncio.run(burst(replica.url, model, streams, args.tokens, args.step_ms)))
                 before = cpu_seconds(gateway.process.pid)
-                proxied.append(asyncio.run(burst(gateway.url, model, streams, args.tokens)))
+                proxied.append(asyncio.run(burst(gateway.url, model, streams, args.tokens, args.step_ms)))
                 cpu += cpu_seconds(gateway.process.pid) - before
             # Each round's gateway run against the direct run just before it: paired, so the load other work
             # puts on a shared machine cancels out more than it would across medians taken apart.
