@@ -6,7 +6,7 @@ decodes the replica's chunked framing in C and hands over the payload; whatever 
 last looked goes out in one piece (`read_some` never waits for more than one byte, so nothing is held back).
 httpx (httpcore, h11 in pure Python, anyio) cost several times more CPU per chunk, and on a small node the
 gateway shares the cores with the model server. The gateway's other upstream calls (model lists, stored
-responses, scaling) are rare and stay on httpx.
+responses, scaling) are rare and stay on httpx. httptools is the parser uvicorn[standard] brings.
 
 Replicas are plain `http://host:port` (pods inside the cluster). An idle connection is reused for at most
 `idle_seconds` (below uvicorn's 5 s keep-alive, so the server does not close it while a request is on its
@@ -48,6 +48,7 @@ class _Connection(asyncio.Protocol):
         self.response: UpstreamResponse | None = None
         self.closed = False
         self.idle_since = 0.0
+        self.idle_in: deque[_Connection] | None = None  # the pool's queue it waits in, while idle
         self._writable: asyncio.Future[None] | None = None
 
     # -- asyncio.Protocol
@@ -71,6 +72,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.idle_in is not None:  # closed by the server while idle (or its pod went): out of the pool
+            with contextlib.suppress(ValueError):
+                self.idle_in.remove(self)
+            self.idle_in = None
         if self.response is not None:
             self.response._lost(exc)
         if self._writable is not None and not self._writable.done():
@@ -236,6 +241,9 @@ class UpstreamPool:
         self._idle: dict[tuple[str, int], deque[_Connection]] = {}
         self._addresses: dict[str, tuple[str, int]] = {}
 
+    def idle_count(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
     def _address(self, base_url: str) -> tuple[str, int]:
         address = self._addresses.get(base_url)
         if address is None:
@@ -249,20 +257,29 @@ class UpstreamPool:
 
     def _take(self, key: tuple[str, int]) -> _Connection | None:
         idle = self._idle.get(key)
+        if idle is None:
+            return None
         oldest = time.monotonic() - self.idle_seconds
         while idle:
             connection = idle.pop()  # the most recently used: the least likely to have been closed
+            connection.idle_in = None
             if not connection.closed and connection.idle_since >= oldest:
                 return connection
             connection.close()
+        del self._idle[key]  # none left (a replica that went away leaves no entry behind once asked again)
         return None
 
     def _put(self, key: tuple[str, int], connection: _Connection) -> None:
         connection.idle_since = time.monotonic()
+        if key not in self._idle and len(self._idle) >= 64:  # drop the queues of replicas that went away
+            self._idle = {k: v for k, v in self._idle.items() if v}
         idle = self._idle.setdefault(key, deque())
         idle.append(connection)
+        connection.idle_in = idle
         while len(idle) > self.max_idle:
-            idle.popleft().close()
+            oldest = idle.popleft()
+            oldest.idle_in = None
+            oldest.close()
 
     async def _connect(self, key: tuple[str, int]) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -308,7 +325,9 @@ class UpstreamPool:
     async def aclose(self) -> None:
         for idle in self._idle.values():
             while idle:
-                idle.pop().close()
+                connection = idle.pop()
+                connection.idle_in = None
+                connection.close()
         self._idle.clear()
         with contextlib.suppress(Exception):
             await asyncio.sleep(0)  # let the transports run their close callbacks

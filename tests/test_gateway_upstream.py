@@ -131,6 +131,11 @@ def test_a_pooled_connection_the_server_closed_unseen_is_replaced(served: tuple[
         assert second["port"] != first["port"]
         third = await _echo(pool, url)
         assert third["port"] == second["port"]
+        assert pool.idle_count() == 1
+        # Now the loop runs while the server closes it: the pool lets it go at once.
+        await asyncio.sleep(KEEP_ALIVE_SECONDS + 1)
+        assert pool.idle_count() == 0
+        assert (await _echo(pool, url))["port"] != third["port"]
         await pool.aclose()
 
     asyncio.run(scenario())
