@@ -14,6 +14,7 @@ Installs as `lmkube.gateway`. One job per module:
 | `errors.py` | errors in each API family's own shape |
 | `metrics.py` | the gateway's own Prometheus metrics |
 | `proxy.py` | the streaming reverse proxy to one replica |
+| `upstream.py` | the HTTP/1.1 client it relays with (asyncio + httptools, keep-alive pool per replica) |
 | `routes.py` | which model a request is for, model lists |
 | `app.py` | the ASGI app that ties them together |
 """
