@@ -6,7 +6,7 @@ decodes the replica's chunked framing in C and hands over the payload; whatever 
 last looked goes out in one piece (`read_some` never waits for more than one byte, so nothing is held back).
 httpx (httpcore, h11 in pure Python, anyio) cost several times more CPU per chunk, and on a small node the
 gateway shares the cores with the model server. The gateway's other upstream calls (model lists, stored
-responses, scaling) are rare and stay on httpx. httptools is the parser uvicorn[standard] brings.
+responses, scaling) are rare and stay on httpx. httptools is also the parser uvicorn[standard] serves with.
 
 Replicas are plain `http://host:port` (pods inside the cluster). An idle connection is reused for at most
 `idle_seconds` (below uvicorn's 5 s keep-alive, so the server does not close it while a request is on its
