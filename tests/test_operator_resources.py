@@ -252,12 +252,12 @@ def test_statefulset_gpu():
     assert c["args"] == ["serve", "--host", "0.0.0.0", "--port", "1234", "--models-dir", "/models",
                          "--parallel", "2", "--ttl", "1800"]
     assert c["args"][-2:] == ["--ttl", "1800"]
-    sampled = container(deployment("qwen", "ns", parse_spec(
+    sampled = container(statefulset("qwen", "ns", parse_spec(
         {"model": REPO, "sampling": {"temperature": 0, "topK": 20, "topP": 0.9, "minP": 0.1, "repeatPenalty": 1.1}})))
     # Only what spec.sampling sets; `lmkube serve` keeps its own default for the rest.
     assert sampled["args"][sampled["args"].index("--temp"):] == [
         "--temp", "0.0", "--top-k", "20", "--top-p", "0.9", "--min-p", "0.1", "--repeat-penalty", "1.1"]
-    assert "--temp" not in container(deployment("qwen", "ns", parse_spec(
+    assert "--temp" not in container(statefulset("qwen", "ns", parse_spec(
         {"model": REPO, "sampling": {"topK": 1}})))["args"]
     assert c["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
     assert c["ports"] == [{"name": "http", "containerPort": 1234, "protocol": "TCP"}]
