@@ -281,7 +281,10 @@ def ever_examined(body: Mapping[str, Any]) -> bool:
 
 def only_status_changed(body: Mapping[str, Any]) -> bool:
     """A StatefulSet (or an earlier release's Deployment) event whose spec its controller has seen already:
-    a status update."""
+    a status update. Never a pod's: since Kubernetes 1.34 the kubelet writes a pod's observedGeneration too,
+    and a pod's status updates are the events a waiting model waits for."""
+    if body.get("kind") == "Pod":
+        return False
     generation = (body.get("metadata") or {}).get("generation")
     return generation is not None and (body.get("status") or {}).get("observedGeneration") == generation
 

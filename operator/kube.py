@@ -148,25 +148,30 @@ class Kube:
         _, _, do_patch = self._ops(kind)
         return _json(do_patch(name, namespace, dict(patch), _content_type=MERGE_PATCH, _preload_content=False))
 
-    def delete(self, kind: str, namespace: str, name: str) -> None:
-        """Deletes an object (its dependents in the background); one already gone is fine."""
+    def delete(self, kind: str, namespace: str, name: str, foreground: bool = False) -> None:
+        """Deletes an object, its dependents in the background or, with `foreground`, before it (the object
+        stays, with a deletionTimestamp, until they are gone); one already gone is fine."""
         delete = {"StatefulSet": self.apps.delete_namespaced_stateful_set,
                   "Deployment": self.apps.delete_namespaced_deployment,
                   "PersistentVolumeClaim": self.core.delete_namespaced_persistent_volume_claim}[kind]
         try:
-            delete(name, namespace, propagation_policy="Background", _preload_content=False)
+            delete(name, namespace, propagation_policy="Foreground" if foreground else "Background",
+                   _preload_content=False)
         except ApiException as error:
             if not not_found(error):
                 raise
 
-    def set_pod_condition(self, namespace: str, pod: str, condition: Mapping[str, Any]) -> None:
+    def set_pod_condition(self, namespace: str, pod: str, uid: str, condition: Mapping[str, Any]) -> None:
         """Sets one condition in a pod's status (a readiness gate's). A strategic merge patch merges
-        `status.conditions` by type: the kubelet's own conditions stay as they are. A pod already gone is fine."""
+        `status.conditions` by type: the kubelet's own conditions stay as they are. The uid is a precondition (a
+        StatefulSet's pod re-created under the same name is another pod); a pod already gone is fine."""
+        body = {"metadata": {"uid": uid}, "status": {"conditions": [dict(condition)]}}
         try:
-            self.core.patch_namespaced_pod_status(pod, namespace, {"status": {"conditions": [dict(condition)]}},
-                                                  _content_type=STRATEGIC_MERGE_PATCH, _preload_content=False)
+            self.core.patch_namespaced_pod_status(pod, namespace, body, _content_type=STRATEGIC_MERGE_PATCH,
+                                                  _preload_content=False)
         except ApiException as error:
-            if not not_found(error):
+            # The uid precondition failed: a conflict, or (by the API server's version) an immutable-field error.
+            if not (not_found(error) or (error.status in (409, 422) and "uid" in str(error.body).lower())):
                 raise
 
     def list_pods(self, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:

@@ -61,7 +61,7 @@ def set_model_loaded_gates(kube: Kube, namespace: str, pods: list[PodView], stat
         condition = {"type": resources.MODEL_LOADED_CONDITION, "status": "True" if loaded else "False",
                      "reason": reason, "message": message[:1024], "lastTransitionTime": now}
         try:
-            kube.set_pod_condition(namespace, pod.name, condition)
+            kube.set_pod_condition(namespace, pod.name, pod.uid, condition)
             gates[pod.name] = loaded
         except Exception as exc:  # e.g. a Role without pods/status: the pod stays not Ready; the pass goes on
             log.warning("could not set %s=%s on pod %s/%s: %s", resources.MODEL_LOADED_CONDITION,

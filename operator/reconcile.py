@@ -159,10 +159,12 @@ def examine_pod(client: PodClient, pod: PodView, spec: LocalModelSpec, record: d
         # A new server process: nothing is loaded any more; its download job table survives on the volume.
         # If the kernel killed the last one for its memory, remember which load did it: the same load would
         # only be killed again.
-        killed_by = record.get("loadAttempt") if pod.oom_killed and record.get("serverId") else None
-        record = {"name": pod.name, "serverId": pod.server_id,
-                  **{k: record[k] for k in ("jobId", "jobFor", "downloaded", "estimateBytes", "oomKilledBy")
-                     if k in record}}
+        # A StatefulSet's new pod has the old one's name (and volume), not its verdict: a pod re-created with a
+        # new memory limit must try the load again.
+        same_pod = str(record.get("serverId", "")).split("/")[0] == pod.uid
+        killed_by = record.get("loadAttempt") if pod.oom_killed and same_pod else None
+        kept = ("jobId", "jobFor", "downloaded", "estimateBytes", *(("oomKilledBy",) if same_pod else ()))
+        record = {"name": pod.name, "serverId": pod.server_id, **{k: record[k] for k in kept if k in record}}
         if killed_by:
             record["oomKilledBy"] = killed_by
     want_dl = fingerprint(resources.download_request(spec))

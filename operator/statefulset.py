@@ -50,7 +50,9 @@ def ensure_statefulset(kube: Kube, want: dict[str, Any], lm_name: str) -> None:
         return  # being replaced: created again once it is gone
     if _annotations(live).get(CLAIMS_ANNOTATION) != meta["annotations"][CLAIMS_ANNOTATION]:
         log.info("storage of %s/%s changed: replacing the StatefulSet (its claims cannot change)", namespace, name)
-        kube.delete(KIND, namespace, name)
+        # Foreground: the new StatefulSet's pods and claims take the old ones' names, so it comes only once they
+        # are gone (until then the old object stays, being deleted, and the branch above waits).
+        kube.delete(KIND, namespace, name, foreground=True)
         return
     want_hash = _annotations(want["spec"]["template"])[resources.POD_HASH_ANNOTATION]
     live_hash = _annotations(live["spec"]["template"]).get(resources.POD_HASH_ANNOTATION)

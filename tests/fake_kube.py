@@ -86,7 +86,7 @@ class FakeKube(Kube):
         self.writes.append(("patch", kind, name))
         return copy.deepcopy(self.objects[key])
 
-    def delete(self, kind: str, namespace: str, name: str) -> None:
+    def delete(self, kind: str, namespace: str, name: str, foreground: bool = False) -> None:
         del self.objects[(kind, namespace, name)]
 
     def list_pods(self, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -94,10 +94,10 @@ class FakeKube(Kube):
                 if kind == "Pod" and ns == namespace
                 and all(pod["metadata"].get("labels", {}).get(k) == v for k, v in labels.items())]
 
-    def set_pod_condition(self, namespace: str, pod: str, condition: Mapping[str, Any]) -> None:
+    def set_pod_condition(self, namespace: str, pod: str, uid: str, condition: Mapping[str, Any]) -> None:
         """Merges the condition by type (a strategic merge patch's way), and the Ready a kubelet derives."""
         found = self.objects.get(("Pod", namespace, pod))
-        if found is None:
+        if found is None or found["metadata"].get("uid", uid) != uid:
             return
         conditions = [c for c in found["status"].get("conditions", []) if c["type"] != condition["type"]]
         found["status"]["conditions"] = [*conditions, dict(condition)]

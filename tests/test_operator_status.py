@@ -239,7 +239,9 @@ def test_which_watch_events_start_a_pass() -> None:
     assert only_status_changed({"metadata": {"generation": 3}, "status": {"observedGeneration": 3}})
     assert not only_status_changed({"metadata": {"generation": 4}, "status": {"observedGeneration": 3}})
     assert not only_status_changed({"metadata": {"generation": 1}})  # just created
-    assert not only_status_changed({"metadata": {}})  # a pod or a Service
+    assert not only_status_changed({"metadata": {}})  # a Service
+    # A pod's status updates are what a waiting model waits for, whatever its observedGeneration says.
+    assert not only_status_changed({"kind": "Pod", "metadata": {"generation": 1}, "status": {"observedGeneration": 1}})
     # The delete handler asks the pods only when a pass ever talked to one.
     assert not ever_examined({"status": {"phase": "Scheduling", "pods": []}}) and not ever_examined({})
     assert ever_examined({"status": {"pods": [{"name": "lm-m-0", "loaded": "abc"}]}})

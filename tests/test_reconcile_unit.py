@@ -420,6 +420,13 @@ def test_a_server_the_kernel_killed_while_loading_is_oomkilled_with_its_limit_an
     assert server.requests.count("POST load") == 1
     cluster.now += 3600
     assert cluster.reconcile("tiny")["phase"] == "Failed" and server.requests.count("POST load") == 1
+    # The StatefulSet's new pod (a new memory limit) has the old one's name and volume, not its verdict.
+    ip = cluster.pod("tiny-0")["status"]["podIP"]
+    del cluster.servers[ip]
+    del cluster.kube.objects[("Pod", NAMESPACE, "tiny-0")]
+    new = cluster.start_pod("tiny", "tiny-0", volume=Volume(files={KEY: "q4_k_m"}))
+    cluster.pod("tiny-0")["metadata"]["uid"] = "uid-tiny-0-again"
+    assert cluster.reconcile("tiny")["phase"] == "Ready" and new.requests.count("POST load") == 1
 
 
 def test_a_restarted_server_gets_the_model_loaded_again(cluster: FakeCluster) -> None:

@@ -92,14 +92,19 @@ def test_the_operator_account_sets_a_pods_gate_and_keeps_the_kubelets_conditions
         # What a kubelet would have written (no kubelet here).
         api.core.patch_namespaced_pod_status(name, kube_namespace, {"status": {"conditions": [
             {"type": "ContainersReady", "status": "True"}, {"type": "Ready", "status": "False"}]}})
-        Kube(client).set_pod_condition(kube_namespace, name, {
+        Kube(client).set_pod_condition(kube_namespace, name, pod["metadata"]["uid"], {
             "type": resources.MODEL_LOADED_CONDITION, "status": "True", "reason": "Loaded",
             "message": "the model is loaded", "lastTransitionTime": "2026-12-02T21:00:00Z"})
         conditions = {c["type"]: c["status"] for c in api.read("Pod", name)["status"]["conditions"]}
         assert conditions[resources.MODEL_LOADED_CONDITION] == "True"
         assert conditions["ContainersReady"] == "True" and conditions["Ready"] == "False"  # merged, not replaced
-        Kube(client).set_pod_condition(kube_namespace, "no-such-pod", {  # a pod gone meanwhile: no error
+        Kube(client).set_pod_condition(kube_namespace, "no-such-pod", "0", {  # a pod gone meanwhile: no error
             "type": resources.MODEL_LOADED_CONDITION, "status": "False"})
+        # Nor a pod re-created under the same name (another uid): the write does not reach it.
+        Kube(client).set_pod_condition(kube_namespace, name, "another-uid", {
+            "type": resources.MODEL_LOADED_CONDITION, "status": "False"})
+        conditions = {c["type"]: c["status"] for c in api.read("Pod", name)["status"]["conditions"]}
+        assert conditions[resources.MODEL_LOADED_CONDITION] == "True"
         api.delete_lm("gated")
     finally:
         client.close()
