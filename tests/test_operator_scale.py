@@ -184,7 +184,9 @@ def test_a_changed_spec_is_reconciled_and_kopf_keeps_nothing_in_the_model(
     scale_api.patch_lm("edited", {"contextLength": 2048})
     wait_until(lambda: scale_api.status("edited").get("observedGeneration") == 2, timeout=60,
                message=f"the new spec was not reconciled: {scale_api.status('edited')}")
-    assert in_process.schedule.known().get(key, 0) > 120
+    # Parked again once the events of the new template's pods have been seen to.
+    wait_until(lambda: in_process.schedule.known().get(key, 0) > 120, timeout=30,
+               message=f"not parked again: {in_process.schedule.known()}")
     scale_api.delete_lm("edited")
     wait_until(lambda: scale_api.lm("edited") is None, timeout=KOPF_CANCELLATION_POLLING / 2)
 
