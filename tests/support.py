@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,6 +36,29 @@ def write_test_models(models_dir: Path) -> None:
     write_llama_model(models_dir / "acme" / "byte-chat" / "byte-chat-F16.gguf", seed=3, name="Byte Chat",
                       emit_bytes=True, emit_eos=True, shape=LlamaShape(n_vocab=600))
     write_bert_embedding_model(models_dir / "acme" / "tiny-embed" / "tiny-embed-F32.gguf", name="Tiny Embed")
+
+
+@contextlib.contextmanager
+def uvicorn_in_thread(app: Any, **options: Any) -> Iterator[str]:
+    """Serves an ASGI app on 127.0.0.1 from a thread of this process (uvloop, httptools, as `lmkube serve`
+    does); yields its base URL. `options`: more uvicorn.Config settings."""
+    import uvicorn  # only the tests that serve an app in-process pay for it
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", lifespan="off",
+                            **{"log_level": "warning", **options})
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def free_port() -> int:

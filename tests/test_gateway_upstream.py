@@ -7,16 +7,14 @@ idle, a large answer read under backpressure, what arrived together read in one 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
-import uvicorn
 from lmkube.gateway.upstream import UpstreamBroken, UpstreamPool, UpstreamUnreachable
-from support import free_port, wait_until
+from support import free_port, uvicorn_in_thread, wait_until
 
 KEEP_ALIVE_SECONDS = 1
 
@@ -78,19 +76,8 @@ class Upstream:
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[str, Upstream]]:
     app = Upstream()
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", loop="uvloop",
-                            http="httptools", lifespan="off", timeout_keep_alive=KEEP_ALIVE_SECONDS)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}", app
-    server.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_in_thread(app, log_level="critical", timeout_keep_alive=KEEP_ALIVE_SECONDS) as url:
+        yield url, app
 
 
 async def _echo(pool: UpstreamPool, url: str, body: bytes = b'{"model": "m"}') -> dict[str, Any]:

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import httpx
 import pytest
-import uvicorn
 from lmkube.server.request_observer import FinishedRequest, RequestObserverMiddleware
 from lmkube.server.streaming import EventStreamResponse
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Route
-from support import free_port, wait_until
+from support import uvicorn_in_thread, wait_until
 
 
 @dataclass
@@ -65,19 +63,8 @@ def make_app(record: Record) -> RequestObserverMiddleware:
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[str, Record]]:
     record = Record()
-    port = free_port()
-    config = uvicorn.Config(make_app(record), host="127.0.0.1", port=port, log_level="warning",
-                            loop="uvloop", http="httptools", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}", record
-    server.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_in_thread(make_app(record)) as url:
+        yield url, record
 
 
 def test_a_finished_stream_is_written_whole(served: tuple[str, Record]) -> None:
