@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from fake_kube import FakeCluster
 from kube_cluster import REAL_NODE_CONTROLLERS, KubeCluster
 from lmkube.server.demo import link_real_model
 from node_support import delete_volumes
@@ -24,6 +25,12 @@ from real_node import RealNode
 from support import LMKUBE, ServerProcess, free_port, write_test_models
 
 from lmkube.real_model import local_real_model_path
+
+
+@pytest.fixture
+def cluster() -> FakeCluster:
+    """The in-process fakes of the Kubernetes API and of the pods' servers that `reconcile()` runs against."""
+    return FakeCluster(retry_seconds=5.0)
 
 
 @pytest.fixture(scope="session")

@@ -5,19 +5,12 @@ with a rollout of two replicas that always keeps one loaded: test_operator_e2e.p
 
 from __future__ import annotations
 
-import pytest
 from fake_kube import FakeCluster, Volume, pod_ready
 from lmkube.operator import resources
 from lmkube.operator.podclient import PodError
+from reconcile_support import KEY, MODEL
 
-MODEL = "acme/Tiny-Chat-GGUF"
-KEY = "acme/tiny-chat-gguf"
 GATE = resources.MODEL_LOADED_CONDITION
-
-
-@pytest.fixture
-def cluster() -> FakeCluster:
-    return FakeCluster(retry_seconds=5.0)
 
 
 def gate(cluster: FakeCluster, pod: str) -> tuple[str, str] | None:
