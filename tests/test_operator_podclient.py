@@ -97,7 +97,7 @@ def test_download_load_unload(pod_server: ServerProcess) -> None:
 
 def test_pod_steps_download_then_load_then_reload(pod_server: ServerProcess, hub: FakeHub) -> None:
     """examine_pod/load_on_pod, the per-pod half of reconcile, drive a real server through every stage."""
-    pod = PodView("p-1", "uid-1", "127.0.0.1", True, True, False, "server-1", "h", None)
+    pod = PodView("p-1", "uid-1", "127.0.0.1", True, True, False, "uid-1/server-1", "h", None)
     spec = parse_spec({"model": BIG_REPO, "gpu": {"count": 0}, "contextLength": 256})
     record: dict = {"name": "p-1"}
     stages = []
@@ -132,7 +132,7 @@ def test_pod_steps_download_then_load_then_reload(pod_server: ServerProcess, hub
         work = rc.load_on_pod(c, pod, wider, work, time.time(), 1.0)
         assert work.state.stage == st.READY and [i.context_length for i in c.loaded()] == [512]
         # A restarted server (new server id) has nothing loaded: load again, no new download.
-        restarted = PodView("p-1", "uid-1", "127.0.0.1", True, True, False, "server-2", "h", None)
+        restarted = PodView("p-1", "uid-1", "127.0.0.1", True, True, False, "uid-1/server-2", "h", None)
         work = rc.examine_pod(c, restarted, wider, work.record, time.time(), 1.0)
         assert work.load and work.record.get("downloaded")
         for instance in c.loaded():
@@ -140,7 +140,7 @@ def test_pod_steps_download_then_load_then_reload(pod_server: ServerProcess, hub
 
 
 def test_failures_back_off_and_a_new_spec_retries_at_once(pod_server: ServerProcess) -> None:
-    pod = PodView("p-2", "uid-2", "127.0.0.1", True, True, False, "server-1", "h", None)
+    pod = PodView("p-2", "uid-2", "127.0.0.1", True, True, False, "uid-2/server-1", "h", None)
     bad = parse_spec({"model": REPO, "variant": "q9", "gpu": {"count": 0}})
     now = time.time()
     with client(pod_server) as c:
@@ -164,7 +164,7 @@ def test_fingerprint_is_stable() -> None:
 
 
 def test_failed_download_job_is_retried_with_a_new_job(pod_server: ServerProcess, hub: FakeHub) -> None:
-    pod = PodView("p-3", "uid-3", "127.0.0.1", True, True, False, "server-1", "h", None)
+    pod = PodView("p-3", "uid-3", "127.0.0.1", True, True, False, "uid-3/server-1", "h", None)
     spec = parse_spec({"model": FLAKY_REPO, "gpu": {"count": 0}})
     (data,) = hub.repos[FLAKY_REPO.lower()].files.values()
     sha = hashlib.sha256(data).hexdigest()
@@ -208,7 +208,7 @@ def test_a_download_that_ends_during_the_pass_still_reports_its_variant(pod_serv
                                                                         hub: FakeHub) -> None:
     """The pass reads the listing, then finds the download job completed. A listing read before the files
     arrived has no variant; the pass reads it again, so Loading (and the Ready after it) says which one."""
-    pod = PodView("p-4", "uid-4", "127.0.0.1", True, True, False, "server-1", "h", None)
+    pod = PodView("p-4", "uid-4", "127.0.0.1", True, True, False, "uid-4/server-1", "h", None)
     spec = parse_spec({"model": LATE_REPO, "gpu": {"count": 0}})
     hub.bytes_per_second = 1_000_000  # the first pass must find the download still running
     try:
@@ -233,7 +233,7 @@ def test_a_load_the_kernel_killed_is_not_retried_on_that_pod(pod_server: ServerP
     last one was OOMKilled, the same load is not sent again (it would only be killed again) and the state
     names the memory limit and the estimate. The real kill: tests/test_operator_e2e.py on the real node."""
     spec = parse_spec({"model": REPO, "gpu": {"count": 0}, "contextLength": 256})
-    pod = PodView("p-5", "uid-5", "127.0.0.1", True, True, False, "server-1", "h", None, memory_limit="256Mi")
+    pod = PodView("p-5", "uid-5", "127.0.0.1", True, True, False, "uid-5/server-1", "h", None, memory_limit="256Mi")
     with client(pod_server) as c:
         work = rc.examine_pod(c, pod, spec, {"name": "p-5"}, time.time(), 1.0)
         while not work.load:
@@ -242,7 +242,7 @@ def test_a_load_the_kernel_killed_is_not_retried_on_that_pod(pod_server: ServerP
         work = rc.load_on_pod(c, pod, spec, work, time.time(), 1.0)
         assert work.state.stage == st.READY and work.record["estimateBytes"] > 0
         assert work.record["loadAttempt"] == work.record["loaded"]
-        killed = PodView("p-5", "uid-5", "127.0.0.1", True, True, False, "server-2", "h", None,
+        killed = PodView("p-5", "uid-5", "127.0.0.1", True, True, False, "uid-5/server-2", "h", None,
                          memory_limit="256Mi", oom_killed=True)
         failed = rc.examine_pod(c, killed, spec, work.record, time.time(), 1.0)
         assert (failed.state.stage, failed.state.reason, failed.load) == (st.FAILED, "OOMKilled", False)
