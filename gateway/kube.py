@@ -163,10 +163,14 @@ class Watch:
 
 
 def _ready(pod: dict[str, Any]) -> bool:
+    """Ready, or about to be: its containers are ready and every readiness gate is True. The kubelet derives Ready
+    from those, but only on its next sync of the pod: without this, the operator's gate write (after the load)
+    would leave the gateway with no replica for that moment, though the model status already says Ready."""
     if pod["metadata"].get("deletionTimestamp") or not (pod.get("status") or {}).get("podIP"):
         return False
-    conditions = (pod.get("status") or {}).get("conditions") or []
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    true = {c.get("type") for c in (pod.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
+    gates = {g.get("conditionType") for g in (pod.get("spec") or {}).get("readinessGates") or []}
+    return "Ready" in true or ("ContainersReady" in true and gates <= true)
 
 
 def _port(pod: dict[str, Any]) -> int:

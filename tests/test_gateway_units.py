@@ -57,6 +57,24 @@ def test_replicas_are_the_ready_pods_the_operator_reports_serving_in_a_rollout()
     assert served_models([local_model], pods)[0].replicas == ()
 
 
+def test_a_pod_whose_gate_is_true_is_ready_before_the_kubelet_says_so() -> None:
+    local_model: dict[str, object] = {
+        "metadata": {"name": "chat", "namespace": "team-a"}, "spec": {},
+        "status": {"modelKey": "acme/tiny-chat", "pods": [{"name": "a", "phase": "Ready"}]}}
+    pod = _pod("a", "10.0.0.2", ready=False)
+    gate = "lmkube.dev/model-loaded"
+    pod["spec"]["readinessGates"] = [{"conditionType": gate}]  # type: ignore[index]
+    conditions: list[dict[str, str]] = pod["status"]["conditions"]  # type: ignore[index]
+    conditions.append({"type": "ContainersReady", "status": "True"})
+    assert served_models([local_model], [pod])[0].replicas == ()  # the gate not written yet
+    conditions.append({"type": gate, "status": "False"})
+    assert served_models([local_model], [pod])[0].replicas == ()
+    conditions[-1]["status"] = "True"  # the operator's write, before the kubelet's next sync of the pod
+    assert [r.name for r in served_models([local_model], [pod])[0].replicas] == ["a"]
+    conditions[1]["status"] = "False"  # its server stopped answering /health
+    assert served_models([local_model], [pod])[0].replicas == ()
+
+
 def test_grants_and_constant_time_lookup() -> None:
     ring = KeyRing({
         "a": grant_from_fields("a", {"key": "k-a", "namespaces": "team-a"}),
