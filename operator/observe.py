@@ -12,11 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 # Container waiting reasons that will not go away by waiting a few seconds.
 _PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 _CONFIG_REASONS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+# The StatefulSet controller creates a replica's claim and its pod together, so the scheduler's first try often
+# finds the claim not bound yet; binding (or a cloud disk being provisioned) takes seconds to a minute. Only a
+# claim still unbound after this long is the user's to fix (no StorageClass, no matching PersistentVolume).
+VOLUME_BIND_GRACE_SECONDS = 60.0
+_UNBOUND_CLAIM_WORDS = ("unbound immediate PersistentVolumeClaims", "persistentvolumeclaim")
 
 
 @dataclass(frozen=True)
@@ -48,13 +54,27 @@ def _conditions(pod: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     return {c.get("type", ""): c for c in (pod.get("status") or {}).get("conditions") or []}
 
 
-def pod_failure(pod: Mapping[str, Any]) -> PodFailure | None:
+def _age_seconds(pod: Mapping[str, Any], now: datetime) -> float | None:
+    created = (pod.get("metadata") or {}).get("creationTimestamp")
+    if not created:
+        return None
+    return (now - datetime.fromisoformat(created.replace("Z", "+00:00"))).total_seconds()
+
+
+def pod_failure(pod: Mapping[str, Any], now: datetime | None = None) -> PodFailure | None:
     """The actionable reason a pod does not serve, or None if it is fine or just starting."""
     status = pod.get("status") or {}
     name = (pod.get("metadata") or {}).get("name", "?")
     scheduled = _conditions(pod).get("PodScheduled")
     if scheduled is not None and scheduled.get("status") == "False":
         message = scheduled.get("message") or "no node can run the pod"
+        if any(words in message for words in _UNBOUND_CLAIM_WORDS):
+            age = _age_seconds(pod, now or datetime.now(UTC))
+            if age is not None and age < VOLUME_BIND_GRACE_SECONDS:
+                return None
+            message += ("; the model volume's claim has not bound: check that spec.storage.storageClassName "
+                        "(or the cluster's default StorageClass) can provision it, or that a PersistentVolume "
+                        "matches it")
         reason = scheduled.get("reason") or "Unschedulable"
         return PodFailure("Unschedulable" if reason == "Unschedulable" else reason,
                           f"pod {name} cannot be scheduled: {message}")
@@ -108,7 +128,8 @@ def _status_of(condition: Mapping[str, Any] | None) -> bool | None:
     return None if condition is None else condition.get("status") == "True"
 
 
-def view(pod: Mapping[str, Any], hash_annotation: str, gate: str | None = None) -> PodView:
+def view(pod: Mapping[str, Any], hash_annotation: str, gate: str | None = None,
+         now: datetime | None = None) -> PodView:
     """`gate`: the condition type of the pods' readiness gate, read into `model_loaded`."""
     meta = pod.get("metadata") or {}
     status = pod.get("status") or {}
@@ -123,12 +144,13 @@ def view(pod: Mapping[str, Any], hash_annotation: str, gate: str | None = None) 
         name=meta.get("name", ""), uid=meta.get("uid", ""), ip=status.get("podIP"), ready=ready,
         scheduled=scheduled, terminating=terminating, server_id=_server_id(pod),
         pod_hash=(meta.get("annotations") or {}).get(hash_annotation),
-        failure=None if ready else pod_failure(pod),
+        failure=None if ready else pod_failure(pod, now),
         memory_limit=container_memory_limit(pod), oom_killed=_oom_killed(pod),
         model_loaded=_status_of(conditions.get(gate)) if gate else None,
     )
 
 
-def views(pods: Iterable[Mapping[str, Any]], hash_annotation: str, gate: str | None = None) -> list[PodView]:
+def views(pods: Iterable[Mapping[str, Any]], hash_annotation: str, gate: str | None = None,
+          now: datetime | None = None) -> list[PodView]:
     """Views of the pods, oldest name first so the order is stable between reconciles."""
-    return sorted((view(p, hash_annotation, gate) for p in pods), key=lambda v: v.name)
+    return sorted((view(p, hash_annotation, gate, now) for p in pods), key=lambda v: v.name)

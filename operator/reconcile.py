@@ -399,7 +399,7 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
 
     want_hash = desired_pod_hash(name, spec, settings, token)
     views = observe.views(kube.list_pods(namespace, resources.selector_labels(name)), resources.POD_HASH_ANNOTATION,
-                          resources.MODEL_LOADED_CONDITION)
+                          resources.MODEL_LOADED_CONDITION, datetime.fromtimestamp(moment, UTC))
     pods = [p for p in views if not p.terminating and p.pod_hash == want_hash]
     old_records = {r.get("name"): r for r in previous.get("pods") or []}
     # During a rollout the previous template's pods serve on until the StatefulSet replaces them: their records

@@ -41,7 +41,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureReq
 def test_unschedulable_then_recovers_when_the_node_advertises_a_gpu(real_node: RealNode, api: Api, hub: FakeHub,
                                                                    operator: OperatorProcess) -> None:
     create_lm(real_node, api, "gpu", lm_spec(hub, TINY_REPO, gpu={"count": 1}))
-    # The first attempt may still see the cache claim unbound; then the scheduler says what is missing.
     status = wait_phase(api, operator, "gpu", "Failed", timeout=POD_TIMEOUT)
     status = wait_until(lambda: "nvidia.com/gpu" in (s := api.status("gpu")).get("message", "") and s,
                         timeout=POD_TIMEOUT, interval=0.5, message=f"no GPU message: {api.status('gpu')}")

@@ -50,6 +50,26 @@ def test_unschedulable() -> None:
     assert not view(p, HASH).scheduled
 
 
+def test_a_claim_not_bound_yet_is_waiting_until_the_grace_runs_out() -> None:
+    # The real scheduler's words when the StatefulSet controller's claim has not bound by its first try.
+    message = "0/1 nodes are available: pod has unbound immediate PersistentVolumeClaims. preemption: 0/1 nodes"
+    p = pod(node=None, phase="Pending", conditions=[
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}])
+    p["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    created = datetime(2026, 1, 1, tzinfo=UTC)
+    young = view(p, HASH, now=created.replace(second=59))
+    assert young.failure is None and not young.scheduled
+    assert st.summarize(1, [young], []).phase == "Scheduling"
+    failure = pod_failure(p, created.replace(minute=1, second=1))
+    assert failure is not None and failure.reason == "Unschedulable"
+    assert message in failure.message and "storageClassName" in failure.message
+    # Any other reason the scheduler gives is the user's to fix at once, however young the pod.
+    other = pod(node=None, phase="Pending", conditions=[
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "1 Insufficient cpu."}])
+    other["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    assert pod_failure(other, created.replace(second=1)) is not None
+
+
 def test_container_failures() -> None:
     pull = pod_failure(pod(waiting=("ImagePullBackOff", 'Back-off pulling image "img:1"')))
     assert pull is not None and pull.reason == "ImagePullFailed" and "img:1" in pull.message
