@@ -307,14 +307,16 @@ class Gateway:
         continues = isinstance(body.get("previous_response_id"), str)
         tried: set[str] = set()
         while True:
-            pinned = self._pinned(model, body) if not tried else None
-            replica = pinned or self.balancer.pick(model.replicas, affinity, frozenset(tried))
-            if replica is None and not tried and self.waker is not None and self.waker.applies(model):
+            # Held while the model is coming back from zero, even once a pod is Ready: until the operator has
+            # loaded the model there, a request would load it on its own and the operator's load cut it off.
+            if not tried and self.waker is not None and self.waker.applies(model):
                 held = await self.waker.hold(model, path, body.get("stream") is True, gone, send)
                 if held.model is None:
                     return held.status
                 model, send = held.model, held.send
                 continue
+            pinned = self._pinned(model, body) if not tried else None
+            replica = pinned or self.balancer.pick(model.replicas, affinity, frozenset(tried))
             if replica is None:
                 if tried:
                     raise GatewayError(502, f"No replica of the model '{model.id}' could be reached.",

@@ -137,18 +137,22 @@ def test_a_request_for_a_model_at_zero_brings_a_replica_and_is_served(
         wait_until(lambda: spec_replicas(api, ns, "sleepy") == 1, timeout=30, message="the gateway asked for nothing")
         # A pod that is Ready but has not loaded the model yet gets none of the held requests.
         start_replica(api, ns, "sleepy", upstream)
-        time.sleep(6)  # more than one comment interval, and time for discovery to see the pod
+        time.sleep(3)  # discovery sees the pod: a request that comes now is held too
+        late = threading.Thread(target=one)
+        late.start()
+        threads.append(late)
+        time.sleep(3)  # more than one comment interval
         assert not answers and all(t.is_alive() for t in threads)
         report_loaded(api, ns, "sleepy")
         for thread in threads:
             thread.join(60)
-        assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+        assert [a.status_code for a in answers] == [200] * 5, [a.text for a in answers]
         assert all(a.json()["model"] == MODEL_KEY for a in answers)
         assert stream_lines[0] == ": waiting for replica"
         data = [line for line in stream_lines if line.startswith("data: ")]
         assert data[-1] == "data: [DONE]" and '"chat.completion.chunk"' in data[0], stream_lines
         metrics = httpx.get(f"{gw.base_url}/metrics", timeout=30).text
-        assert f'lmkube_gateway_scale_from_zero_total{{model="{ns}/sleepy"}} 1' in metrics  # one ask for all five
+        assert f'lmkube_gateway_scale_from_zero_total{{model="{ns}/sleepy"}} 1' in metrics  # one ask for all six
         assert f'lmkube_gateway_requests_waiting_for_replica{{model="{ns}/sleepy"}} 0' in metrics
     finally:
         gw.stop()
