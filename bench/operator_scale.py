@@ -17,7 +17,8 @@ timing (poll 2 s, resync 30 s, retry 5 s). Then:
 
 1. its idle RSS (no models yet);
 2. N LocalModels created at once (`kubectl create -f` of a List): time until every StatefulSet, Service, PVC and
-   Secret exists, and until every `status.phase` is written, and the operator's CPU meanwhile;
+   Secret exists, until every pod does (the StatefulSet controller's work, at the controller-manager's client
+   rate), and until every `status.phase` is written, and the operator's CPU meanwhile;
 3. `--settle-seconds` for the passes that creation set off to settle, then its CPU (user + system,
    /proc/<pid>/stat) over `--idle-seconds`;
 4. every LocalModel deleted (`kubectl delete lm --all --wait=false`): time until none is left (finalizers
@@ -275,6 +276,7 @@ class Result:
     delete_cpu_s: tuple[float, float]  # operator CPU seconds: until no LocalModel was left; until no owned object
     calls: Calls | None  # from the API server's audit log, where the benchmark started the API server
     creates_sent_s: float  # until the API server had answered every create
+    pods_s: float  # until the StatefulSet controller had created every pod
 
 
 @dataclass
@@ -366,19 +368,21 @@ def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path,
         _, cpu_before = footprint.read()
         create_all()
         creates_sent_s = time.monotonic() - began
-        objects_s = phases_s = create_cpu = create_cpu_s = 0.0
-        while not (objects_s and phases_s):
+        objects_s = phases_s = pods_s = create_cpu = create_cpu_s = 0.0
+        while not (objects_s and phases_s and pods_s):
             if time.monotonic() - began > args.timeout:
                 raise TimeoutError(f"{count} models: objects or phases missing after {args.timeout} s")
             if not objects_s and all(watch.owned(kind) >= count for kind in OWNED):
                 objects_s = time.monotonic() - began
+            if not pods_s and watch.owned("Pod") >= count:
+                pods_s = time.monotonic() - began
             if not phases_s and sum(1 for m in watch.local_models() if (m.get("status") or {}).get("phase")) >= count:
                 phases_s = time.monotonic() - began
                 create_cpu_s = footprint.read()[1] - cpu_before
                 create_cpu = create_cpu_s / phases_s
             time.sleep(0.2)
-        print(f"  {count}: objects {objects_s:.1f} s, phases {phases_s:.1f} s; settling {args.settle_seconds} s",
-              flush=True)
+        print(f"  {count}: objects {objects_s:.1f} s, pods {pods_s:.1f} s, phases {phases_s:.1f} s; "
+              f"settling {args.settle_seconds} s", flush=True)
         report_memory("every phase written")
         time.sleep(args.settle_seconds)
         idle_wall = time.time()
@@ -426,7 +430,7 @@ def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path,
                       owned_gone_s, (max(runs), sum(1 for r in runs if r > 1)),
                       operator.log().count("Connection pool is full"), deletes_sent_s, delete_cpu, create_cpu,
                       again_rss, (create_cpu_s, settled_cpu_s), (lm_gone_cpu_s, owned_gone_cpu_s), calls,
-                      creates_sent_s)
+                      creates_sent_s, pods_s)
     finally:
         footprint.stop()
         operator.stop()
@@ -451,6 +455,7 @@ def table(results: list[Result]) -> str:
     rows: list[tuple[str, Callable[[Result], str]]] = [
         ("every StatefulSet, Service, PVC and Secret exists", lambda r: f"{r.objects_s:.1f} s"),
         ("  of which the creates themselves", lambda r: f"{r.creates_sent_s:.1f} s"),
+        ("every pod exists (the StatefulSet controller's pace)", lambda r: f"{r.pods_s:.1f} s"),
         ("every `status.phase` written", lambda r: f"{r.phases_s:.1f} s"),
         ("  operator CPU meanwhile", lambda r: f"{r.create_cpu:.2f} cores"),
         ("  operator CPU seconds: until every phase; until the idle window",

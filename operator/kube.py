@@ -19,6 +19,8 @@ from kubernetes.client.exceptions import ApiException
 from lmkube.operator import crd
 from urllib3.util.ssl_ import create_urllib3_context
 
+import lmkube
+
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 # Custom resources of other projects the operator owns objects of: kind -> (group, version, plural).
@@ -40,6 +42,8 @@ def load_config(pool_size: int | None = None) -> kubernetes.client.ApiClient:
     if pool_size is not None:
         configuration.connection_pool_maxsize = max(pool_size, configuration.connection_pool_maxsize)
     client = kubernetes.client.ApiClient(configuration)
+    # Named in audit logs and as the manager in its objects' managedFields (else "OpenAPI-Generator").
+    client.user_agent = f"lmkube-operator/{lmkube.__version__}"
     share_tls_context(client)
     if not client.configuration.verify_ssl:
         # The kubeconfig asks for insecure-skip-tls-verify: one warning per request would drown the log.

@@ -53,10 +53,14 @@ def namespaced_rules() -> list[dict[str, Any]]:
         # Owner references with blockOwnerDeletion need this where OwnerReferencesPermissionEnforcement is on.
         _rule(crd.GROUP, [f"{crd.PLURAL}/finalizers"], ["update"]),
         _rule("apps", ["statefulsets"], ["get", "list", "watch", "create", "patch", "delete"]),
+        # The replicas' cache claims, created as the StatefulSet's controller would: owned by it, with
+        # blockOwnerDeletion (which this permission allows where OwnerReferencesPermissionEnforcement is on).
+        _rule("apps", ["statefulsets/finalizers"], ["update"]),
         _rule("", ["services"], ["get", "list", "watch", "create", "patch"]),
-        # The Deployment and cache claim of releases before the StatefulSet, removed once (operator/statefulset.py).
+        # The Deployment and cache claim of releases before the StatefulSet, removed once (operator/statefulset.py);
+        # a new StatefulSet's replica claims, created ahead of its controller.
         _rule("apps", ["deployments"], ["get", "delete"]),
-        _rule("", ["persistentvolumeclaims"], ["get", "delete"]),
+        _rule("", ["persistentvolumeclaims"], ["get", "create", "delete"]),
         # The token Secret: created once, read to talk to the pods (and a user's spec.auth.secretRef).
         _rule("", ["secrets"], ["get", "create"]),
         # The operator finds each server's address (podIP) and health on its Pod.

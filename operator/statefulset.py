@@ -5,6 +5,11 @@
 - `volumeClaimTemplates` cannot change on a live StatefulSet. A digest of them sits in an annotation; when the
   storage spec changes (size, class, existingClaim on or off) the StatefulSet is deleted and, once it is gone,
   created anew (with new claims: the old ones go with it, `whenDeleted: Delete`).
+- A new StatefulSet's replica claims are created here, right after it, as its controller would create them
+  (`replica_claims`). The controller creates a pod's claims before the pod, through the controller-manager's
+  client (20 requests/s by default, shared with the pods, Events and status updates it writes), and then
+  updates each claim's owner; with 200 models created at once, the last claim came after a minute. Finding
+  them made, with its owner reference already set, it goes straight to the pods.
 - The first time, the objects of releases that ran a Deployment go: the Deployment (its pods with it) and its one
   cache claim `lm-<name>-models` (released by Kubernetes once those pods are gone).
 """
@@ -17,6 +22,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
 from lmkube.operator import resources
 from lmkube.operator.kube import Kube
 
@@ -29,6 +35,42 @@ KIND = "StatefulSet"
 def claims_hash(statefulset: Mapping[str, Any]) -> str:
     templates = statefulset["spec"].get("volumeClaimTemplates") or []
     return hashlib.sha256(json.dumps(templates, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def replica_claims(statefulset: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The claims of a (created) StatefulSet's replicas, as its controller makes them (Kubernetes'
+    getPersistentVolumeClaims and, for `whenDeleted: Delete`, the StatefulSet as their controlling owner)."""
+    meta, spec = statefulset["metadata"], statefulset["spec"]
+    owner = {"apiVersion": "apps/v1", "kind": KIND, "name": meta["name"], "uid": meta["uid"], "controller": True,
+             "blockOwnerDeletion": True}
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {
+                "name": f"{template['metadata']['name']}-{meta['name']}-{ordinal}",
+                "namespace": meta["namespace"],
+                "labels": {**(template["metadata"].get("labels") or {}), **spec["selector"]["matchLabels"]},
+                "ownerReferences": [owner],
+            },
+            "spec": template["spec"],
+        }
+        for template in spec.get("volumeClaimTemplates") or []
+        for ordinal in range(spec.get("replicas", 1))
+    ]
+
+
+def _create_claims(kube: Kube, statefulset: Mapping[str, Any]) -> None:
+    for claim in replica_claims(statefulset):
+        try:
+            kube.create(claim)
+        except ApiException as error:
+            if error.status == 409:  # the controller was first, or a claim kept from before: it is used as it is
+                continue
+            # Only a head start: the controller creates whatever is missing.
+            log.warning("could not create claim %s/%s ahead of its StatefulSet's controller: %s %s",
+                        claim["metadata"]["namespace"], claim["metadata"]["name"], error.status, error.reason)
+            return
 
 
 def _annotations(obj: Mapping[str, Any]) -> Mapping[str, str]:
@@ -44,7 +86,7 @@ def ensure_statefulset(kube: Kube, want: dict[str, Any], lm_name: str) -> None:
     live = kube.get(KIND, namespace, name)
     if live is None:
         _remove_deployment_era_objects(kube, namespace, lm_name)
-        kube.create(want)
+        _create_claims(kube, kube.create(want))
         return
     if live["metadata"].get("deletionTimestamp"):
         return  # being replaced: created again once it is gone

@@ -72,6 +72,7 @@ class FakeKube(Kube):
         if key in self.objects:
             raise ApiException(status=409, reason="AlreadyExists")
         stored = copy.deepcopy(dict(obj))
+        stored["metadata"].setdefault("uid", f"uid-{key[0].lower()}-{key[2]}")  # as the API server assigns one
         if "stringData" in stored:  # the API server stores a Secret's stringData base64-encoded under data
             stored["data"] = {k: base64.b64encode(v.encode()).decode() for k, v in stored.pop("stringData").items()}
         self.objects[key] = stored

@@ -21,7 +21,8 @@ def test_a_new_model_creates_its_objects_and_waits_for_pods(cluster: FakeCluster
     names = resources.names("tiny")
     assert sorted(cluster.kube.writes) == sorted([
         ("create", "Secret", names.secret), ("create", "Service", names.service),
-        ("create", "StatefulSet", names.statefulset)])
+        ("create", "StatefulSet", names.statefulset),
+        ("create", "PersistentVolumeClaim", resources.replica_claim("tiny", 0))])
     assert cluster.token("tiny").startswith("sk-lm-")
     assert cluster.statefulset("tiny")["spec"]["replicas"] == 1
     assert status["readyReplicas"] == 0 and status["endpoint"] is None and status["observedGeneration"] == 1

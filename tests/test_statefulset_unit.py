@@ -82,3 +82,31 @@ def test_the_deployment_of_an_earlier_release_and_its_claim_go() -> None:
     assert cluster.kube.get("PersistentVolumeClaim", NAMESPACE, names.legacy_pvc) is None
     assert cluster.kube.get("PersistentVolumeClaim", NAMESPACE, "lm-other-models") is not None
     assert cluster.statefulset("tiny") is not None and cluster.statefulset("other") is not None
+
+
+def test_a_new_statefulsets_replica_claims_are_made_with_it_as_its_controller_would() -> None:
+    cluster = FakeCluster()
+    kept = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",  # from an earlier StatefulSet: used as it is
+            "metadata": {"name": resources.replica_claim("tiny", 1), "namespace": NAMESPACE}, "spec": {}}
+    cluster.kube.create(kept)
+    cluster.apply("tiny", {"model": MODEL, "replicas": 3, "storage": {"size": "2Gi", "storageClassName": "fast"}})
+    cluster.reconcile("tiny")
+    sts = cluster.statefulset("tiny")
+    template = sts["spec"]["volumeClaimTemplates"][0]
+    for ordinal in (0, 2):
+        claim = cluster.kube.get("PersistentVolumeClaim", NAMESPACE, resources.replica_claim("tiny", ordinal))
+        assert claim is not None
+        assert claim["spec"] == template["spec"] == {"accessModes": ["ReadWriteOnce"], "storageClassName": "fast",
+                                                     "resources": {"requests": {"storage": "2Gi"}}}
+        assert claim["metadata"]["labels"] == {**template["metadata"]["labels"],
+                                               **sts["spec"]["selector"]["matchLabels"]}
+        assert claim["metadata"]["ownerReferences"] == [
+            {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "lm-tiny", "uid": sts["metadata"]["uid"],
+             "controller": True, "blockOwnerDeletion": True}]
+    assert cluster.kube.get("PersistentVolumeClaim", NAMESPACE, resources.replica_claim("tiny", 1)) == {
+        **kept, "metadata": {**kept["metadata"], "uid": "uid-persistentvolumeclaim-" + kept["metadata"]["name"]}}
+    assert cluster.kube.get("PersistentVolumeClaim", NAMESPACE, resources.replica_claim("tiny", 3)) is None
+
+    cluster.apply("shared", {"model": MODEL, "replicas": 2, "storage": {"existingClaim": "models"}})
+    cluster.reconcile("shared")
+    assert not [key for key in cluster.kube.objects if key[0] == "PersistentVolumeClaim" and "shared" in key[2]]
