@@ -18,13 +18,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 from kubernetes.client.exceptions import ApiException
 from lmkube.operator import crd
 from lmkube.operator.autoscale import Decision, LoadWindow, Memory, Policy, decide
+from lmkube.operator.clock import epoch, iso, micro_iso
 from lmkube.operator.kube import MERGE_PATCH, Kube
 from lmkube.operator.loadprobe import PodLoadProbe
 from lmkube.operator.spec import LocalModelSpec, OperatorSettings, parse_spec
@@ -40,26 +40,6 @@ DEFAULT_INTERVAL = 5.0
 def interval_from_env(environ: Mapping[str, str] | None = None) -> float:
     env = os.environ if environ is None else environ
     return float(env.get("LMKUBE_OPERATOR_AUTOSCALE_INTERVAL") or DEFAULT_INTERVAL)
-
-
-def iso(moment: float) -> str:
-    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def micro_iso(moment: float) -> str:
-    """Kubernetes' MicroTime: the times the scale-down delay runs from, which whole seconds would cut short
-    by up to a second."""
-    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def epoch(text: Any) -> float | None:
-    """The moment of an RFC 3339 UTC time, with or without fractional seconds."""
-    if not isinstance(text, str) or not text.endswith("Z"):
-        return None
-    try:
-        return datetime.fromisoformat(text[:-1]).replace(tzinfo=UTC).timestamp()
-    except ValueError:
-        return None
 
 
 def memory_of(status: Mapping[str, Any]) -> Memory:

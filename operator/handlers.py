@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
-from lmkube.operator import crd, resources
+from lmkube.operator import clock, crd, resources
 from lmkube.operator import reconcile as rc
 from lmkube.operator.kube import Kube, load_config
 from lmkube.operator.schedule import Key, Schedule
@@ -75,13 +75,24 @@ class Timing:
             return self.poll_seconds
         if phase in SETTLED or phase in WAITING:
             return self.resync_seconds
+        retries = [at for r in after.get("pods") or [] if (at := clock.epoch(r.get("retryAt")) or 0.0) > wall_now]
+        if not retries and _failed_by_a_pod(after):
+            return self.resync_seconds  # Kubernetes reports the pod's next change: a watch event
         # Waiting on a retry: back off while nothing changes (watch events still come).
         delay = self.poll_seconds if phase != before.get("phase") else previous_delay * 2
         delay = min(max(delay, self.poll_seconds), self.resync_seconds)
-        retries = [at for r in after.get("pods") or [] if (at := rc.epoch(r.get("retryAt"))) > wall_now]
         if retries:
             delay = min(delay, max(min(retries) - wall_now, self.poll_seconds))
         return delay
+
+
+def _failed_by_a_pod(status: Mapping[str, Any]) -> bool:
+    """Failed for what a pod's own status says (unschedulable, image pull, crash loop, OOMKilled): the Ready
+    condition then gives the PodsReady condition's reason."""
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    pods_ready, ready = conditions.get("PodsReady", {}), conditions.get("Ready", {})
+    return (status.get("phase") == "Failed" and pods_ready.get("status") == "False"
+            and pods_ready.get("reason") is not None and pods_ready.get("reason") == ready.get("reason"))
 
 
 class MemoryRelease:

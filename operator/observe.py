@@ -10,10 +10,12 @@ missing); one that is merely starting carries none.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
+
+from lmkube.operator import clock
 
 # Container waiting reasons that will not go away by waiting a few seconds.
 _PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
@@ -54,14 +56,7 @@ def _conditions(pod: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     return {c.get("type", ""): c for c in (pod.get("status") or {}).get("conditions") or []}
 
 
-def _age_seconds(pod: Mapping[str, Any], now: datetime) -> float | None:
-    created = (pod.get("metadata") or {}).get("creationTimestamp")
-    if not created:
-        return None
-    return (now - datetime.fromisoformat(created.replace("Z", "+00:00"))).total_seconds()
-
-
-def pod_failure(pod: Mapping[str, Any], now: datetime | None = None) -> PodFailure | None:
+def pod_failure(pod: Mapping[str, Any], now: float | None = None) -> PodFailure | None:
     """The actionable reason a pod does not serve, or None if it is fine or just starting."""
     status = pod.get("status") or {}
     name = (pod.get("metadata") or {}).get("name", "?")
@@ -69,8 +64,8 @@ def pod_failure(pod: Mapping[str, Any], now: datetime | None = None) -> PodFailu
     if scheduled is not None and scheduled.get("status") == "False":
         message = scheduled.get("message") or "no node can run the pod"
         if any(words in message for words in _UNBOUND_CLAIM_WORDS):
-            age = _age_seconds(pod, now or datetime.now(UTC))
-            if age is not None and age < VOLUME_BIND_GRACE_SECONDS:
+            created = clock.epoch((pod.get("metadata") or {}).get("creationTimestamp"))
+            if created is not None and (time.time() if now is None else now) - created < VOLUME_BIND_GRACE_SECONDS:
                 return None
             message += ("; the model volume's claim has not bound: check that spec.storage.storageClassName "
                         "(or the cluster's default StorageClass) can provision it, or that a PersistentVolume "
@@ -129,7 +124,7 @@ def _status_of(condition: Mapping[str, Any] | None) -> bool | None:
 
 
 def view(pod: Mapping[str, Any], hash_annotation: str, gate: str | None = None,
-         now: datetime | None = None) -> PodView:
+         now: float | None = None) -> PodView:
     """`gate`: the condition type of the pods' readiness gate, read into `model_loaded`."""
     meta = pod.get("metadata") or {}
     status = pod.get("status") or {}
@@ -151,6 +146,6 @@ def view(pod: Mapping[str, Any], hash_annotation: str, gate: str | None = None,
 
 
 def views(pods: Iterable[Mapping[str, Any]], hash_annotation: str, gate: str | None = None,
-          now: datetime | None = None) -> list[PodView]:
+          now: float | None = None) -> list[PodView]:
     """Views of the pods, oldest name first so the order is stable between reconciles."""
     return sorted((view(p, hash_annotation, gate, now) for p in pods), key=lambda v: v.name)

@@ -16,10 +16,9 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from lmkube.operator import observe, resources
+from lmkube.operator import clock, observe, resources
 from lmkube.operator import status as st
 from lmkube.operator.inference_pool import CONDITION as POOL_CONDITION
 from lmkube.operator.inference_pool import ensure_inference_pool
@@ -56,16 +55,6 @@ class Options:
 
 def fingerprint(body: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def epoch(text: str | None) -> float:
-    if not text:
-        return 0.0
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
 
 
 # -- owned objects ---------------------------------------------------------------------------------
@@ -138,7 +127,7 @@ def _failure(record: dict[str, Any], pod: str, reason: str, message: str, want: 
              retry_seconds: float) -> PodWork:
     attempts = int(record.get("attempts") or 0) + 1 if record.get("failedFor") == want else 1
     delay = min(retry_seconds * 2 ** (attempts - 1), MAX_BACKOFF)
-    record.update(failedFor=want, attempts=attempts, retryAt=_iso(now + delay), phase=st.FAILED, message=message,
+    record.update(failedFor=want, attempts=attempts, retryAt=clock.iso(now + delay), phase=st.FAILED, message=message,
                   reason=reason)
     return PodWork(st.PodState(pod, st.FAILED, reason, message), record)
 
@@ -173,7 +162,7 @@ def examine_pod(client: PodClient, pod: PodView, spec: LocalModelSpec, record: d
         message = oom_message(pod, spec, record.get("estimateBytes"))
         record.update(phase=st.FAILED, reason="OOMKilled", message=message)
         return PodWork(st.PodState(pod.name, st.FAILED, "OOMKilled", message), record)
-    if record.get("failedFor") in (want_dl, want_load) and now < epoch(record.get("retryAt")):
+    if record.get("failedFor") in (want_dl, want_load) and now < (clock.epoch(record.get("retryAt")) or 0.0):
         return PodWork(st.PodState(pod.name, st.FAILED, record.get("reason") or "Failed",
                                    record.get("message") or "failed"), record)
     try:
@@ -381,7 +370,7 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
     name, namespace = meta["name"], meta["namespace"]
     settings = options.settings
     moment = options.clock()
-    now = st.now_iso(datetime.fromtimestamp(moment, UTC))
+    now = clock.iso(moment)
     previous = body.get("status") or {}
     try:
         spec = parse_spec(body.get("spec") or {})
@@ -399,7 +388,7 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
 
     want_hash = desired_pod_hash(name, spec, settings, token)
     views = observe.views(kube.list_pods(namespace, resources.selector_labels(name)), resources.POD_HASH_ANNOTATION,
-                          resources.MODEL_LOADED_CONDITION, datetime.fromtimestamp(moment, UTC))
+                          resources.MODEL_LOADED_CONDITION, moment)
     pods = [p for p in views if not p.terminating and p.pod_hash == want_hash]
     old_records = {r.get("name"): r for r in previous.get("pods") or []}
     # During a rollout the previous template's pods serve on until the StatefulSet replaces them: their records
@@ -435,7 +424,7 @@ def reconcile(kube: Kube, body: Mapping[str, Any], options: Options, emit: Emit)
             client.close()
     if pending:
         set_model_loaded_gates(kube, namespace, pods, {n: w.state for n, w in works.items()}, old_records,
-                               st.now_iso(datetime.fromtimestamp(options.clock(), UTC)), gates)
+                               clock.iso(options.clock()), gates)
     status = _status(body, spec, pods, works, settings, now, old_records, outgoing)
     if pool is not None:
         status["conditions"] = st.set_condition(status["conditions"], POOL_CONDITION, pool.status, pool.reason,

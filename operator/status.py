@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from lmkube.operator.observe import PodView
@@ -102,10 +101,6 @@ class LoadReporter:
             self.kube.patch_status(self.namespace, self.name, {"load": {"percent": percent}})
         except Exception as exc:  # the next pass writes the whole status anyway
             log.info("could not write the load progress of %s/%s: %s", self.namespace, self.name, exc)
-
-
-def now_iso(moment: datetime | None = None) -> str:
-    return (moment or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def summarize(replicas: int, pods: Sequence[PodView], states: Sequence[PodState]) -> Summary:

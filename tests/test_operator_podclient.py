@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import ServerFactory
 from hf_hub_server import FakeHub
+from lmkube.operator import clock
 from lmkube.operator import reconcile as rc
 from lmkube.operator import status as st
 from lmkube.operator.observe import PodView
@@ -152,7 +153,7 @@ def test_failures_back_off_and_a_new_spec_retries_at_once(pod_server: ServerProc
         assert (again.state.reason, again.record["attempts"]) == ("DownloadFailed", 1)
         later = rc.examine_pod(c, pod, bad, again.record, now + 11, 10.0)
         assert later.record["attempts"] == 2  # retried, failed again: the next wait doubles
-        assert rc.epoch(later.record["retryAt"]) - (now + 11) == pytest.approx(20, abs=1)
+        assert clock.epoch(later.record["retryAt"]) - (now + 11) == pytest.approx(20, abs=1)
         good = parse_spec({"model": REPO, "variant": "Q4_K_M", "gpu": {"count": 0}})
         fixed = rc.examine_pod(c, pod, good, later.record, now + 12, 10.0)
         assert fixed.state.stage in (st.DOWNLOADING, st.LOADING)

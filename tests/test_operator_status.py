@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 from kube_cluster import ROOT
-from lmkube.operator import crd, peering, rbac
+from lmkube.operator import clock, crd, peering, rbac
 from lmkube.operator import status as st
 from lmkube.operator.observe import PodFailure, PodView, pod_failure, view
 
@@ -56,18 +56,18 @@ def test_a_claim_not_bound_yet_is_waiting_until_the_grace_runs_out() -> None:
     p = pod(node=None, phase="Pending", conditions=[
         {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}])
     p["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
-    created = datetime(2026, 1, 1, tzinfo=UTC)
-    young = view(p, HASH, now=created.replace(second=59))
+    created = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+    young = view(p, HASH, now=created + 59)
     assert young.failure is None and not young.scheduled
     assert st.summarize(1, [young], []).phase == "Scheduling"
-    failure = pod_failure(p, created.replace(minute=1, second=1))
+    failure = pod_failure(p, created + 61)
     assert failure is not None and failure.reason == "Unschedulable"
     assert message in failure.message and "storageClassName" in failure.message
     # Any other reason the scheduler gives is the user's to fix at once, however young the pod.
     other = pod(node=None, phase="Pending", conditions=[
         {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "1 Insufficient cpu."}])
     other["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
-    assert pod_failure(other, created.replace(second=1)) is not None
+    assert pod_failure(other, created + 1) is not None
 
 
 def test_container_failures() -> None:
@@ -217,10 +217,19 @@ def test_next_pass_polls_busy_models_and_backs_off_waiting_ones() -> None:
         before = {"phase": "Failed"}
     assert delays == [2, 4, 8, 16, 30, 30]
     # A failed pod's retry comes first; one whose time has passed is no reason to poll.
-    retry_at = st.now_iso(datetime.fromtimestamp(now + 7, UTC))
+    retry_at = clock.iso(now + 7)
     failed = {"phase": "Failed", "pods": [{"name": "p", "retryAt": retry_at}]}
     assert 6 <= timing.next_delay({"phase": "Failed"}, failed, 30, now) <= 7
     assert timing.next_delay({"phase": "Failed"}, failed, 30, now + 100) == 30
+    # A pod's own failure (unschedulable, image pull, crash loop): its next change is a watch event.
+    for reason in ("Unschedulable", "ImagePullFailed", "CrashLoopBackOff"):
+        by_pod = {"phase": "Failed", "conditions": [{"type": "PodsReady", "status": "False", "reason": reason},
+                                                    {"type": "Ready", "status": "False", "reason": reason}]}
+        assert timing.next_delay({"phase": "Scheduling"}, by_pod, 2, now) == 30
+    # A failed load with a pod that runs fine backs off as above.
+    load_failed = {"phase": "Failed", "conditions": [{"type": "PodsReady", "status": "True", "reason": "PodsReady"},
+                                                     {"type": "Ready", "status": "False", "reason": "LoadFailed"}]}
+    assert timing.next_delay({"phase": "Loading"}, load_failed, 2, now) == 2
 
 
 def test_memory_is_released_once_when_a_burst_of_deletions_is_over() -> None:

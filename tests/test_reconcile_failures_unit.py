@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from fake_kube import NAMESPACE, FakeCluster, Volume
-from lmkube.operator import reconcile as rc
+from lmkube.operator import clock
 from lmkube.operator.podclient import PodError, PodUnreachable
 from reconcile_support import KEY, MODEL, conditions
 
@@ -23,7 +23,7 @@ def test_a_failed_download_backs_off_then_retries_with_a_new_job(cluster: FakeCl
     assert (status["phase"], conditions(status)["Ready"]) == ("Failed", ("False", "DownloadFailed"))
     assert status["message"] == "pod tiny-0: download failed: connection reset by the Hub"
     record = status["pods"][0]
-    assert (record["attempts"], rc.epoch(record["retryAt"])) == (1, cluster.now + 5)
+    assert (record["attempts"], clock.epoch(record["retryAt"])) == (1, cluster.now + 5)
     assert "jobId" not in record  # forgotten: the retry starts a fresh job
     assert cluster.events[-1] == ("Warning", "DownloadFailed", status["message"])
 
@@ -69,7 +69,7 @@ def test_a_load_that_does_not_fit_fails_and_backs_off_doubling(cluster: FakeClus
     cluster.now += 5
     status = cluster.reconcile("tiny")
     record = status["pods"][0]
-    assert (record["attempts"], rc.epoch(record["retryAt"])) == (2, cluster.now + 10)
+    assert (record["attempts"], clock.epoch(record["retryAt"])) == (2, cluster.now + 10)
     # Each retry shows Loading while the load request runs, then the failure again.
     assert [e[:2] for e in cluster.events[-4:]] == [("Normal", "Loading"), ("Warning", "InsufficientMemory")] * 2
 

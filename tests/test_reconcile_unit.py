@@ -306,3 +306,21 @@ def test_deleting_unloads_on_every_reachable_pod(cluster: FakeCluster) -> None:
 def test_deleting_a_model_without_pods_needs_no_token(cluster: FakeCluster) -> None:
     cluster.apply("tiny", {"model": MODEL, "auth": {"secretRef": {"name": "gone"}}})
     assert cluster.unload_all("tiny") == 0
+
+
+def test_a_model_its_pod_fails_waits_for_the_pods_next_event_not_a_poll(cluster: FakeCluster) -> None:
+    from lmkube.operator.handlers import Timing
+
+    cluster.apply("tiny", {"model": MODEL})
+    cluster.reconcile("tiny")
+    cluster.start_pod("tiny", "tiny-0", ready=False)
+    pod = cluster.pod("tiny-0")
+    del pod["spec"]["nodeName"]
+    pod["status"] = {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/1 nodes are available: 1 node(s) were unschedulable."}]}
+    status = cluster.reconcile("tiny")
+    assert (status["phase"], conditions(status)["Ready"][1]) == ("Failed", "Unschedulable")
+    # The scheduler (or the kubelet, for an image pull or a crash loop) changes the pod when anything
+    # changes for it: a watch event, so polling would only repeat this pass (200 such models: 0.24 cores).
+    assert Timing().next_delay({"phase": "Scheduling"}, status, 2.0, cluster.now) == Timing().resync_seconds
