@@ -22,6 +22,7 @@ from urllib3.util.ssl_ import create_urllib3_context
 import lmkube
 
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 # Custom resources of other projects the operator owns objects of: kind -> (group, version, plural).
 CUSTOM_KINDS = {"InferencePool": ("inference.networking.k8s.io", "v1", "inferencepools")}
@@ -151,6 +152,14 @@ class Kube:
         """A JSON merge patch: lists in it (containers, env, ports) replace the stored ones whole."""
         _, _, do_patch = self._ops(kind)
         return _json(do_patch(name, namespace, dict(patch), _content_type=MERGE_PATCH, _preload_content=False))
+
+    def replace_fields(self, kind: str, namespace: str, name: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Replaces whole fields, by JSON pointer (`/spec/template`): a JSON Patch (RFC 6902) of `replace`
+        operations. Unlike a merge patch, what the new value leaves out goes (a merge patch keeps every key it
+        does not name, such as a nodeSelector the spec no longer has)."""
+        _, _, do_patch = self._ops(kind)
+        operations = [{"op": "replace", "path": path, "value": value} for path, value in fields.items()]
+        return _json(do_patch(name, namespace, operations, _content_type=JSON_PATCH, _preload_content=False))
 
     def delete(self, kind: str, namespace: str, name: str, foreground: bool = False) -> None:
         """Deletes an object, its dependents in the background or, with `foreground`, before it (the object

@@ -1,7 +1,8 @@
 """Creates or updates a LocalModel's StatefulSet (built by `resources.statefulset`), the pod set of its servers.
 
-- The pod template is patched when its POD_HASH_ANNOTATION differs (a rollout), `spec.replicas` when the count
-  differs: that field is the one replica count.
+- The pod template is replaced when its POD_HASH_ANNOTATION differs (a rollout), `spec.replicas` when the count
+  differs: that field is the one replica count. Replaced whole (a JSON Patch), not merged: a merge patch would
+  keep what the new template leaves out (a nodeSelector, tolerations, a priority class the spec dropped).
 - `volumeClaimTemplates` cannot change on a live StatefulSet. A digest of them sits in an annotation; when the
   storage spec changes (size, class, existingClaim on or off) the StatefulSet is deleted and, once it is gone,
   created anew (with new claims: the old ones go with it, `whenDeleted: Delete`).
@@ -102,7 +103,8 @@ def ensure_statefulset(kube: Kube, want: dict[str, Any], lm_name: str) -> None:
     if live_hash != want_hash or live["spec"].get("replicas") != replicas:
         log.info("updating StatefulSet %s/%s (pod spec %s -> %s, replicas %s -> %s)", namespace, name, live_hash,
                  want_hash, live["spec"].get("replicas"), replicas)
-        kube.patch(KIND, namespace, name, {"spec": {"replicas": replicas, "template": want["spec"]["template"]}})
+        kube.replace_fields(KIND, namespace, name,
+                            {"/spec/replicas": replicas, "/spec/template": want["spec"]["template"]})
 
 
 def _remove_deployment_era_objects(kube: Kube, namespace: str, lm_name: str) -> None:

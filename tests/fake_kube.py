@@ -87,6 +87,21 @@ class FakeKube(Kube):
         self.writes.append(("patch", kind, name))
         return copy.deepcopy(self.objects[key])
 
+    def replace_fields(self, kind: str, namespace: str, name: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        key = (kind, namespace, name)
+        if key not in self.objects:
+            raise ApiException(status=404, reason="NotFound")
+        for path, value in fields.items():
+            *parents, last = path.strip("/").split("/")
+            target = self.objects[key]
+            for part in parents:
+                target = target[part]
+            if last not in target:  # RFC 6902: the target of a replace must exist
+                raise ApiException(status=422, reason="Invalid")
+            target[last] = copy.deepcopy(value)
+        self.writes.append(("patch", kind, name))
+        return copy.deepcopy(self.objects[key])
+
     def delete(self, kind: str, namespace: str, name: str, foreground: bool = False) -> None:
         del self.objects[(kind, namespace, name)]
 

@@ -128,3 +128,28 @@ def test_the_operator_account_sets_a_pods_gate_and_keeps_the_kubelets_conditions
     finally:
         client.close()
         api.close()
+
+
+def test_what_a_new_spec_drops_goes_from_the_statefulsets_pods(
+        kube: KubeCluster, kube_namespace: str, operator: OperatorProcess) -> None:
+    api = Api(kube, kube_namespace)
+    try:
+        placed = {**SPEC, "nodeSelector": {"pool": "gpu"},
+                  "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
+        api.create_lm("moved", placed)
+
+        def pod_spec() -> dict[str, Any]:
+            sts = api.read("StatefulSet", "lm-moved")
+            return sts["spec"]["template"]["spec"] if sts else {}
+
+        wait_until(lambda: "nodeSelector" in pod_spec(), timeout=60, message=operator.log()[-3000:])
+        assert pod_spec()["tolerations"] == placed["tolerations"]
+        api.patch_lm("moved", {"nodeSelector": None, "tolerations": None})  # off the GPU pool
+        wait_until(lambda: pod_spec() and not {"nodeSelector", "tolerations"} & set(pod_spec()), timeout=60,
+                   message=f"{pod_spec()}\n{operator.log()[-3000:]}")
+        # and the pods the controller makes now are the new template's
+        wait_until(lambda: [p["spec"].get("nodeSelector") for p in api.pods("moved")] == [None], timeout=60,
+                   message=f"{[p['spec'].get('nodeSelector') for p in api.pods('moved')]}")
+        api.delete_lm("moved")
+    finally:
+        api.close()

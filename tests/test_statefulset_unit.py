@@ -110,3 +110,19 @@ def test_a_new_statefulsets_replica_claims_are_made_with_it_as_its_controller_wo
     cluster.apply("shared", {"model": MODEL, "replicas": 2, "storage": {"existingClaim": "models"}})
     cluster.reconcile("shared")
     assert not [key for key in cluster.kube.objects if key[0] == "PersistentVolumeClaim" and "shared" in key[2]]
+
+
+def test_what_a_new_spec_drops_goes_from_the_pod_template_too() -> None:
+    cluster = FakeCluster()
+    placed = {"model": MODEL, "gpu": {"count": 1}, "nodeSelector": {"pool": "gpu"},
+              "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+              "priorityClassName": "models"}
+    cluster.apply("tiny", placed)
+    cluster.reconcile("tiny")
+    pod = cluster.statefulset("tiny")["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"} and pod["nodeSelector"]
+    cluster.apply("tiny", {"model": MODEL, "gpu": {"count": 0}})  # moved to CPU nodes
+    cluster.reconcile("tiny")
+    pod = cluster.statefulset("tiny")["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in pod["containers"][0]["resources"].get("limits", {})
+    assert not {"nodeSelector", "tolerations", "priorityClassName"} & set(pod), pod
