@@ -6,13 +6,16 @@ and report, as ratios measured in this one run:
 - aggregate streamed tokens/s through the gateway / direct (goal >= 0.95),
 - the TTFT p50 the gateway adds (ms; goal <= 5),
 - the gateway's CPU per streamed token (its process' user+system time / content chunks relayed).
-The replica and the gateway share the machine's cores; on a shared machine the numbers move run to run.
+`--placement` pins the processes to cores: by default the replica gets the first half, the gateway and this
+client the rest (`gateway-alone`: the gateway alone on the second half; `shared`: all on all). On a shared
+machine the numbers move run to run.
 The model: `tiny` (default; a small random-weight model, so many tokens per second: the gateway's per-token
 cost weighs most), `smollm` (the SmolLM2-135M-shaped bench model of serve_throughput.py; slow on 2 cores), or
 `bare`: no model, bench/bare_sse.py stands in for the replica (one token per stream every `--step-ms`, at
 almost no CPU), so what is measured is the relay alone: the gateway's CPU per token with little noise.
 
     .venv/bin/python bench/gateway.py [--model tiny|smollm|bare] [--streams 1,16,64] [--tokens 64] [--rounds 3]
+                                      [--placement split|gateway-alone|shared]
 """
 
 from __future__ import annotations
@@ -95,13 +98,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--step-ms", type=float, default=2.0, help="bare: ms between a stream's tokens")
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens per stream")
     parser.add_argument("--rounds", type=int, default=3, help="direct/gateway pairs per stream count")
+    parser.add_argument("--placement", choices=["split", "gateway-alone", "shared"], default="split",
+                        help="split: the replica on the first half of the cores, the gateway and this client on the "
+                        "rest; gateway-alone: the gateway on the second half, the replica and this client on the "
+                        "first (as in a cluster, where the gateway's pods have their own cores); shared: every "
+                        "process on every core")
     args = parser.parse_args(argv)
+    cores = sorted(os.sched_getaffinity(0))
+    first, second = (cores[:len(cores) // 2], cores[len(cores) // 2:]) if len(cores) >= 2 else (cores, cores)
+    replica_cores, gateway_cores, client_cores = {
+        "split": (first, second, second), "gateway-alone": (first, second, first), "shared": (cores, cores, cores),
+    }[args.placement]
+    os.sched_setaffinity(0, client_cores)
+    pin_replica = ["taskset", "-c", ",".join(map(str, replica_cores))]
+    pin_gateway = ["taskset", "-c", ",".join(map(str, gateway_cores))]
     work = Path(tempfile.mkdtemp(prefix="lmkube-bench-gateway-"))
     port = free_port()
     if args.model == "bare":
         model = "bare"
-        replica = Server("bare", [sys.executable, str(Path(__file__).parent / "bare_sse.py"), "--port", str(port)],
-                         port, work / "replica.log")
+        replica = Server("bare", [*pin_replica, sys.executable, str(Path(__file__).parent / "bare_sse.py"),
+                                  "--port", str(port)], port, work / "replica.log")
     else:
         if args.model == "smollm":
             ensure_model()
@@ -109,14 +125,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             models_dir, model = work / "models", "bench/tiny"
             write_llama_model(models_dir / "bench" / "tiny" / "tiny-F16.gguf", LlamaShape(n_ctx_train=CTX), seed=1)
-        replica = Server("lmkube", [str(BIN / "lmkube"), "serve", "--models-dir", str(models_dir), "--port",
-                                    str(port), "--parallel", str(SLOTS), "--threads", "2", "--ctx-size", str(CTX),
+        replica = Server("lmkube", [*pin_replica, str(BIN / "lmkube"), "serve", "--models-dir", str(models_dir),
+                                    "--port", str(port), "--parallel", str(SLOTS), "--threads",
+                                    str(len(replica_cores)), "--ctx-size", str(CTX),
                                     "--log-level", "warning"], port, work / "replica.log")
     (work / "backends.yaml").write_text(yaml.safe_dump({"models": [
         {"name": "bench", "modelKey": model, "replicas": [replica.url]}]}))
     gateway_port = free_port()
-    gateway = Server("gateway", [str(BIN / "lmkube"), "gateway", "--host", "127.0.0.1", "--port", str(gateway_port),
-                                 "--backends", str(work / "backends.yaml"), "--no-auth", "--log-level", "warning"],
+    gateway = Server("gateway", [*pin_gateway, str(BIN / "lmkube"), "gateway", "--host", "127.0.0.1", "--port",
+                                 str(gateway_port), "--backends", str(work / "backends.yaml"), "--no-auth",
+                                 "--log-level", "warning"],
                      gateway_port, work / "gateway.log")
     with running(replica), running(gateway):
         wait_ready(replica)
@@ -144,15 +162,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       for d, g in pairs)
             relayed = sum(r.tokens for r in proxied)
             rows.append((streams, statistics.median(r.tokens_per_second for r in direct),
-                         statistics.median(r.tokens_per_second for r in proxied), ratio, added * 1000,
+                         statistics.median(r.tokens_per_second for r in proxied), ratio,
+                         statistics.median(statistics.median(d.ttfts) for d in direct) * 1000, added * 1000,
                          cpu / relayed * 1e6))
-    print(f"model {args.model}, {args.tokens} tokens per stream, medians of {args.rounds} paired rounds; machine "
-          "shared with other work: compare the ratios, not the absolute numbers")
-    print(f"{'streams':>7} {'direct tok/s':>12} {'gateway tok/s':>13} {'ratio':>6} {'added TTFT p50':>15} "
-          f"{'gateway CPU/token':>18}")
-    for streams, direct_tps, gateway_tps, ratio, added, cpu_per_token in rows:
-        print(f"{streams:>7} {direct_tps:>12.0f} {gateway_tps:>13.0f} {ratio:>6.2f} {added:>12.1f} ms "
-              f"{cpu_per_token:>15.0f} µs")
+    print(f"model {args.model}, {args.tokens} tokens per stream, medians of {args.rounds} paired rounds, replica on "
+          f"cores {pin_replica[-1]}, gateway on {pin_gateway[-1]}, client on {','.join(map(str, client_cores))}; "
+          "machine shared with other work: compare "
+          "the ratios, not the absolute numbers")
+    print(f"{'streams':>7} {'direct tok/s':>12} {'gateway tok/s':>13} {'ratio':>6} {'direct TTFT p50':>16} "
+          f"{'added TTFT p50':>15} {'gateway CPU/token':>18}")
+    for streams, direct_tps, gateway_tps, ratio, direct_ttft, added, cpu_per_token in rows:
+        print(f"{streams:>7} {direct_tps:>12.0f} {gateway_tps:>13.0f} {ratio:>6.2f} {direct_ttft:>13.1f} ms "
+              f"{added:>12.1f} ms {cpu_per_token:>15.0f} µs")
     return 0
 
 
