@@ -277,6 +277,7 @@ class Result:
     calls: Calls | None  # from the API server's audit log, where the benchmark started the API server
     creates_sent_s: float  # until the API server had answered every create
     pods_s: float  # until the StatefulSet controller had created every pod
+    failed_creates: int  # FailedCreate Warnings (a controller that could not create a pod or claim)
 
 
 @dataclass
@@ -303,6 +304,10 @@ class Watcher:
     def local_models(self) -> list[dict[str, Any]]:
         return json.loads(self.custom.list_namespaced_custom_object(
             crd.GROUP, crd.VERSION, self.namespace, crd.PLURAL, _preload_content=False).data)["items"]
+
+    def failed_creates(self) -> int:
+        return len(json.loads(self.core.list_namespaced_event(
+            self.namespace, field_selector="reason=FailedCreate", _preload_content=False).data)["items"])
 
     def owned(self, kind: str) -> int:
         lister = {"StatefulSet": self.apps.list_namespaced_stateful_set, "Service": self.core.list_namespaced_service,
@@ -381,6 +386,7 @@ def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path,
                 create_cpu_s = footprint.read()[1] - cpu_before
                 create_cpu = create_cpu_s / phases_s
             time.sleep(0.2)
+        failed_creates = watch.failed_creates()
         print(f"  {count}: objects {objects_s:.1f} s, pods {pods_s:.1f} s, phases {phases_s:.1f} s; "
               f"settling {args.settle_seconds} s", flush=True)
         report_memory("every phase written")
@@ -430,7 +436,7 @@ def run_count(cluster: Any, count: int, args: argparse.Namespace, workdir: Path,
                       owned_gone_s, (max(runs), sum(1 for r in runs if r > 1)),
                       operator.log().count("Connection pool is full"), deletes_sent_s, delete_cpu, create_cpu,
                       again_rss, (create_cpu_s, settled_cpu_s), (lm_gone_cpu_s, owned_gone_cpu_s), calls,
-                      creates_sent_s, pods_s)
+                      creates_sent_s, pods_s, failed_creates)
     finally:
         footprint.stop()
         operator.stop()
@@ -456,6 +462,7 @@ def table(results: list[Result]) -> str:
         ("every StatefulSet, Service, PVC and Secret exists", lambda r: f"{r.objects_s:.1f} s"),
         ("  of which the creates themselves", lambda r: f"{r.creates_sent_s:.1f} s"),
         ("every pod exists (the StatefulSet controller's pace)", lambda r: f"{r.pods_s:.1f} s"),
+        ("  FailedCreate Warnings meanwhile", lambda r: str(r.failed_creates)),
         ("every `status.phase` written", lambda r: f"{r.phases_s:.1f} s"),
         ("  operator CPU meanwhile", lambda r: f"{r.create_cpu:.2f} cores"),
         ("  operator CPU seconds: until every phase; until the idle window",

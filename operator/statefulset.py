@@ -6,11 +6,13 @@
 - `volumeClaimTemplates` cannot change on a live StatefulSet. A digest of them sits in an annotation; when the
   storage spec changes (size, class, existingClaim on or off) the StatefulSet is deleted and, once it is gone,
   created anew (with new claims: the old ones go with it, `whenDeleted: Delete`).
-- A new StatefulSet's replica claims are created here, right after it, as its controller would create them
-  (`replica_claims`). The controller creates a pod's claims before the pod, through the controller-manager's
-  client (20 requests/s by default, shared with the pods, Events and status updates it writes), and then
-  updates each claim's owner; with 200 models created at once, the last claim came after a minute. Finding
-  them made, with its owner reference already set, it goes straight to the pods.
+- A new StatefulSet's replica claims are made here, as its controller would make them (`replica_claims`). The
+  controller creates a pod's claims before the pod, through the controller-manager's client (20 requests/s by
+  default, shared with the pods, Events and status updates it writes), and then updates each claim's owner;
+  with 200 models created at once, the last claim came after a minute. Finding them made, with its owner
+  reference set, it goes straight to the pods. The StatefulSet is created with no replica, then its claims
+  (which need its uid), then it is scaled: created whole, its controller would race the operator to the
+  claims, and the loser's "already exists" is a FailedCreate Warning on the StatefulSet.
 - The first time, the objects of releases that ran a Deployment go: the Deployment (its pods with it) and its one
   cache claim `lm-<name>-models` (released by Kubernetes once those pods are gone).
 """
@@ -38,9 +40,10 @@ def claims_hash(statefulset: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(templates, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def replica_claims(statefulset: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The claims of a (created) StatefulSet's replicas, as its controller makes them (Kubernetes'
-    getPersistentVolumeClaims and, for `whenDeleted: Delete`, the StatefulSet as their controlling owner)."""
+def replica_claims(statefulset: Mapping[str, Any], replicas: int) -> list[dict[str, Any]]:
+    """The claims of a (created) StatefulSet's first `replicas` replicas, as its controller makes them
+    (Kubernetes' getPersistentVolumeClaims and, for `whenDeleted: Delete`, the StatefulSet as their controlling
+    owner)."""
     meta, spec = statefulset["metadata"], statefulset["spec"]
     owner = {"apiVersion": "apps/v1", "kind": KIND, "name": meta["name"], "uid": meta["uid"], "controller": True,
              "blockOwnerDeletion": True}
@@ -57,16 +60,16 @@ def replica_claims(statefulset: Mapping[str, Any]) -> list[dict[str, Any]]:
             "spec": template["spec"],
         }
         for template in spec.get("volumeClaimTemplates") or []
-        for ordinal in range(spec.get("replicas", 1))
+        for ordinal in range(replicas)
     ]
 
 
-def _create_claims(kube: Kube, statefulset: Mapping[str, Any]) -> None:
-    for claim in replica_claims(statefulset):
+def _create_claims(kube: Kube, statefulset: Mapping[str, Any], replicas: int) -> None:
+    for claim in replica_claims(statefulset, replicas):
         try:
             kube.create(claim)
         except ApiException as error:
-            if error.status == 409:  # the controller was first, or a claim kept from before: it is used as it is
+            if error.status == 409:  # kept from before (a pass cut short, or retained): used as it is
                 continue
             # Only a head start: the controller creates whatever is missing.
             log.warning("could not create claim %s/%s ahead of its StatefulSet's controller: %s %s",
@@ -87,7 +90,14 @@ def ensure_statefulset(kube: Kube, want: dict[str, Any], lm_name: str) -> None:
     live = kube.get(KIND, namespace, name)
     if live is None:
         _remove_deployment_era_objects(kube, namespace, lm_name)
-        _create_claims(kube, kube.create(want))
+        replicas = want["spec"]["replicas"]
+        if not want["spec"].get("volumeClaimTemplates") or replicas == 0:
+            kube.create(want)
+            return
+        # With no replica yet, so that its controller, which makes a missing claim itself, waits for ours.
+        created = kube.create({**want, "spec": {**want["spec"], "replicas": 0}})
+        _create_claims(kube, created, replicas)
+        kube.replace_fields(KIND, namespace, name, {"/spec/replicas": replicas})
         return
     if live["metadata"].get("deletionTimestamp"):
         return  # being replaced: created again once it is gone
