@@ -11,6 +11,8 @@ SmolLM2-135M never calls a tool by itself, so the tool turns force the first cal
 and at the server's default (0.8) SmolLM2 now and then writes a command or an answer that runs into the
 output limit (seen in 2 of 60 forced calls and 4 of 30 answers to the tool's result, replaying Claude Code's
 requests), so the tool turns run on a server started as a user of such a small model would: `--temp 0`.
+Even so, Codex's turn fails now and then when SmolLM2's answer to the command's output repeats itself into
+Codex's output limit; that test accepts this one failure, after the round trip, and nothing else.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +91,16 @@ def client_env(home: Path, **extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def run_client(command: list[str], home: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_client(command: list[str], home: Path, env: dict[str, str],
+               excused: Callable[[subprocess.CompletedProcess[str]], bool] | None = None,
+               ) -> subprocess.CompletedProcess[str]:
+    """Runs the client; it must exit 0, unless `excused` says why its failure is the model's, not the server's."""
     started = time.monotonic()
     result = subprocess.run(command, cwd=home / "work", env=env, capture_output=True, text=True,
                             timeout=CLIENT_TIMEOUT, stdin=subprocess.DEVNULL)
     print(f"{Path(command[0]).name} took {time.monotonic() - started:.1f} s")  # the wall time, with -s
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0 or (excused is not None and excused(result)), \
+        f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     return result
 
 
@@ -193,11 +200,29 @@ def test_codex_calls_a_tool_and_sends_the_result_back(clients: dict[str, str], g
     headers = 'http_headers = { "lmkube-tool-choice" = "exec_command" }\n'
     env = client_env(home, LMKUBE_API_KEY=greedy_server.token or "",
                      **codex_home(home, SLIM_CODEX, provider(greedy_server, models[1], headers)))
-    result = run_client(codex_exec(clients, "--json", "Run the shell command: echo lmkube-tool-ok"), home, env)
-    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    result = run_client(codex_exec(clients, "--json", "Run the shell command: echo lmkube-tool-ok"), home, env,
+                        excused=answer_ran_into_the_output_limit)
+    events = codex_events(result)
     items = [e["item"] for e in events if e.get("type") == "item.completed"]
     commands = [item for item in items if item.get("type") == "command_execution"]
     assert commands, events
     # The command's output went back to the model, whose answer ends the turn.
     assert items[-1].get("type") == "agent_message" and items.index(commands[0]) < len(items) - 1
-    assert any(e.get("type") == "turn.completed" for e in events)
+    assert events[-1].get("type") == "turn.completed" or answer_ran_into_the_output_limit(result), events[-1]
+
+
+def codex_events(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def answer_ran_into_the_output_limit(result: subprocess.CompletedProcess[str]) -> bool:
+    """SmolLM2 at temperature 0 now and then answers the command's output by repeating itself until Codex's
+    output limit (1 run in 3 to 6 here, whatever the command printed; a repeat penalty of 1.3 made it worse),
+    and Codex then fails the turn. That comes after the round trip this test is about, and is the model's:
+    the answer began, after the command's output had gone back."""
+    events = codex_events(result)
+    items = [e["item"] for e in events if e.get("type") == "item.completed"]
+    kinds = [item.get("type") for item in items]
+    return (bool(events) and events[-1].get("type") == "turn.failed"
+            and "max_output_tokens" in str(events[-1].get("error"))
+            and "command_execution" in kinds and kinds[-1] == "agent_message")
