@@ -17,16 +17,9 @@ from typing import Any
 
 import httpx
 import pytest
-from real_node import (
-    BUSYBOX_IMAGE,
-    STATE_FILE,
-    RealNode,
-    RealNodeUnavailable,
-    host_snapshot,
-    preflight,
-    take_lock,
-)
+from real_node import BUSYBOX_IMAGE, RealNode
 from real_node_config import NODE_IP
+from real_node_host import STATE_FILE, RealNodeUnavailable, host_snapshot, preflight, take_lock
 from support import wait_until
 
 # Generous: a busy 2-core machine shared with other work.
