@@ -190,9 +190,14 @@ def token_ref(name: str, spec: LocalModelSpec) -> tuple[str, str]:
     return names(name).secret, TOKEN_KEY
 
 
+def claim_name(template: str, statefulset: str, ordinal: int) -> str:
+    """The StatefulSet controller's name for replica `ordinal`'s claim from the claim template `template`."""
+    return f"{template}-{statefulset}-{ordinal}"
+
+
 def replica_claim(name: str, ordinal: int) -> str:
-    """The cache claim of replica `ordinal` (the StatefulSet controller's `<template>-<statefulset>-<ordinal>`)."""
-    return f"{VOLUME_NAME}-{names(name).statefulset}-{ordinal}"
+    """The cache claim of LocalModel `name`'s replica `ordinal`."""
+    return claim_name(VOLUME_NAME, names(name).statefulset, ordinal)
 
 
 def claim_template(name: str, spec: LocalModelSpec) -> dict[str, Any] | None:

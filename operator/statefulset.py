@@ -52,7 +52,7 @@ def replica_claims(statefulset: Mapping[str, Any], replicas: int) -> list[dict[s
             "apiVersion": "v1",
             "kind": "PersistentVolumeClaim",
             "metadata": {
-                "name": f"{template['metadata']['name']}-{meta['name']}-{ordinal}",
+                "name": resources.claim_name(template["metadata"]["name"], meta["name"], ordinal),
                 "namespace": meta["namespace"],
                 "labels": {**(template["metadata"].get("labels") or {}), **spec["selector"]["matchLabels"]},
                 "ownerReferences": [owner],
